@@ -1,0 +1,56 @@
+"""The kernel launches registered as ``torch.library`` custom ops.
+
+torch.compile then treats each launch as one opaque node (no tracing into Triton or into the chunk loop of
+the torch backend), and the autograd Function in ``smoothed_ga`` stays traceable with fullgraph=True.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import torch_backend
+
+
+@torch.library.custom_op("sga::smoothed_ga_rows", mutates_args=("grad_buffer",))
+def smoothed_ga_rows(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weights: Optional[torch.Tensor],
+    grad_norm: torch.Tensor,
+    grad_buffer: Optional[torch.Tensor],
+    smoothing: float,
+    sign: float,
+    ignore_index: int,
+    backend: str,
+) -> torch.Tensor:
+    """Per-token signed loss of a [N, V] logits matrix; writes the gradient into grad_buffer when given."""
+    if backend == "triton":
+        from . import triton_backend
+
+        return triton_backend.rows_forward(
+            logits, labels, weights, grad_norm, grad_buffer, smoothing, sign, ignore_index
+        )
+    return torch_backend.rows_forward(logits, labels, weights, grad_norm, grad_buffer, smoothing, sign, ignore_index)
+
+
+@smoothed_ga_rows.register_fake
+def _(logits, labels, weights, grad_norm, grad_buffer, smoothing, sign, ignore_index, backend):
+    acc_dtype = torch_backend.compute_dtype_for(logits.dtype)
+    return logits.new_empty((logits.shape[0],), dtype=acc_dtype)
+
+
+@torch.library.custom_op("sga::scale_rows_", mutates_args=("grad",))
+def scale_rows_(grad: torch.Tensor, grad_output: torch.Tensor, backend: str) -> None:
+    """grad *= grad_output in place (0-dim, or one factor per row)."""
+    if backend == "triton":
+        from . import triton_backend
+
+        triton_backend.scale_rows_(grad, grad_output)
+    else:
+        torch_backend.scale_rows_(grad, grad_output)
+
+
+@scale_rows_.register_fake
+def _(grad, grad_output, backend):
+    return None

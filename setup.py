@@ -1,0 +1,33 @@
+"""Packaging for sga. The Triton kernels live in the top-level folder ``kernels/`` and are installed as
+the subpackage ``sga.kernels`` (the import name ``kernels`` belongs to another PyPI project)."""
+from setuptools import find_packages, setup
+
+sga_packages = find_packages(include=["sga", "sga.*"])
+kernel_packages = ["sga.kernels"] + ["sga.kernels." + p for p in find_packages("kernels")]
+
+setup(
+    name="sga",
+    version="0.1.0",
+    description="Smoothed Gradient Ascent unlearning for LLMs with fused Triton loss kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=sga_packages + kernel_packages,
+    package_dir={"sga.kernels": "kernels"},
+    install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
+    extras_require={
+        "engine": [
+            "transformers>=4.45",
+            "accelerate>=0.34",
+            "safetensors",
+            "scikit-learn",
+            "scipy",
+            "pyyaml",
+            "tqdm",
+            "peft",
+        ],
+        "eval": ["rouge-score", "sacrebleu", "matplotlib", "scipy", "nltk"],
+        "test": ["pytest", "hypothesis", "pytest-benchmark"],
+    },
+    entry_points={"console_scripts": ["sga=sga.cli:main"]},
+)

@@ -1,0 +1,1 @@
+"""sga: LLM unlearning by Smoothed Gradient Ascent, with fused Triton loss kernels."""
