@@ -43,7 +43,14 @@ def rows_forward(
     smoothing_per_class = smoothing / vocab_size
     for start in range(0, num_rows, chunk_rows):
         stop = min(start + chunk_rows, num_rows)
-        z = logits[start:stop].to(acc_dtype, copy=True)  # the gradient is built in this chunk-sized copy
+        # the chunk is upcast into its own workspace, where the gradient is then built in place: the
+        # gradient buffer itself when it has the compute dtype (no extra copy), else a chunk-sized temporary
+        if grad_buffer is not None and grad_buffer.dtype == acc_dtype:
+            z = grad_buffer[start:stop]
+            if z.data_ptr() != logits[start:stop].data_ptr():
+                z.copy_(logits[start:stop])
+        else:  # a copy only when the gradient will be built in it
+            z = logits[start:stop].to(acc_dtype, copy=grad_buffer is not None)
         y = labels[start:stop].long()
         valid = y != ignore_index
         safe_y = torch.where(valid, y, torch.zeros_like(y))[:, None]
@@ -58,13 +65,14 @@ def rows_forward(
         row_loss[start:stop] = torch.where(valid, coef * loss, torch.zeros_like(loss))
         if grad_buffer is None:
             continue
-        # softmax(z) - eps/V, then the target column: p_y - (1 - eps) - eps/V, all in acc_dtype
+        # (softmax(z) - eps/V) * c, then the target column gets -(1 - eps) * c; c = s * w * grad_norm
+        grad_coef = (coef * grad_norm.to(acc_dtype))[:, None]
         grad = z.sub_(lse[:, None]).exp_()
-        grad.sub_(smoothing_per_class)
-        grad.scatter_add_(1, safe_y, torch.full_like(lse[:, None], smoothing - 1.0))
-        grad.mul_((coef * grad_norm.to(acc_dtype))[:, None])
-        grad.masked_fill_(~valid[:, None], 0.0)
-        grad_buffer[start:stop].copy_(grad)
+        grad.sub_(smoothing_per_class).mul_(grad_coef)
+        grad.scatter_add_(1, safe_y, (smoothing - 1.0) * grad_coef)
+        grad[~valid] = 0.0
+        if grad.data_ptr() != grad_buffer[start:stop].data_ptr():
+            grad_buffer[start:stop].copy_(grad)
     return row_loss
 
 

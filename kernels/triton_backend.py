@@ -22,6 +22,18 @@ def interpreter_enabled() -> bool:
 
 
 @triton.jit
+def _round_for_store(x, out_dtype: tl.constexpr, EXPLICIT_BF16_RTNE: tl.constexpr):
+    """Round x to out_dtype to nearest-even. The GPU's conversion does that natively; Triton's CPU interpreter
+    truncates float32 -> bfloat16, so there the rounding is done on the bits: add 0x7FFF plus the lowest kept
+    bit, then keep the high 16 bits."""
+    if EXPLICIT_BF16_RTNE and out_dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits += 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return x.to(out_dtype)
+
+
+@triton.jit
 def _smoothed_ga_rows_kernel(
     logits_ptr,
     logits_row_stride,
@@ -39,6 +51,7 @@ def _smoothed_ga_rows_kernel(
     WRITE_GRAD: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    EXPLICIT_BF16_RTNE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64 row offsets: N * V may exceed 2**31
     logits_row = logits_ptr + row * logits_row_stride
@@ -87,7 +100,8 @@ def _smoothed_ga_rows_kernel(
             grad = tl.exp(z - lse) - smoothing_per_class
             grad = tl.where(offsets == safe_label, grad - (1.0 - smoothing), grad)
             grad = tl.where(valid, grad * grad_coef, 0.0)
-            tl.store(grad_row + offsets, grad.to(grad_ptr.dtype.element_ty), mask=in_vocab)
+            grad = _round_for_store(grad, grad_ptr.dtype.element_ty, EXPLICIT_BF16_RTNE)
+            tl.store(grad_row + offsets, grad, mask=in_vocab)
 
 
 @triton.jit
@@ -99,6 +113,7 @@ def _scale_rows_kernel(
     PER_ROW: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    EXPLICIT_BF16_RTNE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     if PER_ROW:
@@ -112,7 +127,8 @@ def _scale_rows_kernel(
             offsets = start + cols
             in_vocab = offsets < vocab_size
             grad = tl.load(grad_row + offsets, mask=in_vocab, other=0.0).to(ACC_DTYPE)
-            tl.store(grad_row + offsets, (grad * factor).to(grad_ptr.dtype.element_ty), mask=in_vocab)
+            scaled = _round_for_store(grad * factor, grad_ptr.dtype.element_ty, EXPLICIT_BF16_RTNE)
+            tl.store(grad_row + offsets, scaled, mask=in_vocab)
 
 
 _ACC_DTYPES = {torch.float64: tl.float64}
@@ -164,6 +180,7 @@ def rows_forward(
         WRITE_GRAD=grad_buffer is not None,
         ACC_DTYPE=_ACC_DTYPES.get(logits.dtype, tl.float32),
         BLOCK_V=block_v,
+        EXPLICIT_BF16_RTNE=interpreter_enabled(),
         num_warps=num_warps,
     )
     return row_loss
@@ -183,5 +200,6 @@ def scale_rows_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
         PER_ROW=grad_output.dim() != 0,
         ACC_DTYPE=_ACC_DTYPES.get(grad.dtype, tl.float32),
         BLOCK_V=block_v,
+        EXPLICIT_BF16_RTNE=interpreter_enabled(),
         num_warps=num_warps,
     )

@@ -1,0 +1,107 @@
+"""Argument checks for the fused linear smoothed-GA loss, run before any GEMM or kernel.
+
+The scalar checks (smoothing, reduction, backend, normalizer, label range) are the ones of ``_validation``;
+this module adds the checks on hidden states, the head weight and bias, and the logit softcap. Each raises a
+ValueError / TypeError whose message names the offending argument.
+"""
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+from typing import Optional
+
+import torch
+
+from ._validation import FLOAT_DTYPES, INDEX_DTYPES
+
+
+def _check_tensor(name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_linear_inputs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    token_weights: Optional[torch.Tensor],
+    ignore_index: int,
+) -> None:
+    """hidden [..., D], weight [V, D], bias [V] or None, labels [...] and token_weights [...] or None.
+
+    hidden, weight and bias share one float dtype and one device (cast them explicitly, or run under
+    torch.autocast, which casts all three to the autocast dtype before this check).
+    """
+    _check_tensor("hidden", hidden)
+    _check_tensor("weight", weight)
+    _check_tensor("labels", labels)
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"hidden must be float16, bfloat16, float32 or float64, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must equal the hidden dtype {hidden.dtype}")
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have at least one dimension (the hidden size D)")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [V, D], got shape {tuple(weight.shape)}")
+    vocab_size, hidden_size = weight.shape
+    if vocab_size == 0:
+        raise ValueError("weight has an empty vocabulary dimension (V = 0)")
+    if hidden.shape[-1] != hidden_size:
+        raise ValueError(
+            f"hidden size mismatch: hidden has D = {hidden.shape[-1]} but weight is [V, D] = {tuple(weight.shape)}"
+        )
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden on {hidden.device}")
+    if bias is not None:
+        _check_tensor("bias", bias)
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} must equal the hidden dtype {hidden.dtype}")
+        if tuple(bias.shape) != (vocab_size,):
+            raise ValueError(f"bias must have shape [V] = ({vocab_size},), got {tuple(bias.shape)}")
+        if bias.device != hidden.device:
+            raise ValueError(f"bias is on {bias.device} but hidden on {hidden.device}")
+    if labels.dtype not in INDEX_DTYPES:
+        raise TypeError(f"labels must be int32 or int64, got {labels.dtype}")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} must equal the hidden states' leading shape {tuple(hidden.shape[:-1])}"
+        )
+    if labels.device != hidden.device:
+        raise ValueError(f"labels are on {labels.device} but hidden on {hidden.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if token_weights is not None:
+        _check_tensor("token_weights", token_weights)
+        if not token_weights.is_floating_point():
+            raise TypeError(f"token_weights must be a float tensor, got {token_weights.dtype}")
+        if tuple(token_weights.shape) != tuple(labels.shape):
+            raise ValueError(
+                f"token_weights shape {tuple(token_weights.shape)} must equal the labels shape {tuple(labels.shape)}"
+            )
+        if token_weights.device != hidden.device:
+            raise ValueError(f"token_weights are on {token_weights.device} but hidden on {hidden.device}")
+
+
+def check_softcap(softcap: Optional[float]) -> Optional[float]:
+    """None (no cap) or a finite c > 0 for softcap(x) = c * tanh(x / c)."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, Real):
+        raise TypeError(f"softcap must be a real number or None, got {type(softcap).__name__}")
+    softcap = float(softcap)
+    if not math.isfinite(softcap) or softcap <= 0.0:
+        raise ValueError(f"softcap must be finite and > 0 (c in c * tanh(x / c)), got {softcap}")
+    return softcap
+
+
+def check_chunk_size(chunk_size: Optional[int]) -> Optional[int]:
+    """None (the default rule) or a positive number of token rows per chunk."""
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, Integral):
+        raise TypeError(f"chunk_size must be a positive int or None, got {type(chunk_size).__name__}")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive number of token rows, got {chunk_size}")
+    return int(chunk_size)

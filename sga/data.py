@@ -1,0 +1,176 @@
+"""Unlearning data: forget and normal records, their tokenization, pairing into samples, batches.
+
+A record is a question/answer pair ``{"question", "answer"}`` (only the answer is scored) or a text
+``{"text"}`` (every token after the first is scored). Records come from a TOFU split
+(``sga.benchmarks.tofu``) or from JSON / JSON-lines files. Each training sample is one forget sequence
+with its K-1 paired normal sequences (``sga.pairing``).
+
+Batches follow a fixed schedule: epoch e visits the forget samples in the order of a permutation seeded
+by (seed, e), cut into global batches of ``batch_size``; each process takes a contiguous share of every
+global batch. The schedule depends only on the seed, the step and the world size's share, so a resumed
+run sees exactly the batches an uninterrupted run would, and one process with batch B sees the same
+samples per step as P processes with B/P each.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .benchmarks.prompts import IGNORE_INDEX, EncodedExample, encode_qa, encode_text
+from .config import DataConfig
+
+
+def read_records(path: str) -> list[dict]:
+    """Records of a JSON / JSON-lines file; each must hold "question" and "answer", or "text"."""
+    from .benchmarks.tofu import read_json_records
+    from pathlib import Path
+
+    records = read_json_records(Path(path))
+    if not isinstance(records, list) or not records:
+        raise ValueError(f"{path} holds no records")
+    for i, record in enumerate(records):
+        if not isinstance(record, dict) or not ({"question", "answer"} <= set(record) or "text" in record):
+            raise ValueError(f"record {i} of {path} needs 'question' and 'answer', or 'text'")
+    return records
+
+
+def tofu_retain_split(forget_split: str) -> str:
+    """The retain complement of a TOFU forget split: forget01 -> retain99, forget05 -> retain95, ..."""
+    return f"retain{100 - int(forget_split.removeprefix('forget')):02d}"
+
+
+def load_records(config: DataConfig) -> tuple[list[dict], list[dict]]:
+    """Forget and retain records as the data config names them (retain may be empty for json data)."""
+    if config.dataset == "tofu":
+        from .benchmarks.tofu import load_tofu_split
+
+        forget = load_tofu_split(config.tofu_split, config.data_dir)
+        retain = load_tofu_split(tofu_retain_split(config.tofu_split), config.data_dir)
+        return forget, retain
+    forget = read_records(config.forget_file)
+    retain = read_records(config.retain_file) if config.retain_file else []
+    return forget, retain
+
+
+def record_text(record: dict) -> str:
+    """The text a record is compared by when pairing: question and answer, or the text."""
+    if "text" in record and "answer" not in record:
+        return str(record["text"])
+    return f"{record['question']} {record['answer']}"
+
+
+def encode_record(
+    tokenizer, record: dict, *, max_length: int, use_chat_template: Optional[bool] = None
+) -> EncodedExample:
+    """Token ids and labels of a record (HF convention: labels aligned with input_ids, -100 unscored),
+    truncated to ``max_length`` tokens; an error if no scored token survives truncation."""
+    if "answer" in record:
+        example = encode_qa(tokenizer, str(record["question"]), str(record["answer"]), use_chat_template=use_chat_template)
+    else:
+        example = encode_text(tokenizer, str(record["text"]), max_length=max_length)
+    if len(example.input_ids) > max_length:
+        example = EncodedExample(example.input_ids[:max_length], example.labels[:max_length], example.prompt_length)
+    if all(label == IGNORE_INDEX for label in example.labels[1:]):
+        raise ValueError(f"no answer token left within max_length={max_length} for record {record_text(record)[:80]!r}")
+    return example
+
+
+@dataclass
+class UnlearningData:
+    """Tokenized forget and normal sequences and, per forget sample, the indices of its normal samples.
+
+    ``pairs`` is None for methods that use no normal data; otherwise ``pairs[i]`` lists K-1 indices into
+    ``normal``. ``reference_nll`` (set for NPO) holds each forget sample's summed answer NLL under the
+    initial model.
+    """
+
+    forget: list[EncodedExample]
+    normal: list[EncodedExample]
+    pairs: Optional[list[list[int]]] = None
+    reference_nll: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        if not self.forget:
+            raise ValueError("the forget set is empty")
+        if self.pairs is not None:
+            if len(self.pairs) != len(self.forget):
+                raise ValueError(f"{len(self.pairs)} pair lists for {len(self.forget)} forget samples")
+            sizes = {len(p) for p in self.pairs}
+            if len(sizes) != 1 or 0 in sizes:
+                raise ValueError("every forget sample needs the same, non-zero number of normal samples")
+            if any(not 0 <= j < len(self.normal) for p in self.pairs for j in p):
+                raise ValueError("a pair index is outside the normal set")
+
+    def __len__(self) -> int:
+        return len(self.forget)
+
+    @property
+    def normal_per_sample(self) -> int:
+        """K - 1 (0 without pairs)."""
+        return 0 if self.pairs is None else len(self.pairs[0])
+
+    def batch(self, indices: Sequence[int], pad_token_id: int) -> dict[str, torch.Tensor]:
+        """Collate forget samples ``indices`` (and their normal samples, forget-major) into padded tensors.
+
+        Keys: ``index``; ``forget_input_ids``, ``forget_labels``, ``forget_attention_mask`` [B, T];
+        ``normal_*`` [B * (K-1), T'] when paired; ``forget_reference_nll`` [B] when set.
+        """
+        batch = {"index": torch.tensor(list(indices), dtype=torch.long)}
+        batch.update(pad_examples([self.forget[i] for i in indices], pad_token_id, "forget"))
+        if self.pairs is not None:
+            normal = [self.normal[j] for i in indices for j in self.pairs[i]]
+            batch.update(pad_examples(normal, pad_token_id, "normal"))
+        if self.reference_nll is not None:
+            batch["forget_reference_nll"] = self.reference_nll[batch["index"]]
+        return batch
+
+
+def pad_examples(examples: Sequence[EncodedExample], pad_token_id: int, prefix: str) -> dict[str, torch.Tensor]:
+    """Right-pad examples into ``{prefix}_input_ids``, ``{prefix}_labels`` (-100 on padding) and
+    ``{prefix}_attention_mask``."""
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
+        mask[row, :n] = 1
+    return {f"{prefix}_input_ids": input_ids, f"{prefix}_labels": labels, f"{prefix}_attention_mask": mask}
+
+
+class BatchSchedule:
+    """The deterministic stream of global batches (see the module docstring).
+
+    Epoch e's order is ``torch.randperm(n)`` under a generator seeded with ``seed * 100003 + e``; it is
+    cut into global batches of ``batch_size``. A final partial batch with fewer samples than processes
+    is dropped (every process needs at least one sample per micro-batch).
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, num_processes: int = 1) -> None:
+        if batch_size < num_processes:
+            raise ValueError(f"batch_size ({batch_size}) must be at least the number of processes ({num_processes})")
+        if num_samples < num_processes:
+            raise ValueError(f"{num_samples} forget samples cannot be shared by {num_processes} processes")
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_processes = num_processes
+        full, rest = divmod(num_samples, batch_size)
+        self.batches_per_epoch = full + (1 if rest >= num_processes else 0)
+
+    def global_batch(self, micro_step: int) -> list[int]:
+        """Forget indices of global micro-batch number ``micro_step`` (counted from the start of training)."""
+        epoch, position = divmod(micro_step, self.batches_per_epoch)
+        generator = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+        order = torch.randperm(self.num_samples, generator=generator).tolist()
+        return order[position * self.batch_size : (position + 1) * self.batch_size]
+
+    def local_batch(self, micro_step: int, process_index: int) -> list[int]:
+        """This process's contiguous share of the global batch (shares differ in size by at most one)."""
+        shares = np.array_split(np.asarray(self.global_batch(micro_step)), self.num_processes)
+        return shares[process_index].tolist()

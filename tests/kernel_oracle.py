@@ -1,0 +1,71 @@
+"""Shared helpers for the logits-kernel tests: input builders and the error rule of DESIGN.md section 4."""
+from __future__ import annotations
+
+import torch
+
+from sga.kernels import smoothed_ga_loss_reference
+
+BACKENDS = ("torch", "triton")
+
+
+def make_inputs(shape, vocab_size, *, dtype=torch.float32, ignore_index=-100, ignore_fraction=0.2, seed=0):
+    """Random logits (scale 3) and labels with about ignore_fraction of the tokens set to ignore_index."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = (3 * torch.randn(*shape, vocab_size, generator=generator)).to(dtype)
+    labels = torch.randint(0, vocab_size, shape, generator=generator)
+    ignored = torch.rand(shape, generator=generator) < ignore_fraction
+    labels = torch.where(ignored, torch.full_like(labels, ignore_index), labels)
+    return logits, labels
+
+
+def loss_and_grad(fn, logits, labels, grad_output=None, **kwargs):
+    """Run fn(logits, labels, **kwargs) forward and backward; return (loss, d loss / d logits)."""
+    leaf = logits.detach().clone().requires_grad_(True)
+    loss = fn(leaf, labels, **kwargs)
+    if grad_output is None:
+        grad_output = torch.ones_like(loss)
+    loss.backward(grad_output.to(loss.dtype))
+    return loss.detach(), leaf.grad
+
+
+def truth(logits, labels, grad_output=None, **kwargs):
+    """float64 loss and gradient of DESIGN.md 2.1 on the (already rounded) inputs."""
+    return loss_and_grad(smoothed_ga_loss_reference, logits.double(), labels, grad_output, **kwargs)
+
+
+def fp32_eager(logits, labels, grad_output=None, **kwargs):
+    """What plain fp32 arithmetic gives on the same inputs: the formula in float32, gradient cast back to the
+    logits' dtype as autograd does for an upcast."""
+    def upcast_reference(z, y, **kw):
+        z32 = z.float()
+        vocab_size = z32.shape[-1]
+        valid = y != kw.get("ignore_index", -100)
+        safe_y = torch.where(valid, y, torch.zeros_like(y)).long()
+        eps = kw.get("smoothing", 0.0)
+        per_token = torch.logsumexp(z32, -1) - (1 - eps) * z32.gather(-1, safe_y[..., None]).squeeze(-1)
+        per_token = per_token - (eps / vocab_size) * z32.sum(-1)
+        weights = kw.get("token_weights")
+        weights = torch.ones_like(per_token) if weights is None else weights.float()
+        sign = -1.0 if kw.get("ascent", True) else 1.0
+        per_token = torch.where(valid, sign * weights * per_token, torch.zeros_like(per_token))
+        reduction = kw.get("reduction", "mean")
+        if reduction == "none":
+            return per_token
+        if reduction == "sum":
+            return per_token.sum()
+        return per_token.sum() / valid.sum().clamp_min(1)
+
+    return loss_and_grad(upcast_reference, logits, labels, grad_output, **kwargs)
+
+
+def max_error(value, reference):
+    return (value.double() - reference.double()).abs().max().item() if value.numel() else 0.0
+
+
+def assert_no_worse_than_fp32(ours, baseline, exact, *, rtol=1e-5, what=""):
+    """DESIGN.md 4: our error against float64 truth <= fp32 arithmetic's error + a small tolerance."""
+    ours_error = max_error(ours, exact)
+    baseline_error = max_error(baseline, exact)
+    scale = exact.double().abs().max().item() if exact.numel() else 0.0
+    allowed = baseline_error + rtol * max(scale, 1.0)
+    assert ours_error <= allowed, f"{what}: error {ours_error:.3e} > fp32 baseline {baseline_error:.3e} + tol"
