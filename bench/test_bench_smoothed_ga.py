@@ -1,45 +1,36 @@
-"""smoothed_ga_loss forward+backward against what users would write instead, time and peak extra memory.
+"""The logits kernel against what users would use instead: forward, backward and forward+backward time, and
+peak memory beyond the inputs.
 
-    pytest bench/test_bench_smoothed_ga.py --benchmark-only
+    cd bench && python -m pytest test_bench_smoothed_ga.py --benchmark-only
 
-Alternatives: torch eager (upcast the logits to float32, F.cross_entropy with label smoothing, sign
-applied) and torch.compile of the same. On CPU ours is the chunked torch backend (the Triton kernel runs
-there only in the interpreter); on CUDA it is the Triton kernel.
+On CPU "ours" is the chunked torch backend (the Triton kernel runs there only in the interpreter); on CUDA it
+is the Triton kernel. The floor is one read of the logits and one write of the gradient at the copy
+bandwidth measured in the same run.
 """
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from alternatives import LOGITS_IMPLEMENTATIONS
+from conftest import DEVICE
 from harness import environment, peak_extra_bytes, synchronize, write_rows
-from sga.kernels import smoothed_ga_loss
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SHAPES = {"cpu": [(2048, 32000, "float32")], "cuda": [(16384, 128256, "bfloat16"), (16384, 128256, "float32")]}
-SMOOTHING = 0.1
-IMPLEMENTATIONS = ("ours", "torch_eager", "torch_compile")
-
-
-def eager_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The usual way: float32 logits, label-smoothed cross-entropy, the ascent sign applied."""
-    return -F.cross_entropy(logits.float(), labels, label_smoothing=SMOOTHING)
-
-
-_compiled_eager = torch.compile(eager_loss)
+SHAPES = {
+    "cpu": [(2048, 32000, "float32"), (1024, 128256, "float32"), (2048, 32000, "bfloat16")],
+    "cuda": [(16384, v, dtype) for dtype in ("bfloat16", "float32") for v in (32000, 128256, 151936, 262144)],
+}
+PHASES = ("forward", "backward", "forward+backward")
+ROUNDS = 3 if DEVICE == "cuda" else 2
 
 
 def make_case(implementation: str, num_tokens: int, vocab_size: int, dtype_name: str, device: str):
-    """Inputs and a fwd+bwd closure for one implementation; returns (run, input bytes)."""
+    """Fresh inputs and a forward+backward closure; returns (run, input bytes). Module level for pickling."""
+    loss_fn = LOGITS_IMPLEMENTATIONS[implementation](device)
     torch.manual_seed(0)
-    dtype = getattr(torch, dtype_name)
-    logits = torch.randn(num_tokens, vocab_size, device=device, dtype=dtype).requires_grad_(True)
+    logits = torch.randn(num_tokens, vocab_size, device=device, dtype=getattr(torch, dtype_name))
+    logits.requires_grad_(True)
     labels = torch.randint(0, vocab_size, (num_tokens,), device=device)
-    loss_fn = {
-        "ours": lambda z, y: smoothed_ga_loss(z, y, smoothing=SMOOTHING, validate=False),
-        "torch_eager": eager_loss,
-        "torch_compile": _compiled_eager,
-    }[implementation]
 
     def run():
         logits.grad = None
@@ -49,27 +40,73 @@ def make_case(implementation: str, num_tokens: int, vocab_size: int, dtype_name:
     return run, logits.numel() * logits.element_size()
 
 
-CASES = [(impl, *shape) for shape in SHAPES[DEVICE] for impl in IMPLEMENTATIONS]
+def timed_phase(benchmark, phase: str, loss_fn, logits, labels) -> None:
+    def forward():
+        logits.grad = None
+        loss = loss_fn(logits, labels)
+        synchronize(DEVICE)
+        return loss
+
+    def backward_setup():
+        return (forward(),), {}
+
+    def backward(loss):
+        loss.backward()
+        synchronize(DEVICE)
+
+    def forward_backward():
+        backward(forward())
+
+    if phase == "forward":
+        benchmark.pedantic(forward, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    elif phase == "backward":
+        benchmark.pedantic(backward, setup=backward_setup, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    else:
+        benchmark.pedantic(forward_backward, rounds=ROUNDS, iterations=1, warmup_rounds=1)
 
 
-@pytest.mark.parametrize("implementation, num_tokens, vocab_size, dtype_name", CASES)
-def test_forward_backward(benchmark, implementation, num_tokens, vocab_size, dtype_name):
-    run, input_bytes = make_case(implementation, num_tokens, vocab_size, dtype_name, DEVICE)
-    run()  # warm-up (compilation)
-    benchmark.group = f"smoothed_ga fwd+bwd N={num_tokens} V={vocab_size} {dtype_name}"
-    benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
-    case_args = (implementation, num_tokens, vocab_size, dtype_name, DEVICE)
-    extra = peak_extra_bytes(make_case, case_args, (implementation, 8, 1000, dtype_name, DEVICE), DEVICE)
+CASES = [
+    (impl, *shape, phase)
+    for shape in SHAPES[DEVICE]
+    for impl in LOGITS_IMPLEMENTATIONS
+    for phase in PHASES
+]
+
+
+@pytest.mark.parametrize("implementation, num_tokens, vocab_size, dtype_name, phase", CASES)
+def test_logits_loss(benchmark, floors, collect_row, implementation, num_tokens, vocab_size, dtype_name, phase):
+    loss_fn = LOGITS_IMPLEMENTATIONS[implementation](DEVICE)
+    if loss_fn is None:
+        pytest.skip(f"{implementation} is not installed or does not run on {DEVICE}")
+    dtype = getattr(torch, dtype_name)
+    benchmark.group = f"logits {phase} N={num_tokens} V={vocab_size} {dtype_name}"
+    try:
+        logits = torch.randn(num_tokens, vocab_size, device=DEVICE, dtype=dtype).requires_grad_(True)
+        labels = torch.randint(0, vocab_size, (num_tokens,), device=DEVICE)
+        timed_phase(benchmark, phase, loss_fn, logits, labels)
+    except torch.OutOfMemoryError:
+        pytest.skip(f"{implementation} ran out of memory at N={num_tokens} V={vocab_size} {dtype_name}")
+    finally:
+        logits = labels = None
+    median_s = benchmark.stats.stats.median
+    traffic = num_tokens * vocab_size * 2 * dtype.itemsize  # read the logits once, write the gradient once
     row = {
-        "op": "smoothed_ga_loss",
+        "op": "logits",
         "implementation": implementation,
+        "phase": phase,
         "num_tokens": num_tokens,
         "vocab_size": vocab_size,
         "dtype": dtype_name,
-        "median_ms": benchmark.stats.stats.median * 1e3,
-        "peak_extra_bytes": extra,
-        "peak_extra_over_logits": extra / input_bytes,
+        "median_ms": median_s * 1e3,
+        "floor_ms": traffic / floors["copy_bytes_per_s"] * 1e3,
+        "copy_GBps": floors["copy_bytes_per_s"] / 1e9,
         **environment(DEVICE),
     }
+    if phase == "forward+backward":
+        case = (implementation, num_tokens, vocab_size, dtype_name, DEVICE)
+        extra = peak_extra_bytes(make_case, case, (implementation, 8, 1000, dtype_name, DEVICE), DEVICE)
+        row["peak_extra_bytes"] = extra
+        row["peak_extra_over_logits"] = extra / (num_tokens * vocab_size * dtype.itemsize)
     benchmark.extra_info.update(row)
-    write_rows("smoothed_ga", [row])
+    collect_row(row)
+    write_rows("logits", [row])

@@ -34,12 +34,13 @@ def _round_for_store(x, out_dtype: tl.constexpr, EXPLICIT_BF16_RTNE: tl.constexp
 
 
 @triton.jit
-def _smoothed_ga_rows_kernel(
+def _smoothed_ga_row(
+    row,
     logits_ptr,
     logits_row_stride,
     labels_ptr,
     weights_ptr,
-    grad_norm_ptr,
+    grad_norm,
     grad_ptr,
     grad_row_stride,
     row_loss_ptr,
@@ -53,7 +54,7 @@ def _smoothed_ga_rows_kernel(
     BLOCK_V: tl.constexpr,
     EXPLICIT_BF16_RTNE: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)  # int64 row offsets: N * V may exceed 2**31
+    """Loss and gradient of one token row (row is int64: N * V may exceed 2**31)."""
     logits_row = logits_ptr + row * logits_row_stride
     label = tl.load(labels_ptr + row).to(tl.int64)
     valid = label != ignore_index
@@ -89,9 +90,10 @@ def _smoothed_ga_rows_kernel(
     tl.store(row_loss_ptr + row, tl.where(valid, coef * loss, 0.0))
 
     if WRITE_GRAD:
-        # Sweep 2: dL/dz_v = s * w * grad_norm * (p_v - (1 - eps) [v == y] - eps / V), computed in ACC_DTYPE
-        # (the target column too) and rounded once to the buffer's dtype.
-        grad_coef = tl.where(valid, coef * tl.load(grad_norm_ptr).to(ACC_DTYPE), 0.0)
+        # Sweep 2 (soon after sweep 1 of the same row, so mostly from L2): dL/dz_v =
+        # s * w * grad_norm * (p_v - (1 - eps) [v == y] - eps / V), computed in ACC_DTYPE (the target column
+        # too) and rounded once to the buffer's dtype.
+        grad_coef = tl.where(valid, coef * grad_norm, 0.0)
         grad_row = grad_ptr + row * grad_row_stride
         for start in range(0, vocab_size, BLOCK_V):
             offsets = start + cols
@@ -102,6 +104,53 @@ def _smoothed_ga_rows_kernel(
             grad = tl.where(valid, grad * grad_coef, 0.0)
             grad = _round_for_store(grad, grad_ptr.dtype.element_ty, EXPLICIT_BF16_RTNE)
             tl.store(grad_row + offsets, grad, mask=in_vocab)
+
+
+@triton.jit
+def _smoothed_ga_rows_kernel(
+    logits_ptr,
+    logits_row_stride,
+    labels_ptr,
+    weights_ptr,
+    grad_norm_ptr,
+    grad_ptr,
+    grad_row_stride,
+    row_loss_ptr,
+    num_rows,
+    vocab_size,
+    smoothing,
+    sign,
+    ignore_index,
+    HAS_WEIGHTS: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    EXPLICIT_BF16_RTNE: tl.constexpr,
+):
+    """Persistent grid: program p takes rows p, p + P, p + 2P, ... so that only P rows are in flight and the
+    second sweep of each row finds it in L2."""
+    grad_norm = tl.load(grad_norm_ptr).to(ACC_DTYPE)
+    for row in range(tl.program_id(0), num_rows, tl.num_programs(0)):
+        _smoothed_ga_row(
+            tl.cast(row, tl.int64),
+            logits_ptr,
+            logits_row_stride,
+            labels_ptr,
+            weights_ptr,
+            grad_norm,
+            grad_ptr,
+            grad_row_stride,
+            row_loss_ptr,
+            vocab_size,
+            smoothing,
+            sign,
+            ignore_index,
+            HAS_WEIGHTS,
+            WRITE_GRAD,
+            ACC_DTYPE,
+            BLOCK_V,
+            EXPLICIT_BF16_RTNE,
+        )
 
 
 @triton.jit
@@ -134,6 +183,9 @@ def _scale_rows_kernel(
 _ACC_DTYPES = {torch.float64: tl.float64}
 
 
+PROGRAMS_PER_SM = 2  # rows in flight per SM in the persistent grid (bench/NOTES.md: to be tuned on a GPU)
+
+
 def _launch_config(vocab_size: int, element_size: int) -> tuple[int, int]:
     """(BLOCK_V, num_warps): 16 KB of logits per block on a GPU; in the interpreter, bigger blocks mean fewer
     Python-level iterations, so take the whole row up to 2**15 elements."""
@@ -141,6 +193,14 @@ def _launch_config(vocab_size: int, element_size: int) -> tuple[int, int]:
         return min(triton.next_power_of_2(vocab_size), 1 << 15), 1
     block = min(triton.next_power_of_2(vocab_size), 16384 // element_size)
     return block, 8 if block >= 4096 else 4
+
+
+def _persistent_programs(num_rows: int, device: torch.device) -> int:
+    """How many programs the persistent grid launches: a few per SM on a GPU; every row its own program in
+    the interpreter, where nothing runs concurrently anyway."""
+    if device.type != "cuda":
+        return num_rows
+    return min(num_rows, torch.cuda.get_device_properties(device).multi_processor_count * PROGRAMS_PER_SM)
 
 
 def rows_forward(
@@ -163,7 +223,7 @@ def rows_forward(
     if num_rows == 0:
         return row_loss
     block_v, num_warps = _launch_config(vocab_size, logits.element_size())
-    _smoothed_ga_rows_kernel[(num_rows,)](
+    _smoothed_ga_rows_kernel[(_persistent_programs(num_rows, logits.device),)](
         logits,
         logits.stride(0),
         labels,
@@ -172,6 +232,7 @@ def rows_forward(
         grad_buffer if grad_buffer is not None else logits,  # never written when WRITE_GRAD is False
         grad_buffer.stride(0) if grad_buffer is not None else 0,
         row_loss,
+        num_rows,
         vocab_size,
         float(smoothing),
         float(sign),

@@ -1,0 +1,37 @@
+"""Benchmark session setup: hardware floors measured once, rows collected, a ratio table printed at the end."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from floors import copy_bandwidth, matmul_throughput  # noqa: E402
+from report import format_table  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+COLLECTED_ROWS: list[dict] = []
+
+
+@pytest.fixture(scope="session")
+def floors() -> dict:
+    """The device's copy bandwidth (bytes/s) and matmul throughput (flop/s), measured in this run."""
+    return {"copy_bytes_per_s": copy_bandwidth(DEVICE), "matmul_flops_per_s": matmul_throughput(DEVICE)}
+
+
+@pytest.fixture
+def collect_row():
+    return COLLECTED_ROWS.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    if COLLECTED_ROWS:
+        terminalreporter.write_line("")
+        terminalreporter.write_line(format_table(COLLECTED_ROWS))

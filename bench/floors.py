@@ -1,0 +1,46 @@
+"""Hardware floors measured on the benchmark's own device in the same run (DESIGN.md section 5).
+
+- copy bandwidth: a device-to-device copy of a large buffer, bytes read + written per second;
+- matmul throughput: a square matrix product, 2 * n**3 flops per product.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def _time(fn, device: str, repeats: int) -> float:
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            fn()
+        stop.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(stop) / 1e3 / repeats
+    begin = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - begin) / repeats
+
+
+def copy_bandwidth(device: str, num_bytes: int = 1 << 30) -> float:
+    """Bytes per second moved (read + written) by a device-to-device copy."""
+    num_bytes = num_bytes if device == "cuda" else num_bytes // 8
+    source = torch.empty(num_bytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    target = torch.empty_like(source)
+    seconds = _time(lambda: target.copy_(source), device, repeats=10)
+    return 2 * num_bytes / seconds
+
+
+def matmul_throughput(device: str, size: int = 8192) -> float:
+    """Flops per second of a square matrix product (bf16 on CUDA, float32 on CPU)."""
+    size = size if device == "cuda" else 1024
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    seconds = _time(lambda: a @ b, device, repeats=10)
+    return 2 * size**3 / seconds

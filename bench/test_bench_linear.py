@@ -1,0 +1,126 @@
+"""linear_smoothed_ga_loss forward+backward against materializing the logits, time and peak extra memory.
+
+    cd bench && python -m pytest test_bench_linear.py --benchmark-only
+
+Implementations, each from hidden [N, D] and head weight [V, D] (both requiring grad) to dH and dW:
+- ours: linear_smoothed_ga_loss (chunked; never holds the [N, V] logits);
+- materialized_kernel: logits = hidden @ W^T through autograd, then smoothed_ga_loss with inplace_backward=True
+  (its gradient overwrites the logits: the cheapest way to use the logits kernel);
+- torch_eager: logits = hidden @ W^T, upcast to float32, F.cross_entropy with label smoothing, sign applied.
+
+Peak extra memory is measured by bench/harness.py (CPU: RSS high-water mark of a fresh process minus its RSS
+with the inputs built; CUDA: torch.cuda.max_memory_allocated minus what was allocated before), and the
+gradients dH and dW (which every implementation returns) are subtracted: what remains is the memory beyond
+inputs, outputs and gradients. Run the whole file: the row of `ours` then carries its time and memory ratios
+against the implementations measured before it in the same session.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from harness import environment, peak_extra_bytes, synchronize, write_rows
+from sga.kernels import linear_smoothed_ga_loss, smoothed_ga_loss
+
+SMOOTHING = 0.1
+IMPLEMENTATIONS = ("torch_eager", "materialized_kernel", "ours")  # ours last: its row gets the ratios
+CPU_SHAPES = {"cpu_N2048_D512_V128256": (2048, 512, 128256, "float32", None)}
+CUDA_SHAPES = {
+    "llama3_8b_head": (8192, 4096, 128256, "bfloat16", None),
+    "gemma2_2b_head": (8192, 2304, 256000, "bfloat16", 30.0),
+}
+MAX_EXTRA_OVER_LOGITS = 0.10  # issue 3: ours at most 10% of the full logits beyond inputs, outputs, gradients
+_RESULTS: dict[tuple[str, str], dict] = {}
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
+    logits = hidden @ weight.t()
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+
+def make_case(implementation, num_tokens, hidden_size, vocab_size, dtype_name, softcap, device):
+    """Inputs and a fwd+bwd closure for one implementation; returns (run, bytes of the gradients dH and dW)."""
+    torch.manual_seed(0)
+    dtype = getattr(torch, dtype_name)
+    hidden = torch.randn(num_tokens, hidden_size, device=device, dtype=dtype).requires_grad_(True)
+    weight = (torch.randn(vocab_size, hidden_size, device=device, dtype=dtype) / hidden_size**0.5).requires_grad_(True)
+    labels = torch.randint(0, vocab_size, (num_tokens,), device=device)
+
+    def ours():
+        return linear_smoothed_ga_loss(hidden, weight, labels, softcap=softcap, smoothing=SMOOTHING, validate=False)
+
+    def materialized_kernel():
+        logits = _logits(hidden, weight, softcap)
+        return smoothed_ga_loss(logits, labels, smoothing=SMOOTHING, inplace_backward=True, validate=False)
+
+    def torch_eager():
+        logits = _logits(hidden, weight, softcap).float()
+        return -F.cross_entropy(logits, labels, label_smoothing=SMOOTHING)
+
+    loss_fn = {"ours": ours, "materialized_kernel": materialized_kernel, "torch_eager": torch_eager}[implementation]
+
+    def run():
+        hidden.grad = None
+        weight.grad = None
+        loss_fn().backward()
+        synchronize(device)
+
+    grad_bytes = (hidden.numel() + weight.numel()) * hidden.element_size()
+    return run, grad_bytes
+
+
+def _measure(benchmark, implementation: str, shape_name: str, shape: tuple, device: str, rounds: int) -> dict:
+    num_tokens, hidden_size, vocab_size, dtype_name, softcap = shape
+    case_args = (implementation, num_tokens, hidden_size, vocab_size, dtype_name, softcap, device)
+    run, grad_bytes = make_case(*case_args)
+    run()  # warm-up
+    benchmark.group = f"fused linear fwd+bwd {shape_name}"
+    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=0)
+    del run
+    warmup_args = (implementation, 8, 16, 1000, dtype_name, softcap, device)
+    extra = peak_extra_bytes(make_case, case_args, warmup_args, device) - grad_bytes
+    logits_bytes = num_tokens * vocab_size * torch.empty((), dtype=getattr(torch, dtype_name)).element_size()
+    row = {
+        "op": "linear_smoothed_ga_loss",
+        "implementation": implementation,
+        "shape": shape_name,
+        "num_tokens": num_tokens,
+        "hidden_size": hidden_size,
+        "vocab_size": vocab_size,
+        "dtype": dtype_name,
+        "softcap": softcap,
+        "median_s": benchmark.stats.stats.median,
+        "peak_extra_bytes": extra,
+        "logits_bytes": logits_bytes,
+        "peak_extra_over_logits": extra / logits_bytes,
+        **environment(device),
+    }
+    for (other_shape, other), other_row in _RESULTS.items():
+        if other_shape == shape_name and other != implementation:
+            row[f"time_ratio_vs_{other}"] = row["median_s"] / other_row["median_s"]
+            row[f"memory_ratio_vs_{other}"] = extra / max(other_row["peak_extra_bytes"], 1)
+    _RESULTS[(shape_name, implementation)] = row
+    benchmark.extra_info.update(row)
+    write_rows("linear", [row])
+    return row
+
+
+@pytest.mark.parametrize("shape_name", list(CPU_SHAPES))
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_cpu_forward_backward(benchmark, implementation, shape_name):
+    row = _measure(benchmark, implementation, shape_name, CPU_SHAPES[shape_name], "cpu", rounds=3)
+    if implementation == "ours":
+        assert row["peak_extra_over_logits"] <= MAX_EXTRA_OVER_LOGITS, row
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("shape_name", list(CUDA_SHAPES))
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_cuda_forward_backward(benchmark, implementation, shape_name):
+    row = _measure(benchmark, implementation, shape_name, CUDA_SHAPES[shape_name], "cuda", rounds=10)
+    if implementation == "ours":
+        assert row["peak_extra_over_logits"] <= MAX_EXTRA_OVER_LOGITS, row
