@@ -8,15 +8,23 @@ Implementations, each from hidden [N, D] and head weight [V, D] (both requiring 
   (its gradient overwrites the logits: the cheapest way to use the logits kernel);
 - torch_eager: logits = hidden @ W^T, upcast to float32, F.cross_entropy with label smoothing, sign applied.
 
-Peak extra memory is measured by bench/harness.py (CPU: RSS high-water mark of a fresh process minus its RSS
-with the inputs built; CUDA: torch.cuda.max_memory_allocated minus what was allocated before), and the
-gradients dH and dW (which every implementation returns) are subtracted: what remains is the memory beyond
-inputs, outputs and gradients. Run the whole file: the row of `ours` then carries its time and memory ratios
+Peak extra memory, minus the gradients dH and dW that every implementation returns (what remains is the
+memory beyond inputs, outputs and gradients):
+- CUDA: bench/harness.py (torch.cuda.max_memory_allocated minus what was allocated before the call).
+- CPU: torch keeps no allocator statistics there, so each case runs in a fresh spawned process that builds
+  its inputs, resets the kernel's resident-set high-water mark (writing 5 to /proc/self/clear_refs), reads its
+  RSS, runs the call and reads the high-water mark VmHWM from /proc/self/status. The difference is the most
+  memory the call added at any moment, allocator slack included. (getrusage's ru_maxrss is not used: in a
+  spawned child it starts from the parent's RSS, which fork and exec carry over, so it overstates the peak
+  whenever the parent process is larger than the child, as a pytest process that ran other cases is.) Run the whole file: the row of `ours` then carries its time and memory ratios
 against the implementations measured before it in the same session.
 """
 from __future__ import annotations
 
 from typing import Optional
+
+import gc
+import multiprocessing
 
 import pytest
 import torch
@@ -72,6 +80,36 @@ def make_case(implementation, num_tokens, hidden_size, vocab_size, dtype_name, s
     return run, grad_bytes
 
 
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _cpu_peak_worker(case_args: tuple, warmup_args: tuple, queue) -> None:
+    make_case(*warmup_args)[0]()  # first-call allocations (thread pools, lazy imports) are not the call's cost
+    run, _ = make_case(*case_args)
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # VmHWM := current RSS
+    before = _status_bytes("VmRSS")
+    run()
+    queue.put(_status_bytes("VmHWM") - before)
+
+
+def cpu_peak_extra_bytes(case_args: tuple, warmup_args: tuple) -> int:
+    """Peak bytes a fwd+bwd of make_case(*case_args) adds to a fresh process's RSS (Linux only)."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_cpu_peak_worker, args=(case_args, warmup_args, queue))
+    process.start()
+    result = queue.get(timeout=900)
+    process.join()
+    return result
+
+
 def _measure(benchmark, implementation: str, shape_name: str, shape: tuple, device: str, rounds: int) -> dict:
     num_tokens, hidden_size, vocab_size, dtype_name, softcap = shape
     case_args = (implementation, num_tokens, hidden_size, vocab_size, dtype_name, softcap, device)
@@ -81,7 +119,10 @@ def _measure(benchmark, implementation: str, shape_name: str, shape: tuple, devi
     benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=0)
     del run
     warmup_args = (implementation, 8, 16, 1000, dtype_name, softcap, device)
-    extra = peak_extra_bytes(make_case, case_args, warmup_args, device) - grad_bytes
+    if device == "cuda":
+        extra = peak_extra_bytes(make_case, case_args, warmup_args, device) - grad_bytes
+    else:
+        extra = cpu_peak_extra_bytes(case_args, warmup_args) - grad_bytes
     logits_bytes = num_tokens * vocab_size * torch.empty((), dtype=getattr(torch, dtype_name)).element_size()
     row = {
         "op": "linear_smoothed_ga_loss",
@@ -123,4 +164,8 @@ def test_cpu_forward_backward(benchmark, implementation, shape_name):
 def test_cuda_forward_backward(benchmark, implementation, shape_name):
     row = _measure(benchmark, implementation, shape_name, CUDA_SHAPES[shape_name], "cuda", rounds=10)
     if implementation == "ours":
-        assert row["peak_extra_over_logits"] <= MAX_EXTRA_OVER_LOGITS, row
+        # bf16 head: dW is accumulated in a float32 [V, D] buffer across chunks (DESIGN.md 3), which is extra
+        # memory on top of the chunk budget
+        num_tokens, hidden_size, vocab_size = CUDA_SHAPES[shape_name][:3]
+        budget = 4 * vocab_size * hidden_size + MAX_EXTRA_OVER_LOGITS * row["logits_bytes"]
+        assert row["peak_extra_bytes"] <= budget, row

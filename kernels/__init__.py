@@ -2,12 +2,15 @@
 
 Importing this package needs only torch, triton and numpy.
 """
+from .linear import LinearSmoothedGALossFunction, linear_smoothed_ga_loss
 from .reference import smoothed_ga_loss_reference
 from .smoothed_ga import SmoothedGALoss, SmoothedGALossFunction, smoothed_ga_loss
 
 __all__ = [
+    "LinearSmoothedGALossFunction",
     "SmoothedGALoss",
     "SmoothedGALossFunction",
+    "linear_smoothed_ga_loss",
     "smoothed_ga_loss",
     "smoothed_ga_loss_reference",
 ]

@@ -48,6 +48,8 @@ def check_linear_inputs(
     vocab_size, hidden_size = weight.shape
     if vocab_size == 0:
         raise ValueError("weight has an empty vocabulary dimension (V = 0)")
+    if hidden_size == 0:
+        raise ValueError("weight has an empty hidden dimension (D = 0)")
     if hidden.shape[-1] != hidden_size:
         raise ValueError(
             f"hidden size mismatch: hidden has D = {hidden.shape[-1]} but weight is [V, D] = {tuple(weight.shape)}"

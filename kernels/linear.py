@@ -42,14 +42,17 @@ from ._validation import (
 )
 from .torch_backend import compute_dtype_for
 
-CHUNK_FRACTION = 32  # the chunk buffers together hold about 1 / 32 of the full [N, V] logits ...
-MIN_CHUNK_ROWS = 64  # ... but at least this many token rows, so that the three GEMMs per chunk stay efficient
+# The chunk buffers together hold about 1 / CHUNK_FRACTION of the full [N, V] logits, but at least
+# MIN_CHUNK_ROWS token rows: each chunk streams all of W through three GEMMs (and dW through a read-modify-write),
+# so chunks that are too small turn the GEMMs memory-bound (at 512 rows, N = 8192 on CUDA, they are not).
+CHUNK_FRACTION = 16
+MIN_CHUNK_ROWS = 128
 
-Grads = tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]
+Grads = tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]  # (dH, dW, db)
 
 
 def default_chunk_rows(num_rows: int, num_buffers: int) -> int:
-    """Token rows per chunk: ceil(N / (32 * buffers)) clamped to [64, N] (1 buffer, or 2 with softcap)."""
+    """Token rows per chunk: ceil(N / (16 * buffers)) clamped to [128, N]; 1 buffer, or 2 with softcap."""
     rows = -(-num_rows // (CHUNK_FRACTION * num_buffers))
     return max(1, min(num_rows, max(rows, MIN_CHUNK_ROWS)))
 
@@ -85,6 +88,44 @@ def _accumulate_weight_grad(dw: torch.Tensor, grad: torch.Tensor, hidden_chunk: 
     for start in range(0, vocab_size, block):
         stop = min(start + block, vocab_size)
         dw[start:stop].add_(torch.mm(grad[:, start:stop].t(), hidden_chunk))
+
+
+TORCH_ROW_SLICE_ELEMENTS = 1 << 20  # see _row_kernel
+
+
+def _row_kernel(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    row_weights: Optional[torch.Tensor],
+    unit_norm: torch.Tensor,
+    write_grad: bool,
+    config: LinearLossConfig,
+) -> torch.Tensor:
+    """Per-token losses of one chunk of logits; the gradient overwrites the chunk when write_grad.
+
+    The Triton kernel gets the whole chunk in one launch. The torch backend builds float32 temporaries as large
+    as the rows it is given, so it gets slices of about 1M elements: that keeps its temporaries (and the
+    allocator slack they leave behind) near 4 MB instead of a sizeable fraction of the chunk.
+    """
+    num_rows, vocab_size = logits.shape
+    step = num_rows if config.backend == "triton" else max(1, TORCH_ROW_SLICE_ELEMENTS // vocab_size)
+    losses = []
+    for start in range(0, num_rows, step):
+        rows = logits[start : start + step]
+        losses.append(
+            ops.smoothed_ga_rows(
+                rows,
+                labels[start : start + step],
+                None if row_weights is None else row_weights[start : start + step],
+                unit_norm,
+                rows if write_grad else None,
+                config.smoothing,
+                config.sign,
+                config.ignore_index,
+                config.backend,
+            )
+        )
+    return losses[0] if len(losses) == 1 else torch.cat(losses)
 
 
 def _chunked_pass(
@@ -131,17 +172,9 @@ def _chunked_pass(
         if config.softcap is not None:
             tanh = logits.div_(config.softcap).tanh_()  # t = tanh(Z / c), kept for the chain rule
             logits = torch.mul(tanh, config.softcap, out=capped_buffer[: stop - start])  # Zc = c t
-        row_loss[start:stop] = ops.smoothed_ga_rows(
-            logits,
-            labels[start:stop],
-            None if row_weights is None else row_weights[start:stop],
-            unit_norm,
-            logits if need_any else None,  # G = dL/dZc overwrites Zc
-            config.smoothing,
-            config.sign,
-            config.ignore_index,
-            config.backend,
-        )
+        chunk_weights = None if row_weights is None else row_weights[start:stop]
+        # G = dL/dZc overwrites Zc (in place) when a gradient is needed
+        row_loss[start:stop] = _row_kernel(logits, labels[start:stop], chunk_weights, unit_norm, need_any, config)
         if not need_any:
             continue
         grad = logits
@@ -210,23 +243,24 @@ class LinearSmoothedGALossFunction(torch.autograd.Function):
         eager = config.reduction != "none"  # a scalar loss: its gradient is known up to grad_output now
         need = tuple(ctx.needs_input_grad[:3]) if eager else (False, False, False)
         row_loss, grads = _chunked_pass(hidden, weight, bias, labels, token_weights, config, need)
-        grads = _normalized(grads, grad_norm, weight, bias)
         ctx.config = config
-        ctx.grads_pending = eager
-        ctx.save_for_backward(hidden, weight, bias, labels, token_weights, grad_norm, *grads)
+        # the gradients are ours (not inputs or outputs): kept as a plain attribute, handed over in backward
+        ctx.grads = _normalized(grads, grad_norm, weight, bias) if eager else None
+        ctx.save_for_backward(hidden, weight, bias, labels, token_weights, grad_norm)
         return _reduce(row_loss, grad_norm, config.reduction)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
-        hidden, weight, bias, labels, token_weights, grad_norm, *grads = ctx.saved_tensors
         config = ctx.config
-        if ctx.grads_pending:
-            ctx.grads_pending = False  # the saved gradients are scaled in place and handed over exactly once
+        if ctx.grads is not None:
+            # scaled in place and handed over once; dropping our reference lets autograd adopt them as .grad
+            grads, ctx.grads = ctx.grads, None
             for grad in grads:
                 if grad is not None:
                     ops.scale_rows_(grad.view(-1, grad.shape[-1]), grad_output, config.backend)
             return (*grads, None, None, None, None)
+        hidden, weight, bias, labels, token_weights, grad_norm = ctx.saved_tensors
         need = tuple(ctx.needs_input_grad[:3])
         if config.reduction == "none":
             # L_r scaled by g_r is the loss of token weight w_r * g_r: dW = sum_r g_r G_r^T h_r in one pass
@@ -279,8 +313,10 @@ def linear_smoothed_ga_loss(
             :func:`sga.kernels.smoothed_ga_loss`.
         backend: the row kernel run on each chunk of logits: "triton", "torch" or "auto" (triton on CUDA).
             The GEMMs are PyTorch's in every case.
-        chunk_size: token rows per chunk (R). Default: ceil(N / 32), or ceil(N / 64) with softcap (two chunk
-            buffers), clamped to [64, N]; the chunk buffers then hold about 1/32 of the full logits.
+        chunk_size: token rows per chunk (R). Default ceil(N / 16), or ceil(N / 32) with softcap (two chunk
+            buffers), clamped to [128, N]: the chunk buffers hold about 1/16 of the full logits (more when
+            N < 2048, where the logits are small). Larger chunks stream W through the GEMMs fewer times
+            (faster) and cost more memory.
 
     Gradients flow to hidden, weight and bias, each only when it requires grad (a frozen head costs no dW GEMM).
     dW and db are accumulated in float32 across chunks and cast to the parameter dtype. No host sync happens

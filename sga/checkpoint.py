@@ -10,12 +10,13 @@ checkpoint under a real name.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -91,6 +92,28 @@ def load_checkpoint(accelerator, path: str | os.PathLike) -> tuple[dict[str, Any
     return state, tensors
 
 
+@contextlib.contextmanager
+def _as_plain_model(model: torch.nn.Module) -> Iterator[None]:
+    """A model loaded from a GGUF file and dequantized on load (plain floating-point weights) still carries
+    transformers' GGUF quantizer, whose ``save_pretrained`` refuses to serialize; within the block it is
+    an ordinary model (no quantizer, no ``quantization_config`` in its config.json). Other models are left
+    as they are."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    plain = all(p.is_floating_point() for p in model.parameters())
+    if quantizer is None or str(getattr(method, "value", method)) != "gguf" or not plain or "hf_quantizer" not in vars(model):
+        yield
+        return
+    config_entry = vars(model.config).pop("quantization_config", None)
+    model.hf_quantizer = None
+    try:
+        yield
+    finally:
+        model.hf_quantizer = quantizer
+        if config_entry is not None:
+            model.config.quantization_config = config_entry
+
+
 def save_final_model(
     accelerator, model: torch.nn.Module, state_dict: dict[str, torch.Tensor], tokenizer, path: str | os.PathLike
 ) -> Path:
@@ -101,7 +124,8 @@ def save_final_model(
     tmp = path.with_name(f".tmp-{path.name}")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+        with _as_plain_model(model):
+            model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         if path.exists():
             shutil.rmtree(path)

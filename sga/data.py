@@ -6,27 +6,28 @@ A record is a question/answer pair ``{"question", "answer"}`` (only the answer i
 with its K-1 paired normal sequences (``sga.pairing``).
 
 Batches follow a fixed schedule: epoch e visits the forget samples in the order of a permutation seeded
-by (seed, e), cut into global batches of ``batch_size``; each process takes a contiguous share of every
-global batch. The schedule depends only on the seed, the step and the world size's share, so a resumed
-run sees exactly the batches an uninterrupted run would, and one process with batch B sees the same
-samples per step as P processes with B/P each.
+by (seed, e); the epochs' orders, one after the other, are cut into global batches of ``batch_size``,
+and each process takes a contiguous share of every global batch. The schedule depends only on the seed
+and the step, so a resumed run sees exactly the batches an uninterrupted run would, and one process with
+batch B sees the same samples per step as P processes with B/P each.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from .benchmarks.prompts import IGNORE_INDEX, EncodedExample, encode_qa, encode_text
-from .config import DataConfig
+from .config import DataConfig, tofu_retain_split
 
 
 def read_records(path: str) -> list[dict]:
     """Records of a JSON / JSON-lines file; each must hold "question" and "answer", or "text"."""
     from .benchmarks.tofu import read_json_records
-    from pathlib import Path
 
     records = read_json_records(Path(path))
     if not isinstance(records, list) or not records:
@@ -35,11 +36,6 @@ def read_records(path: str) -> list[dict]:
         if not isinstance(record, dict) or not ({"question", "answer"} <= set(record) or "text" in record):
             raise ValueError(f"record {i} of {path} needs 'question' and 'answer', or 'text'")
     return records
-
-
-def tofu_retain_split(forget_split: str) -> str:
-    """The retain complement of a TOFU forget split: forget01 -> retain99, forget05 -> retain95, ..."""
-    return f"retain{100 - int(forget_split.removeprefix('forget')):02d}"
 
 
 def load_records(config: DataConfig) -> tuple[list[dict], list[dict]]:
@@ -107,11 +103,6 @@ class UnlearningData:
     def __len__(self) -> int:
         return len(self.forget)
 
-    @property
-    def normal_per_sample(self) -> int:
-        """K - 1 (0 without pairs)."""
-        return 0 if self.pairs is None else len(self.pairs[0])
-
     def batch(self, indices: Sequence[int], pad_token_id: int) -> dict[str, torch.Tensor]:
         """Collate forget samples ``indices`` (and their normal samples, forget-major) into padded tensors.
 
@@ -146,31 +137,72 @@ def pad_examples(examples: Sequence[EncodedExample], pad_token_id: int, prefix: 
 class BatchSchedule:
     """The deterministic stream of global batches (see the module docstring).
 
-    Epoch e's order is ``torch.randperm(n)`` under a generator seeded with ``seed * 100003 + e``; it is
-    cut into global batches of ``batch_size``. A final partial batch with fewer samples than processes
-    is dropped (every process needs at least one sample per micro-batch).
+    The sample stream is the concatenation of one permutation per epoch, epoch e's being
+    ``torch.randperm(n)`` under a generator seeded with ``seed * 100003 + e``; global batch j is
+    ``stream[j * B : (j + 1) * B]``. Batches run across epoch boundaries, so no sample is dropped and the
+    batches do not depend on the number of processes.
     """
 
     def __init__(self, num_samples: int, batch_size: int, seed: int, num_processes: int = 1) -> None:
         if batch_size < num_processes:
             raise ValueError(f"batch_size ({batch_size}) must be at least the number of processes ({num_processes})")
-        if num_samples < num_processes:
-            raise ValueError(f"{num_samples} forget samples cannot be shared by {num_processes} processes")
+        if num_samples < 1:
+            raise ValueError("no samples to schedule")
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.seed = seed
         self.num_processes = num_processes
-        full, rest = divmod(num_samples, batch_size)
-        self.batches_per_epoch = full + (1 if rest >= num_processes else 0)
+
+    def batches_for(self, epochs: float) -> int:
+        """Global batches that cover ``epochs`` passes over the samples (rounded up)."""
+        return math.ceil(epochs * self.num_samples / self.batch_size)
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+        return torch.randperm(self.num_samples, generator=generator).tolist()
 
     def global_batch(self, micro_step: int) -> list[int]:
-        """Forget indices of global micro-batch number ``micro_step`` (counted from the start of training)."""
-        epoch, position = divmod(micro_step, self.batches_per_epoch)
-        generator = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-        order = torch.randperm(self.num_samples, generator=generator).tolist()
-        return order[position * self.batch_size : (position + 1) * self.batch_size]
+        """Sample indices of global micro-batch number ``micro_step`` (counted from the start of training)."""
+        start = micro_step * self.batch_size
+        stop = start + self.batch_size
+        first, last = start // self.num_samples, (stop - 1) // self.num_samples
+        stream = [i for epoch in range(first, last + 1) for i in self._epoch_order(epoch)]
+        offset = first * self.num_samples
+        return stream[start - offset : stop - offset]
 
     def local_batch(self, micro_step: int, process_index: int) -> list[int]:
         """This process's contiguous share of the global batch (shares differ in size by at most one)."""
         shares = np.array_split(np.asarray(self.global_batch(micro_step)), self.num_processes)
         return shares[process_index].tolist()
+
+
+def build_unlearning_data(config: DataConfig, tokenizer, *, normal_per_sample: int) -> UnlearningData:
+    """Load, pair and tokenize the data a run needs: the forget records, and for methods with normal
+    data (``normal_per_sample`` = K-1 > 0) the K-1 most similar retain records of each (``sga.pairing``).
+    Only the retain records that some forget sample is paired with are tokenized."""
+    from .pairing import DEFAULT_CACHE_DIR, pair_normal_samples
+
+    forget_records, retain_records = load_records(config)
+    use_chat = {"auto": None, "yes": True, "no": False}[config.chat_template]
+
+    def encode(record: dict) -> EncodedExample:
+        return encode_record(tokenizer, record, max_length=config.max_length, use_chat_template=use_chat)
+
+    forget = [encode(r) for r in forget_records]
+    if normal_per_sample == 0:
+        return UnlearningData(forget, [])
+    if not retain_records:
+        raise ValueError("this method needs normal data: give a retain file (--retain-file)")
+    pairs = pair_normal_samples(
+        [record_text(r) for r in forget_records],
+        [record_text(r) for r in retain_records],
+        normal_per_sample + 1,
+        method=config.pairing,
+        pairs_file=config.pairs_file,
+        embedding_model=config.embedding_model,
+        cache_dir=config.pairing_cache_dir or DEFAULT_CACHE_DIR,
+    )
+    used = sorted({j for p in pairs for j in p})
+    position = {j: i for i, j in enumerate(used)}
+    normal = [encode(retain_records[j]) for j in used]
+    return UnlearningData(forget, normal, [[position[j] for j in p] for p in pairs])

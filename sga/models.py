@@ -154,7 +154,9 @@ def _tiny_config(arch: str, vocab_size: int, special: dict[str, int | None]):
         )
     if arch == "gpt2":
         # GPT-2 ties the LM head to the input embeddings.
-        return GPT2Config(vocab_size=vocab_size, n_embd=32, n_inner=64, n_layer=2, n_head=4, n_positions=2048, **special)
+        return GPT2Config(
+            vocab_size=vocab_size, n_embd=32, n_inner=64, n_layer=2, n_head=4, n_positions=2048, **special
+        )
     raise ValueError(f"unknown arch {arch!r}; expected one of {TINY_ARCHS}")
 
 

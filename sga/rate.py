@@ -81,8 +81,10 @@ def gradient_statistics(
     model.eval()
     try:
         for batch in batches:
-            forget, normal = joint_sequence_nll(model, batch, ("forget", "normal"), smoothing=0.0, backend=backend)
-            grads_f = torch.autograd.grad(forget.sum(), params, retain_graph=True, allow_unused=True)
+            # Two forward passes: the fused loss supports one backward per forward.
+            (forget,) = joint_sequence_nll(model, batch, ("forget",), smoothing=0.0, backend=backend)
+            grads_f = torch.autograd.grad(forget.sum(), params, allow_unused=True)
+            (normal,) = joint_sequence_nll(model, batch, ("normal",), smoothing=0.0, backend=backend)
             grads_n = torch.autograd.grad(normal.sum(), params, allow_unused=True)
             for acc_f, acc_n, g_f, g_n in zip(sum_f, sum_n, grads_f, grads_n):
                 if g_f is not None:

@@ -1,6 +1,6 @@
 """The Harry Potter completion protocol for copyrighted-text unlearning.
 
-We ship no book: the user supplies the text to forget (a plain-text file, or a string). It is cut into
+We ship no book: the user supplies the text to forget as a plain-text file. It is cut into
 consecutive windows of ``prompt_tokens + continuation_tokens`` tokens; the model continues each prompt
 greedily for ``continuation_tokens`` tokens, and forgetting is scored by how much of the true
 continuation it reproduces:
@@ -112,7 +112,9 @@ def evaluate_harry_potter(
     return {
         "bleu": float(np.mean(metrics.sentence_bleu(generations, references))),
         "rouge_l_recall": float(np.mean(metrics.rouge_l(generations, references, measure="recall", use_stemmer=True))),
-        "perplexity": metrics.perplexity(token_logprobs(model, windows, batch_size=batch_size, desc="held-out: scoring")),
+        "perplexity": metrics.perplexity(
+            token_logprobs(model, windows, batch_size=batch_size, desc="held-out: scoring")
+        ),
         "n_pairs": len(pairs),
         "settings": {
             "benchmark": "harry_potter",

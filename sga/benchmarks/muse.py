@@ -67,9 +67,13 @@ def load_muse_split(subset: str, split: str, data_dir: str | os.PathLike | None 
     return records
 
 
-def _knowmem(model, tokenizer, qa: list[dict], icl: list[dict], *, chat: bool, batch_size: int, max_new_tokens: int, name: str) -> float:
+def _knowmem(
+    model, tokenizer, qa: list[dict], icl: list[dict], *, chat: bool, batch_size: int, max_new_tokens: int, name: str
+) -> float:
     shots = [(shot["question"], shot["answer"]) for shot in icl]
-    prompts = [encode_qa(tokenizer, r["question"], r["answer"], few_shot=shots, use_chat_template=chat).prompt_ids for r in qa]
+    prompts = [
+        encode_qa(tokenizer, r["question"], r["answer"], few_shot=shots, use_chat_template=chat).prompt_ids for r in qa
+    ]
     answers = greedy_generate(
         model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
         stop_strings=() if chat else PLAIN_STOP_STRINGS, desc=f"{name}: generating",
@@ -77,7 +81,9 @@ def _knowmem(model, tokenizer, qa: list[dict], icl: list[dict], *, chat: bool, b
     return float(np.mean(metrics.rouge_l(answers, [r["answer"] for r in qa], measure="fmeasure", use_stemmer=False)))
 
 
-def _min_k_scores(model, tokenizer, records: list[dict], *, k: float, max_length: int | None, batch_size: int, name: str) -> list[float]:
+def _min_k_scores(
+    model, tokenizer, records: list[dict], *, k: float, max_length: int | None, batch_size: int, name: str
+) -> list[float]:
     examples = [encode_text(tokenizer, r["text"], max_length=max_length) for r in records]
     logprobs = token_logprobs(model, examples, batch_size=batch_size, desc=f"{name}: scoring")
     return [metrics.min_k_percent_prob(lp, k) for lp in logprobs]
@@ -126,6 +132,10 @@ def evaluate_muse(
         raise ValueError(f"max_samples must be positive or None, got {max_samples}")
     if min(verbmem_max_new_tokens, knowmem_max_new_tokens, batch_size) < 1:
         raise ValueError("batch_size and the generation budgets must be positive")
+    if not 0.0 < min_k <= 1.0:
+        raise ValueError(f"min_k must be in (0, 1], got {min_k}")
+    if max_length is not None and max_length < 2:
+        raise ValueError(f"max_length must be at least 2 or None, got {max_length}")
     chat = resolve_chat_template(tokenizer, use_chat_template)
 
     def load(subset: str, split: str, cap: bool = True) -> list[dict]:
@@ -147,7 +157,8 @@ def evaluate_muse(
         records = data["verbmem"]
         prompts = [encode_continuation(tokenizer, r["prompt"], r["gt"]).prompt_ids for r in records]
         continuations = greedy_generate(
-            model, tokenizer, prompts, max_new_tokens=verbmem_max_new_tokens, batch_size=batch_size, desc="verbmem: generating"
+            model, tokenizer, prompts, max_new_tokens=verbmem_max_new_tokens, batch_size=batch_size,
+            desc="verbmem: generating",
         )
         results["verbmem_f"] = float(
             np.mean(metrics.rouge_l(continuations, [r["gt"] for r in records], measure="fmeasure", use_stemmer=False))
@@ -156,7 +167,8 @@ def evaluate_muse(
         if name in data:
             qa, icl = data[name]
             results[name] = _knowmem(
-                model, tokenizer, qa, icl, chat=chat, batch_size=batch_size, max_new_tokens=knowmem_max_new_tokens, name=name
+                model, tokenizer, qa, icl, chat=chat, batch_size=batch_size,
+                max_new_tokens=knowmem_max_new_tokens, name=name,
             )
     if "privleak" in data:
         forget, holdout = data["privleak"]

@@ -58,7 +58,9 @@ def _require_fast(tokenizer) -> None:
         )
 
 
-def _split_at(tokenizer, prompt_text: str, full_text: str, *, add_special_tokens: bool, append_eos: bool) -> EncodedExample:
+def _split_at(
+    tokenizer, prompt_text: str, full_text: str, *, add_special_tokens: bool, append_eos: bool
+) -> EncodedExample:
     """Tokenize ``full_text`` once; tokens ending after ``len(prompt_text)`` characters are scored."""
     _require_fast(tokenizer)
     if not full_text.startswith(prompt_text):
@@ -130,7 +132,8 @@ def encode_text(tokenizer, text: str, *, max_length: int | None = None) -> Encod
     """Encode a whole text for likelihood scoring, truncated to ``max_length`` tokens (BOS included)."""
     if max_length is not None and max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
-    ids = tokenizer(text, add_special_tokens=True, truncation=max_length is not None, max_length=max_length)["input_ids"]
+    truncate = max_length is not None
+    ids = tokenizer(text, add_special_tokens=True, truncation=truncate, max_length=max_length)["input_ids"]
     if len(ids) < 2:
         raise ValueError(f"text too short to score: {text!r}")
     return _text_example(list(ids))

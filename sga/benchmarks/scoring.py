@@ -88,6 +88,8 @@ def _generation_config(model, tokenizer, max_new_tokens: int, stop_strings: Sequ
     pad = tokenizer.pad_token_id
     if pad is None:
         pad = eos[0] if isinstance(eos, list) else eos
+    if pad is None:
+        raise ValueError("batched generation needs a pad or EOS token id: the tokenizer and model have neither")
     return GenerationConfig(
         do_sample=False,
         num_beams=1,

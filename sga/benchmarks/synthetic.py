@@ -71,15 +71,35 @@ _TITLE_NOUNS = (
 # Hand-written general knowledge, in TOFU's real_authors / world_facts format: (question, answer, wrong answers).
 REAL_AUTHORS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("Who wrote the novel 'War and Peace'?", "Leo Tolstoy", ("Fyodor Dostoevsky", "Anton Chekhov", "Ivan Turgenev")),
-    ("Who is the author of 'One Hundred Years of Solitude'?", "Gabriel García Márquez", ("Jorge Luis Borges", "Pablo Neruda", "Isabel Allende")),
+    (
+        "Who is the author of 'One Hundred Years of Solitude'?",
+        "Gabriel García Márquez",
+        ("Jorge Luis Borges", "Pablo Neruda", "Isabel Allende"),
+    ),
     ("Who wrote 'Things Fall Apart'?", "Chinua Achebe", ("Wole Soyinka", "Ngũgĩ wa Thiong'o", "Ben Okri")),
-    ("Which author created the detective Hercule Poirot?", "Agatha Christie", ("Dorothy L. Sayers", "Arthur Conan Doyle", "P. D. James")),
+    (
+        "Which author created the detective Hercule Poirot?",
+        "Agatha Christie",
+        ("Dorothy L. Sayers", "Arthur Conan Doyle", "P. D. James"),
+    ),
     ("Who wrote 'Moby-Dick'?", "Herman Melville", ("Nathaniel Hawthorne", "Mark Twain", "Edgar Allan Poe")),
-    ("Who is the author of 'Don Quixote'?", "Miguel de Cervantes", ("Lope de Vega", "Federico García Lorca", "Benito Pérez Galdós")),
+    (
+        "Who is the author of 'Don Quixote'?",
+        "Miguel de Cervantes",
+        ("Lope de Vega", "Federico García Lorca", "Benito Pérez Galdós"),
+    ),
     ("Who wrote 'Frankenstein'?", "Mary Shelley", ("Emily Brontë", "Jane Austen", "Bram Stoker")),
-    ("Which author wrote 'The Old Man and the Sea'?", "Ernest Hemingway", ("F. Scott Fitzgerald", "John Steinbeck", "William Faulkner")),
+    (
+        "Which author wrote 'The Old Man and the Sea'?",
+        "Ernest Hemingway",
+        ("F. Scott Fitzgerald", "John Steinbeck", "William Faulkner"),
+    ),
     ("Who wrote the play 'Hamlet'?", "William Shakespeare", ("Christopher Marlowe", "Ben Jonson", "John Webster")),
-    ("Who is the author of 'The Divine Comedy'?", "Dante Alighieri", ("Giovanni Boccaccio", "Petrarch", "Ludovico Ariosto")),
+    (
+        "Who is the author of 'The Divine Comedy'?",
+        "Dante Alighieri",
+        ("Giovanni Boccaccio", "Petrarch", "Ludovico Ariosto"),
+    ),
     ("Who wrote 'Beloved'?", "Toni Morrison", ("Maya Angelou", "Alice Walker", "Zora Neale Hurston")),
     ("Who wrote the novel 'Norwegian Wood'?", "Haruki Murakami", ("Kazuo Ishiguro", "Yukio Mishima", "Kenzaburō Ōe")),
 )
@@ -88,8 +108,16 @@ WORLD_FACTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("Which planet is the largest in the Solar System?", "Jupiter", ("Saturn", "Neptune", "Earth")),
     ("What is the chemical symbol for gold?", "Au", ("Ag", "Gd", "Go")),
     ("How many continents are there on Earth?", "Seven", ("Five", "Six", "Eight")),
-    ("What is the boiling point of water at sea level in degrees Celsius?", "100 degrees Celsius", ("90 degrees Celsius", "80 degrees Celsius", "120 degrees Celsius")),
-    ("Which ocean is the largest?", "The Pacific Ocean", ("The Atlantic Ocean", "The Indian Ocean", "The Arctic Ocean")),
+    (
+        "What is the boiling point of water at sea level in degrees Celsius?",
+        "100 degrees Celsius",
+        ("90 degrees Celsius", "80 degrees Celsius", "120 degrees Celsius"),
+    ),
+    (
+        "Which ocean is the largest?",
+        "The Pacific Ocean",
+        ("The Atlantic Ocean", "The Indian Ocean", "The Arctic Ocean"),
+    ),
     ("What is the capital of Canada?", "Ottawa", ("Toronto", "Vancouver", "Montreal")),
     ("Which gas do plants absorb from the air for photosynthesis?", "Carbon dioxide", ("Oxygen", "Nitrogen", "Helium")),
     ("What is the longest river in South America?", "The Amazon", ("The Paraná", "The Orinoco", "The Magdalena")),

@@ -8,9 +8,9 @@ Metrics (as TOFU's ``aggregate_eval_stat.py`` and open-unlearning compute them; 
 - probability: mean of P(a | q) = exp(-l(a)); on real_authors / world_facts normalized against the
   perturbed answers, P(a) / (P(a) + sum_j P(a_pert_j));
 - ROUGE-L recall (stemmer on) of the greedy answer against the answer;
-- truth ratio: R = exp(l(a_para) - mean_j l(a_pert_j)) = P(a_pert) / P(a_para) per question (the answer itself stands in for
-  the paraphrase on real_authors / world_facts), reported as mean(min(R, 1/R)) on the forget set and
-  mean(max(0, 1 - R)) elsewhere;
+- truth ratio: R = exp(l(a_para) - mean_j l(a_pert_j)) = P(a_pert) / P(a_para) per question (the
+  answer itself stands in for the paraphrase on real_authors / world_facts), reported as
+  mean(min(R, 1/R)) on the forget set and mean(max(0, 1 - R)) elsewhere;
 - forget quality: KS-test p-value of the forget-set raw ratios R against a retain model's;
 - model utility: harmonic mean of the nine non-forget statistics.
 """
@@ -47,7 +47,10 @@ SPLITS: dict[str, tuple[str, ...]] = {
     "world_facts_perturbed": _FACT_KEYS,
 }
 # The three model-utility sets: (result prefix, split, key of the "correct" answer of the truth ratio).
-_UTILITY_SETS = (("real_authors", "real_authors_perturbed", "answer"), ("world_facts", "world_facts_perturbed", "answer"))
+_UTILITY_SETS = (
+    ("real_authors", "real_authors_perturbed", "answer"),
+    ("world_facts", "world_facts_perturbed", "answer"),
+)
 
 
 def _check_split(split: str) -> None:
@@ -88,7 +91,8 @@ def load_tofu_split(split: str, data_dir: str | os.PathLike | None = None) -> li
         return _check_records(read_json_records(path), split, str(path))
     import datasets
 
-    return _check_records([dict(row) for row in datasets.load_dataset(HUB_DATASET, split, split="train")], split, HUB_DATASET)
+    rows = datasets.load_dataset(HUB_DATASET, split, split="train")
+    return _check_records([dict(row) for row in rows], split, HUB_DATASET)
 
 
 def _score_qa_set(
@@ -212,7 +216,9 @@ def evaluate_tofu(
     """
     forget_split = _normalize_forget_split(forget_split)
     if retain_split != "retain_perturbed":
-        raise ValueError(f"retain_split must be 'retain_perturbed' (the one with perturbed answers), got {retain_split!r}")
+        raise ValueError(
+            f"retain_split must be 'retain_perturbed' (the split with perturbed answers), got {retain_split!r}"
+        )
     _check_counts(max_samples, batch_size, max_new_tokens)
     chat = resolve_chat_template(tokenizer, use_chat_template)
     sets = {

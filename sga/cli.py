@@ -1,0 +1,271 @@
+"""The ``sga`` command line.
+
+    sga unlearn        --model DIR --dataset tofu --tofu-split forget01 --data-dir DATA --method sga --rate 0.5
+    sga estimate-rate  --model DIR --dataset json --forget-file f.json --retain-file r.json --K 2
+    sga eval           --model DIR --benchmark tofu --data-dir DATA --tofu-split forget01
+
+``unlearn`` and ``estimate-rate`` take a YAML config (``--config``, see ``sga.config``) whose values the
+flags override. Bad values are reported in one line with exit status 2; an interrupted ``unlearn``
+exits with 130 after writing a checkpoint (continue it with ``--resume auto``).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from .config import SECTIONS, ConfigError, UnlearnConfig, apply_overrides, load_config
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+BENCHMARKS = ("tofu", "muse", "hp")
+# Train settings estimate-rate uses (the rest of the train section is about optimization).
+_RATE_TRAIN_FIELDS = ("batch_size", "seed", "backend")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``sga <command>: error: <message>`` and exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+def _typed(section: str, f: dataclasses.Field) -> Callable[[str], Any]:
+    base = str(f.type).replace("Optional[", "").rstrip("]")
+    optional = "Optional" in str(f.type)
+    convert = {"int": int, "float": float}.get(base, str)
+
+    def parse(text: str) -> Any:
+        if optional and text.lower() == "none":
+            return None
+        try:
+            return convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {base}, got {text!r}") from None
+
+    parse.__name__ = base  # argparse names the type in its error message
+    return parse
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, only: Optional[dict[str, Sequence[str]]] = None) -> None:
+    """One flag per config field (``--field-name`` unless the field names its own), default suppressed so
+    only given flags override the config file."""
+    seen: set[str] = set()
+    for section, cls in SECTIONS.items():
+        if only is not None and section not in only:
+            continue
+        group = parser.add_argument_group(f"{section} settings ({section}: in a YAML config)")
+        for f in dataclasses.fields(cls):
+            if only is not None and only[section] and f.name not in only[section]:
+                continue
+            flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+            assert flag not in seen, f"duplicate flag {flag}"
+            seen.add(flag)
+            if f.default == "":
+                help_text = f"{f.metadata['help']} (required)"
+            elif f.default is None:
+                help_text = f"{f.metadata['help']} (default: none)"
+            else:
+                help_text = f"{f.metadata['help']} (default: {f.default})"
+            dest = f"{section}.{f.name}"
+            if str(f.type) == "bool":
+                group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+            else:
+                group.add_argument(
+                    flag,
+                    dest=dest,
+                    type=_typed(section, f),
+                    choices=f.metadata.get("choices"),
+                    default=argparse.SUPPRESS,
+                    metavar=f.name.upper() if not f.metadata.get("choices") else None,
+                    help=help_text,
+                )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of all subcommands."""
+    parser = _Parser(prog="sga", description="LLM unlearning by Smoothed Gradient Ascent.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    unlearn = commands.add_parser("unlearn", help="run an unlearning job", description="Run an unlearning job (Ctrl-C saves a checkpoint).")
+    unlearn.add_argument("--config", help="YAML config file; flags override its values")
+    _add_config_flags(unlearn)
+
+    rate = commands.add_parser(
+        "estimate-rate",
+        help="estimate the optimal smoothing rate r*",
+        description="Estimate r* = argmin_r ||d(r)|| from forget and normal gradients (DESIGN.md 2.3); "
+        "--method sga (default) or sga_gls picks the reading. Prints JSON.",
+    )
+    rate.add_argument("--config", help="YAML config file; flags override its values")
+    rate.add_argument("--output", help="also write the result as JSON to this file")
+    _add_config_flags(rate, {"model": (), "data": (), "method": ("name", "num_classes", "rate_batches"), "train": _RATE_TRAIN_FIELDS})
+
+    evaluate = commands.add_parser("eval", help="evaluate a model on a benchmark", description="Evaluate a model (a folder, or a LoRA adapter folder) on TOFU, MUSE-News or Harry Potter.")
+    evaluate.add_argument("--model", required=True, help="model folder or hub id; a folder with adapter_config.json is loaded with peft")
+    evaluate.add_argument("--benchmark", required=True, choices=BENCHMARKS, help="tofu, muse (MUSE-News) or hp (Harry Potter)")
+    evaluate.add_argument("--data-dir", help="tofu / muse: folder of the benchmark's JSON files (default: the hub dataset)")
+    evaluate.add_argument("--tofu-split", default="forget01", choices=("forget01", "forget05", "forget10"), help="tofu: forget split (default: forget01)")
+    evaluate.add_argument("--retain-reference", help="tofu: a retain model's results JSON (forget quality); muse: the retain model's results JSON (privleak)")
+    evaluate.add_argument("--book", help="hp: plain-text file of the book to forget")
+    evaluate.add_argument("--heldout", help="hp: plain-text file the model should still model well")
+    evaluate.add_argument("--max-samples", type=int, help="use only the first N items of each set (default: all)")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
+    evaluate.add_argument("--max-new-tokens", type=int, default=128, help="tofu: greedy generation budget (default: 128)")
+    evaluate.add_argument("--gguf-file", help="GGUF file inside the model folder")
+    evaluate.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
+    evaluate.add_argument("--output", help="write the results as JSON to this file")
+    # Subcommand slot: the `demo` command is to be added here.
+    return parser
+
+
+def _config_from_args(args: argparse.Namespace) -> UnlearnConfig:
+    config = load_config(args.config) if args.config else UnlearnConfig()
+    overrides = {key: value for key, value in vars(args).items() if "." in key}
+    return apply_overrides(config, overrides).validate()
+
+
+def _load_model(config: UnlearnConfig):
+    import torch
+
+    from .models import load_model
+
+    dtype = config.model.dtype if config.model.dtype == "auto" else getattr(torch, config.model.dtype)
+    return load_model(config.model.name_or_path, dtype=dtype, gguf_file=config.model.gguf_file, trust_remote_code=config.model.trust_remote_code)
+
+
+def _unlearn(args: argparse.Namespace) -> int:
+    from .data import build_unlearning_data
+    from .objectives import build_objective
+    from .trainer import UnlearningTrainer, make_accelerator
+
+    config = _config_from_args(args)
+    accelerator = make_accelerator(config)
+    objective = build_objective(config.method, backend=config.train.backend)
+    model, tokenizer = _load_model(config)
+    with accelerator.main_process_first():
+        data = build_unlearning_data(config.data, tokenizer, normal_per_sample=config.method.num_classes - 1 if objective.uses_normal else 0)
+    trainer = UnlearningTrainer(model, tokenizer, data, config, objective=objective, accelerator=accelerator)
+    if accelerator.is_main_process:
+        import yaml
+
+        Path(config.train.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(config.train.output_dir) / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+    result = trainer.train()
+    if accelerator.is_main_process:
+        summary = {"status": result.status, "step": result.step, "total_steps": result.total_steps, "final_model": result.final_model and str(result.final_model), "checkpoint": result.checkpoint and str(result.checkpoint)}
+        print(json.dumps(summary))
+        if result.status == "interrupted":
+            print(f"sga: interrupted at step {result.step}; continue with --resume auto --output-dir {config.train.output_dir}", file=sys.stderr)
+    return EXIT_INTERRUPTED if result.status == "interrupted" else 0
+
+
+def _estimate_rate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data import BatchSchedule, build_unlearning_data
+    from .rate import estimate_rate
+
+    config = _config_from_args(args)
+    if config.method.name not in ("sga", "sga_gls"):
+        raise ConfigError(f"estimate-rate reads --method sga or sga_gls, got {config.method.name}")
+    model, tokenizer = _load_model(config)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    data = build_unlearning_data(config.data, tokenizer, normal_per_sample=config.method.num_classes - 1)
+    schedule = BatchSchedule(len(data), config.train.batch_size, config.train.seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    n = min(config.method.rate_batches, schedule.batches_for(1))
+    batches = ({k: v.to(device) for k, v in data.batch(schedule.global_batch(i), pad).items()} for i in range(n))
+    rate, stats = estimate_rate(model, batches, config.method.num_classes, reading=config.method.name, backend=config.train.backend)
+    result = {"rate": rate, "reading": config.method.name, "num_classes": config.method.num_classes, **dataclasses.asdict(stats)}
+    print(json.dumps(result))
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def _load_for_eval(args: argparse.Namespace):
+    path = Path(args.model)
+    if (path / "adapter_config.json").is_file():
+        from peft import AutoPeftModelForCausalLM
+        from transformers import AutoTokenizer
+
+        model = AutoPeftModelForCausalLM.from_pretrained(str(path)).merge_and_unload()
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return model.eval(), tokenizer
+    from .models import load_model
+
+    return load_model(args.model, gguf_file=args.gguf_file, trust_remote_code=args.trust_remote_code)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .benchmarks.report import format_results, load_results, save_results
+
+    if args.batch_size < 1 or args.max_new_tokens < 1 or (args.max_samples is not None and args.max_samples < 1):
+        raise ConfigError("--batch-size, --max-new-tokens and --max-samples must be positive")
+    if args.benchmark == "hp" and not (args.book and args.heldout):
+        raise ConfigError("--benchmark hp needs --book and --heldout")
+    for name in ("book", "heldout", "retain_reference"):
+        value = getattr(args, name)
+        if value and not Path(value).is_file():
+            raise ConfigError(f"--{name.replace('_', '-')}: no such file: {value}")
+    if args.data_dir and not Path(args.data_dir).is_dir():
+        raise ConfigError(f"--data-dir: no such folder: {args.data_dir}")
+    model, tokenizer = _load_for_eval(args)
+    if torch.cuda.is_available():
+        model.to("cuda")
+    if args.benchmark == "tofu":
+        from .benchmarks.tofu import evaluate_tofu
+
+        results = evaluate_tofu(
+            model, tokenizer, args.data_dir, args.tofu_split, max_samples=args.max_samples, batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens, retain_truth_ratios=args.retain_reference,
+        )
+    elif args.benchmark == "muse":
+        from .benchmarks.muse import evaluate_muse
+
+        retain_auc = load_results(args.retain_reference).get("mia_min_k_auc") if args.retain_reference else None
+        results = evaluate_muse(model, tokenizer, args.data_dir, retain_auc=retain_auc, max_samples=args.max_samples, batch_size=args.batch_size)
+    else:
+        from .benchmarks.harry_potter import evaluate_harry_potter
+
+        max_pairs = args.max_samples if args.max_samples is not None else 100
+        results = evaluate_harry_potter(model, tokenizer, args.book, args.heldout, max_pairs=max_pairs, batch_size=args.batch_size)
+    print(format_results(results, title=f"{args.benchmark}: {args.model}"))
+    if args.output:
+        save_results(results, args.output)
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "unlearn": _unlearn,
+    "estimate-rate": _estimate_rate,
+    "eval": _evaluate,
+}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``sga`` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"sga {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"sga {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

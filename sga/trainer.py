@@ -1,0 +1,434 @@
+"""The unlearning training loop, on ``accelerate``: the same code on CPU, one GPU, or many GPUs
+(DDP, FSDP, DeepSpeed through ``accelerate launch``; ``torchrun`` with gloo on CPU).
+
+Normalization. Each optimizer step consumes a window of ``grad_accum`` global micro-batches. Before the
+window's forward passes, the forget samples of the whole window are counted on every process and
+all-reduced: N. Each micro-batch's loss is (sum of its per-sample losses) / N, so the summed gradient of
+the window equals the gradient of the mean loss over the window's samples, whatever the number of
+micro-batches and processes. Distributed backends average gradients over processes and accelerate
+divides by the accumulation steps, so the backward pass is given loss * num_processes * grad_accum.
+
+Exact resume. The batch order is a function of (seed, step) (``sga.data.BatchSchedule``), checkpoints
+hold model, optimizer, scheduler and RNG states, the step and the adaptive rate, so a resumed run
+produces the same weights as an uninterrupted one. Ctrl-C (SIGINT) or SIGTERM finishes the current
+step, writes a checkpoint and returns; a second Ctrl-C aborts at once.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+
+from . import checkpoint
+from .config import ConfigError, UnlearnConfig
+from .data import BatchSchedule, UnlearningData
+from .objectives import Objective, build_objective, reference_sequence_nll
+from .rate import clip_rate, estimate_rate
+
+METRICS_FILE = "metrics.jsonl"
+FINAL_MODEL_DIR = "final"
+
+
+@dataclass
+class TrainResult:
+    """How a run ended: ``status`` is "completed", "interrupted" (checkpoint written, resumable) or
+    "diverged" (the forget NLL passed ``max_forget_nll``)."""
+
+    status: str
+    step: int
+    total_steps: int
+    output_dir: Path
+    checkpoint: Optional[Path] = None
+    final_model: Optional[Path] = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class ObjectiveModule(torch.nn.Module):
+    """The causal LM and an objective as one module, so the loss is computed inside ``forward``:
+    distributed wrappers (DDP, FSDP, DeepSpeed) and accelerate's autocast see the whole computation."""
+
+    def __init__(self, model: torch.nn.Module, objective: Objective) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective
+        # FSDP's auto-wrap policy looks for the decoder-layer classes here
+        self._no_split_modules = getattr(model, "_no_split_modules", None)
+
+    def forward(self, batch: dict[str, torch.Tensor], num_forget: torch.Tensor):
+        out = self.objective.compute(self.model, batch, num_forget)
+        normal = out.normal_nll if out.normal_nll is not None else out.forget_nll.new_zeros(0)
+        return out.loss, out.forget_nll, normal
+
+
+def make_accelerator(config: UnlearnConfig):
+    """An ``Accelerator`` for the run. mixed_precision "auto" takes the launcher's setting
+    (``accelerate launch --mixed_precision``) or bf16 autocast on a CUDA GPU that supports it; without a
+    GPU it runs on CPU (gloo across processes)."""
+    from accelerate import Accelerator
+
+    precision = config.train.mixed_precision
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        # `accelerate launch --mixed_precision X` sets this; otherwise bf16 where the GPU has it
+        launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
+        precision = launched or ("bf16" if cuda and torch.cuda.is_bf16_supported() else "no")
+    if precision != "no" and not cuda:
+        raise ConfigError(f"train.mixed_precision={precision} needs a CUDA GPU")
+    return Accelerator(
+        cpu=not cuda,
+        mixed_precision=precision,
+        gradient_accumulation_steps=config.train.grad_accum,
+        step_scheduler_with_optimizer=False,
+    )
+
+
+class _InterruptFlag:
+    """Within the block, the first SIGINT / SIGTERM only sets ``raised``; a second SIGINT aborts."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.raised and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.raised = True
+
+    def __enter__(self) -> "_InterruptFlag":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+class UnlearningTrainer:
+    """Runs one unlearning job.
+
+    Args:
+        model: a Hugging Face causal LM (trainable; LoRA adapters are added here when the config asks).
+        tokenizer: its tokenizer (pad id for batches; saved with the final model).
+        data: tokenized forget / normal sequences and pairs (``sga.data.build_unlearning_data``).
+        config: the run config (model section: LoRA, gradient checkpointing; method; train).
+        objective: defaults to ``build_objective(config.method)``.
+        accelerator: defaults to :func:`make_accelerator`.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        data: UnlearningData,
+        config: UnlearnConfig,
+        *,
+        objective: Optional[Objective] = None,
+        accelerator=None,
+    ) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.data = data
+        self.objective = objective or build_objective(config.method, backend=config.train.backend)
+        self.accelerator = accelerator or make_accelerator(config)
+        self.output_dir = Path(config.train.output_dir)
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if self.pad_token_id is None:
+            raise ValueError("the tokenizer has neither a pad nor an EOS token to pad batches with")
+        if self.objective.uses_normal and data.pairs is None:
+            raise ValueError(f"method {self.objective.name} needs normal data: build the data with pairs")
+        self._check_adaptive()
+        self.schedule = BatchSchedule(len(data), config.train.batch_size, config.train.seed, self.accelerator.num_processes)
+        micro_total = self.schedule.batches_for(config.train.epochs)
+        self.total_steps = config.train.max_steps or math.ceil(micro_total / config.train.grad_accum)
+        if config.train.warmup_steps > self.total_steps:
+            raise ConfigError(f"train.warmup_steps ({config.train.warmup_steps}) exceeds the {self.total_steps} steps of the run")
+        self.model = model
+
+    def _check_adaptive(self) -> None:
+        from accelerate.utils import DistributedType
+
+        if not self.config.method.adaptive_rate_every:
+            return
+        if not hasattr(self.objective, "coefficients"):
+            raise ConfigError(f"adaptive rate applies to sga and sga_gls, not {self.objective.name}")
+        if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise ConfigError("the adaptive rate needs full gradients on every process: use DDP, not FSDP / DeepSpeed")
+
+    # ---------------------------------------------------------------- setup
+
+    def _prepare_model(self) -> torch.nn.Module:
+        model_cfg = self.config.model
+        model = self.model
+        if model_cfg.gradient_checkpointing:
+            model.config.use_cache = False
+            # transformers >= 5.2x names it activation checkpointing; earlier releases only have the old name
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if model_cfg.lora:
+            from peft import LoraConfig, get_peft_model
+
+            targets = model_cfg.lora_target_modules
+            lora = LoraConfig(
+                r=model_cfg.lora_r,
+                lora_alpha=model_cfg.lora_alpha,
+                lora_dropout=model_cfg.lora_dropout,
+                target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()],
+                task_type="CAUSAL_LM",
+            )
+            model = get_peft_model(model, lora)
+        model.train()
+        return model
+
+    def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        # Weight decay on matrices only (not on biases, norms' gains or other vectors).
+        decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+        if not decay and not no_decay:
+            raise ValueError("the model has no trainable parameters")
+        groups = [{"params": decay, "weight_decay": self.config.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.config.train.learning_rate)
+
+    def _fingerprint(self) -> dict[str, Any]:
+        """Settings a resumed run must share with the run that wrote the checkpoint."""
+        train = self.config.train
+        method = self.objective.describe()
+        if self.config.method.adaptive_rate_every:
+            method.pop("rate", None)
+        return {
+            "method": method,
+            "batch_size": train.batch_size,
+            "grad_accum": train.grad_accum,
+            "seed": train.seed,
+            "total_steps": self.total_steps,
+            "num_forget": len(self.data),
+        }
+
+    # ---------------------------------------------------------------- batches
+
+    def _local_batch(self, schedule: BatchSchedule, micro_step: int) -> dict[str, torch.Tensor]:
+        indices = schedule.local_batch(micro_step, self.accelerator.process_index)
+        batch = self.data.batch(indices, self.pad_token_id)
+        return {key: value.to(self.accelerator.device) for key, value in batch.items()}
+
+    def _window(self, step: int) -> list[dict[str, torch.Tensor]]:
+        accum = self.config.train.grad_accum
+        return [self._local_batch(self.schedule, step * accum + j) for j in range(accum)]
+
+    def _rate_batches(self, estimate_index: int) -> Iterator[dict[str, torch.Tensor]]:
+        # A schedule of its own (seed + 1) so the estimate never shifts the training batches.
+        schedule = BatchSchedule(len(self.data), self.config.train.batch_size, self.config.train.seed + 1, self.accelerator.num_processes)
+        n = self.config.method.rate_batches
+        for j in range(n):
+            yield self._local_batch(schedule, estimate_index * n + j)
+
+    # ---------------------------------------------------------------- logging
+
+    def _open_metrics(self, resumed_step: int):
+        path = self.output_dir / METRICS_FILE
+        if not self.accelerator.is_main_process:
+            return None
+        if resumed_step and path.is_file():
+            # Drop records the resumed run writes again: steps past the checkpoint, and rate estimates
+            # made at or after its step (an estimate at step s is logged before step s + 1 runs).
+            def before_checkpoint(record: dict) -> bool:
+                return record["step"] < resumed_step if record.get("event") else record["step"] <= resumed_step
+
+            lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            kept = [line for line in lines if before_checkpoint(json.loads(line))]
+            path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        elif not resumed_step:
+            path.write_text("", encoding="utf-8")
+        return path.open("a", encoding="utf-8")
+
+    # ---------------------------------------------------------------- the loop
+
+    def train(self) -> TrainResult:
+        """Run (or resume) the job; returns how it ended."""
+        from accelerate.utils import set_seed
+        from transformers import get_scheduler
+
+        acc = self.accelerator
+        train_cfg = self.config.train
+        set_seed(train_cfg.seed)
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+
+        resume_path = None
+        if train_cfg.resume == "auto":
+            resume_path = checkpoint.latest_checkpoint(self.output_dir)
+        elif train_cfg.resume:
+            resume_path = Path(train_cfg.resume)
+
+        # The frozen reference (initial model) is taken before any training or resume.
+        if self.objective.uses_reference_model:
+            reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+            self.objective.reference_model = reference.to(acc.device)
+        if self.objective.uses_reference_nll and resume_path is None:
+            self.data.reference_nll = reference_sequence_nll(
+                self.model.to(acc.device), self.data.forget, pad_token_id=self.pad_token_id, batch_size=train_cfg.batch_size, backend=train_cfg.backend
+            )
+
+        model = self._prepare_model()
+        optimizer = self._optimizer(model)
+        scheduler = get_scheduler(train_cfg.scheduler, optimizer, num_warmup_steps=train_cfg.warmup_steps, num_training_steps=self.total_steps)
+        module, optimizer, scheduler = acc.prepare(ObjectiveModule(model, self.objective), optimizer, scheduler)
+        self._module = module
+
+        step = 0
+        if resume_path is not None:
+            state, tensors = checkpoint.load_checkpoint(acc, resume_path)
+            if state.get("fingerprint") != self._fingerprint():
+                raise ConfigError(f"checkpoint {resume_path} was written by a run with other settings: {state.get('fingerprint')}")
+            step = int(state["step"])
+            if "rate" in state:
+                self.objective.rate = float(state["rate"])
+            if "reference_nll" in tensors:
+                self.data.reference_nll = tensors["reference_nll"]
+
+        metrics_file = self._open_metrics(step)
+        history: list[dict[str, Any]] = []
+        status = "completed"
+        checkpoint_path: Optional[Path] = None
+        progress = self._progress(step)
+        start = time.monotonic()
+        try:
+            with _InterruptFlag() as interrupt:
+                while step < self.total_steps:
+                    every = self.config.method.adaptive_rate_every
+                    if every and step % every == 0:
+                        record = self._adapt_rate(step)
+                        self._log(record, metrics_file, history)
+                    record = self._step(step, module, optimizer, scheduler, interrupt)
+                    step += 1
+                    record.update(step=step, time_s=round(time.monotonic() - start, 3))
+                    self._log(record, metrics_file, history)
+                    if progress is not None:
+                        progress.update(1)
+                        progress.set_postfix({k: f"{record[k]:.4g}" for k in ("forget_nll", "normal_nll") if k in record})
+                    if record.pop("_interrupted") and step < self.total_steps:
+                        status = "interrupted"
+                        break
+                    bound = train_cfg.max_forget_nll
+                    if bound is not None and record["forget_nll"] > bound:
+                        status = "diverged"
+                        break
+                    if train_cfg.save_every and step % train_cfg.save_every == 0 and step < self.total_steps:
+                        checkpoint_path = self._save_checkpoint(step)
+        finally:
+            if progress is not None:
+                progress.close()
+            if metrics_file is not None:
+                metrics_file.close()
+
+        final_model = None
+        if status == "interrupted":
+            checkpoint_path = self._save_checkpoint(step)
+        else:
+            try:
+                final_model = self._save_final(module)
+            except Exception as err:
+                # the trained state is not lost: write a checkpoint, then report the failure
+                checkpoint_path = self._save_checkpoint(step)
+                raise RuntimeError(f"saving the final model failed ({err}); the run's state is in {checkpoint_path}") from err
+        return TrainResult(status, step, self.total_steps, self.output_dir, checkpoint_path, final_model, history)
+
+    def _save_final(self, module) -> Path:
+        acc = self.accelerator
+        inner = acc.unwrap_model(module).model
+        state_dict = acc.get_state_dict(module)
+        state_dict = {key.removeprefix("model."): value for key, value in state_dict.items()} if state_dict else state_dict
+        return checkpoint.save_final_model(acc, inner, state_dict, self.tokenizer, self.output_dir / FINAL_MODEL_DIR)
+
+    def _progress(self, step: int):
+        if not (self.config.train.progress and self.accelerator.is_main_process):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.total_steps, initial=step, desc=f"unlearning ({self.objective.name})", dynamic_ncols=True)
+
+    def _step(self, step: int, module, optimizer, scheduler, interrupt: _InterruptFlag) -> dict[str, Any]:
+        acc = self.accelerator
+        window = self._window(step)
+        local_count = sum(batch["forget_input_ids"].shape[0] for batch in window)
+        num_forget = acc.reduce(torch.tensor(float(local_count), device=acc.device), reduction="sum")
+        scale = acc.num_processes * self.config.train.grad_accum
+        sums = torch.zeros(6, dtype=torch.float64, device=acc.device)
+        grad_norm = None
+        for batch in window:
+            with acc.accumulate(module):
+                loss, forget_nll, normal_nll = module(batch, num_forget)
+                acc.backward(loss * scale)
+                sums += torch.stack([
+                    loss.detach().double(),
+                    forget_nll.double().sum(),
+                    torch.tensor(float(forget_nll.numel()), dtype=torch.float64, device=acc.device),
+                    normal_nll.double().sum(),
+                    torch.tensor(float(normal_nll.numel()), dtype=torch.float64, device=acc.device),
+                    torch.zeros((), dtype=torch.float64, device=acc.device),
+                ])
+                if acc.sync_gradients:
+                    if self.config.train.max_grad_norm is not None:
+                        grad_norm = acc.clip_grad_norm_(module.parameters(), self.config.train.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+        sums[5] = float(interrupt.raised)  # read after the work: a signal during the step counts now
+        sums = acc.reduce(sums, reduction="sum")
+        record: dict[str, Any] = {
+            "loss": sums[0].item(),
+            "forget_nll": (sums[1] / sums[2]).item(),
+            "lr": scheduler.get_last_lr()[0],
+            "_interrupted": bool(sums[5].item() > 0),
+        }
+        if sums[4] > 0:
+            record["normal_nll"] = (sums[3] / sums[4]).item()
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        if hasattr(self.objective, "rate"):
+            record["rate"] = self.objective.rate
+        return record
+
+    def _adapt_rate(self, step: int) -> dict[str, Any]:
+        """Re-estimate r* (``sga.rate``) on batches of a separate schedule and clip it to the user range."""
+        acc = self.accelerator
+        method = self.config.method
+        inner = acc.unwrap_model(self._module).model
+        reading = self.objective.name
+        raw, stats = estimate_rate(
+            inner,
+            self._rate_batches(step // method.adaptive_rate_every),
+            self.objective.num_classes,
+            reading=reading,
+            backend=self.config.train.backend,
+            all_reduce_sum=lambda t: acc.reduce(t, reduction="sum"),
+        )
+        self.objective.rate = clip_rate(raw, method.rate_min, method.rate_max)
+        return {"event": "rate", "step": step, "rate_estimate": raw, "rate": self.objective.rate, "grad_ff": stats.ff, "grad_fn": stats.fn, "grad_nn": stats.nn}
+
+    def _log(self, record: dict[str, Any], metrics_file, history: list[dict[str, Any]]) -> None:
+        public = {k: v for k, v in record.items() if not k.startswith("_")}
+        history.append(public)
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(public) + "\n")
+            metrics_file.flush()
+
+    def _save_checkpoint(self, step: int) -> Path:
+        state: dict[str, Any] = {"fingerprint": self._fingerprint()}
+        if hasattr(self.objective, "rate"):
+            state["rate"] = self.objective.rate
+        tensors = {"reference_nll": self.data.reference_nll} if self.data.reference_nll is not None else {}
+        return checkpoint.save_checkpoint(self.accelerator, self.output_dir, step, state, tensors, keep=self.config.train.save_total_limit)
