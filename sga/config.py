@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-METHODS = ("ga", "sga", "sga_gls", "sga_token", "grad_diff", "npo", "simnpo")
+METHODS = ("ga", "sga", "sga_gls", "sga_token", "grad_diff", "npo", "simnpo", "sft")
 PAIRING_METHODS = ("auto", "embedding", "tfidf", "file")
 DATASETS = ("tofu", "json")
 TOFU_FORGET_SPLITS = ("forget01", "forget05", "forget10")
@@ -127,7 +127,7 @@ class DataConfig:
 class MethodConfig:
     """The unlearning objective and its parameters (each method reads the ones it uses)."""
 
-    name: str = _opt("sga", "unlearning method", "--method", choices=METHODS)
+    name: str = _opt("sga", "unlearning method (sft: plain fine-tuning, to teach a model what it later forgets)", "--method", choices=METHODS)
     rate: float = _opt(0.5, "smoothing rate r (sga, sga_gls; vocabulary eps for sga_token)")
     num_classes: int = _opt(2, "K for the sga methods and grad_diff: each forget sample gets K-1 normal samples", "--K")
     beta: Optional[float] = _opt(None, "inverse temperature beta; none: 0.1 for npo, 2.5 for simnpo")

@@ -36,7 +36,9 @@ IGNORE_INDEX = -100
 # phi: the base model ends with final_layernorm; the head has a bias.
 # opt: get_decoder() is model.decoder, which applies final_layer_norm and project_out itself.
 # gpt2: get_decoder() is the transformer, which applies ln_f; the head is tied to the token embedding.
-VERIFIED_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma2", "phi", "opt", "gpt2"})
+VERIFIED_MODEL_TYPES = frozenset(
+    {"llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma2", "phi", "opt", "gpt2"}
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +73,8 @@ def _resolve_head(model: torch.nn.Module) -> _Head:
     head = model.get_output_embeddings()
     if not _is_plain_linear(head):
         raise NotImplementedError(
-            f"the LM head must be a plain torch.nn.Linear without hooks (got {type(head).__name__}); a wrapped, "
-            "quantized or hooked head does not compute h @ W^T + b"
+            f"the LM head must be a plain torch.nn.Linear without hooks (got {type(head).__module__}."
+            f"{type(head).__qualname__}); a wrapped, quantized or hooked head does not compute h @ W^T + b"
         )
     softcap = getattr(config, "final_logit_softcapping", None)
     return _Head(decoder=model.get_decoder(), weight=head.weight, bias=head.bias, softcap=softcap)
@@ -101,6 +103,7 @@ def _loss_from_hidden(
     reduction: str,
     normalizer: Union[None, float, torch.Tensor],
     backend: str,
+    validate: bool = True,
 ) -> torch.Tensor:
     """The fused loss of hidden [B, T, D] against labels [B, T].
 
@@ -128,6 +131,7 @@ def _loss_from_hidden(
         reduction=reduction,
         normalizer=normalizer,
         backend=backend,
+        validate=validate,
     )
     if reduction == "none" and shift:
         return loss[:, :-1]
@@ -146,6 +150,7 @@ def causal_lm_loss(
     reduction: str = "mean",
     normalizer: Union[None, float, torch.Tensor] = None,
     backend: str = "auto",
+    validate: bool = True,
     **model_kwargs: Any,
 ) -> torch.Tensor:
     """Smoothed-GA loss of a Hugging Face causal LM on (input_ids, labels), without computing its logits.
@@ -159,6 +164,8 @@ def causal_lm_loss(
         smoothing, ascent, reduction, normalizer, backend: as in :func:`sga.kernels.linear_smoothed_ga_loss`.
             With ascent=False, smoothing=0 and reduction "mean" this is ``model(..., labels=labels).loss``;
             ``normalizer`` plays the role of HF's ``num_items_in_batch``.
+        validate: check every label is -100 or in [0, V) (one host sync on CUDA per call); set False in a
+            training loop whose labels come from the tokenizer.
         **model_kwargs: passed to the decoder (position_ids, inputs_embeds, token_type_ids, ...); use_cache
             defaults to False.
 
@@ -181,6 +188,7 @@ def causal_lm_loss(
         reduction=reduction,
         normalizer=normalizer,
         backend=backend,
+        validate=validate,
     )
 
 
@@ -203,7 +211,8 @@ class FusedLossPatch:
         self.backend = check_choice("backend", backend, BACKENDS)
         self._previous = vars(model).get("forward")  # an instance-level forward (another wrapper), or None
         self._original = model.forward
-        self._signature = inspect.signature(self._original)
+        # the class's forward signature names the arguments, whatever wrapper an instance forward may be
+        self._signature = inspect.signature(types.MethodType(type(model).forward, model))
 
         def forward(module, *args, **kwargs):
             return self._forward(*args, **kwargs)

@@ -34,6 +34,13 @@ Methods (r smoothing rate, K >= 2 classes, x_f a forget sample, x_n^1..x_n^{K-1}
 - ``simnpo``:    L = -(2/beta) log sigmoid(-(beta/|y|) log pi_theta(y|x) - gamma)
                    = (2/beta) softplus(gamma - beta * l(x_f))
                  (Fan et al. 2024, "Simplicity Prevails: Rethinking NPO"; reference-free, length-normalized)
+
+Not an unlearning method, and registered beside them so the same trainer (checkpoints, progress, exact
+resume) runs it:
+
+- ``sft``:       L = +l(x), ordinary supervised fine-tuning (descent) on the answers of the training
+                 records (the trainer's "forget" slot holds them). It teaches a model the facts that it
+                 is later asked to forget, as ``sga demo`` does before unlearning.
 """
 from __future__ import annotations
 
@@ -362,6 +369,19 @@ class SimpleNPO(Objective):
 
     def describe(self):
         return {"method": self.name, "beta": self.beta, "gamma": self.gamma}
+
+
+@register
+class SupervisedFineTuning(Objective):
+    """``sft``: L = +l(x), descent on the token-mean NLL of the training answers: ordinary supervised
+    fine-tuning, used to teach a model what it later forgets. The records are the trainer's "forget"
+    data; the logged ``forget_nll`` is the training NLL."""
+
+    name = "sft"
+
+    def compute(self, model, batch, num_forget):
+        (nll,) = joint_sequence_nll(model, batch, ("forget",), smoothing=0.0, backend=self.backend)
+        return ObjectiveOutput(loss=nll.sum() / num_forget, forget_nll=nll.detach())
 
 
 @torch.no_grad()

@@ -242,6 +242,8 @@ def test_patch_keeps_an_existing_instance_forward_and_refuses_a_later_wrapper():
     patch = fused_causal_lm_loss(model)
     model(input_ids=input_ids)  # no labels: through the previous (instance) forward
     assert calls == [1]
+    fused = model(input_ids, None, labels=labels)  # positional arguments are named by the class's forward
+    assert fused.logits is None and calls == [1]
     model.forward = lambda *a, **k: None  # e.g. a wrapper installed after the patch
     with pytest.raises(RuntimeError, match="replaced after"):
         patch.remove()
@@ -273,6 +275,21 @@ def test_hooked_head_is_refused():
         causal_lm_loss(model, input_ids, labels)
 
 
+def test_peft_lora_model_works_and_a_lora_head_is_refused():
+    peft = pytest.importorskip("peft")
+    input_ids, attention_mask, labels = make_batch()
+    lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = peft.get_peft_model(make_model("llama"), lora)
+    ours = causal_lm_loss(model, input_ids, labels, attention_mask=attention_mask, ascent=False)
+    ours_grads = parameter_grads(model, ours)
+    theirs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert_same_grads(ours_grads, parameter_grads(model, theirs))  # the LoRA factors' gradients
+    head_lora = peft.get_peft_model(make_model("llama"), peft.LoraConfig(r=4, target_modules=["lm_head"]))
+    with pytest.raises(NotImplementedError, match="plain torch.nn.Linear"):
+        causal_lm_loss(head_lora, input_ids, labels)
+
+
 def test_bad_labels_are_refused_before_the_model_runs():
     model = make_model("llama")
     input_ids, _, labels = make_batch()
@@ -280,3 +297,21 @@ def test_bad_labels_are_refused_before_the_model_runs():
         causal_lm_loss(model, input_ids, labels[0])
     with pytest.raises(ValueError, match="token_weights"):
         causal_lm_loss(model, input_ids, labels, token_weights=torch.ones(2, 10))
+
+
+def test_validate_false_skips_the_label_range_check(monkeypatch):
+    """validate=False reaches the fused loss: no label scan (and no host sync on CUDA) per call."""
+    import sga.kernels.linear as linear_module
+    from sga.models import tiny_random_model, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_random_model("llama", tokenizer)
+    input_ids = torch.randint(4, 100, (2, 9))
+    def refuse(*args, **kwargs):
+        raise AssertionError("checked")
+
+    monkeypatch.setattr(linear_module, "check_labels_in_range", refuse)
+    loss = causal_lm_loss(model, input_ids, input_ids, validate=False)
+    assert torch.isfinite(loss)
+    with pytest.raises(AssertionError, match="checked"):
+        causal_lm_loss(model, input_ids, input_ids)

