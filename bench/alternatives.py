@@ -59,3 +59,52 @@ LOGITS_IMPLEMENTATIONS = {
     "torch_compile": torch_compile,
     "liger": liger,
 }
+
+
+def materialized_logits(hidden: torch.Tensor, weight: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
+    logits = hidden @ weight.t()
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+
+def eager_linear_loss(hidden, weight, labels, softcap):
+    """Materialized logits, upcast to float32, label-smoothed cross-entropy, the ascent sign."""
+    return -F.cross_entropy(materialized_logits(hidden, weight, softcap).float(), labels, label_smoothing=SMOOTHING)
+
+
+_compiled_eager_linear_loss = torch.compile(eager_linear_loss, dynamic=True)
+
+
+def liger_fused_linear(device: str) -> Optional[Callable]:
+    """Liger-Kernel's fused linear cross-entropy (CUDA only), ascent sign applied outside."""
+    if device != "cuda":
+        return None
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        return None
+
+    def loss(hidden, weight, labels, softcap):
+        module = LigerFusedLinearCrossEntropyLoss(label_smoothing=SMOOTHING, softcap=softcap)
+        return -module(weight, hidden, labels)
+
+    return loss
+
+
+def cut_cross_entropy(device: str) -> Optional[Callable]:
+    """Cut Cross-Entropy's linear_cross_entropy (CUDA only). It has no label smoothing: it runs with eps = 0,
+    so it does less work than the others."""
+    if device != "cuda":
+        return None
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except ImportError:
+        return None
+    return lambda hidden, weight, labels, softcap: -linear_cross_entropy(hidden, weight, labels, softcap=softcap)
+
+
+LINEAR_ALTERNATIVES = {
+    "torch_eager": lambda device: eager_linear_loss,
+    "torch_compile": lambda device: _compiled_eager_linear_loss,
+    "liger_fused_linear": liger_fused_linear,
+    "cut_cross_entropy": cut_cross_entropy,
+}

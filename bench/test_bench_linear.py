@@ -6,7 +6,10 @@ Implementations, each from hidden [N, D] and head weight [V, D] (both requiring 
 - ours: linear_smoothed_ga_loss (chunked; never holds the [N, V] logits);
 - materialized_kernel: logits = hidden @ W^T through autograd, then smoothed_ga_loss with inplace_backward=True
   (its gradient overwrites the logits: the cheapest way to use the logits kernel);
-- torch_eager: logits = hidden @ W^T, upcast to float32, F.cross_entropy with label smoothing, sign applied.
+- torch_eager / torch_compile: logits = hidden @ W^T, upcast to float32, F.cross_entropy with label smoothing,
+  sign applied (eager, and torch.compile of the same);
+- liger_fused_linear, cut_cross_entropy: the fused linear losses of Liger-Kernel and Cut Cross-Entropy when
+  installed (CUDA only; Cut Cross-Entropy has no label smoothing and runs with eps = 0);
 
 Peak extra memory, minus the gradients dH and dW that every implementation returns (what remains is the
 memory beyond inputs, outputs and gradients):
@@ -17,18 +20,17 @@ measured before it in the same session. Time is wall clock: on a shared machine,
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from alternatives import LINEAR_ALTERNATIVES, SMOOTHING, materialized_logits
 from harness import environment, peak_extra_bytes, synchronize, write_rows
 from sga.kernels import linear_smoothed_ga_loss, smoothed_ga_loss
 from sga.kernels.linear import default_chunk_rows
 
-SMOOTHING = 0.1
-IMPLEMENTATIONS = ("torch_eager", "materialized_kernel", "ours")  # ours last: its row gets the ratios
+# ours last: its row gets the ratios against the ones measured before it
+IMPLEMENTATIONS = (*LINEAR_ALTERNATIVES, "materialized_kernel", "ours")
 CPU_SHAPES = {"cpu_N2048_D512_V128256": (2048, 512, 128256, "float32", None)}
 CUDA_SHAPES = {
     "llama3_8b_head": (8192, 4096, 128256, "bfloat16", None),
@@ -36,11 +38,6 @@ CUDA_SHAPES = {
 }
 MAX_EXTRA_OVER_LOGITS = 0.10  # issue 3: ours at most 10% of the full logits beyond inputs, outputs, gradients
 _RESULTS: dict[tuple[str, str], dict] = {}
-
-
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
-    logits = hidden @ weight.t()
-    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
 
 
 def make_case(implementation, num_tokens, hidden_size, vocab_size, dtype_name, softcap, device):
@@ -55,14 +52,14 @@ def make_case(implementation, num_tokens, hidden_size, vocab_size, dtype_name, s
         return linear_smoothed_ga_loss(hidden, weight, labels, softcap=softcap, smoothing=SMOOTHING, validate=False)
 
     def materialized_kernel():
-        logits = _logits(hidden, weight, softcap)
+        logits = materialized_logits(hidden, weight, softcap)
         return smoothed_ga_loss(logits, labels, smoothing=SMOOTHING, inplace_backward=True, validate=False)
 
-    def torch_eager():
-        logits = _logits(hidden, weight, softcap).float()
-        return -F.cross_entropy(logits, labels, label_smoothing=SMOOTHING)
-
-    loss_fn = {"ours": ours, "materialized_kernel": materialized_kernel, "torch_eager": torch_eager}[implementation]
+    if implementation in LINEAR_ALTERNATIVES:
+        alternative = LINEAR_ALTERNATIVES[implementation](device)
+        loss_fn = lambda: alternative(hidden, weight, labels, softcap)  # noqa: E731
+    else:
+        loss_fn = {"ours": ours, "materialized_kernel": materialized_kernel}[implementation]
 
     def run():
         hidden.grad = None
@@ -75,6 +72,8 @@ def make_case(implementation, num_tokens, hidden_size, vocab_size, dtype_name, s
 
 
 def _measure(benchmark, floors: dict, implementation: str, shape_name: str, shape: tuple, device: str, rounds: int) -> dict:
+    if implementation in LINEAR_ALTERNATIVES and LINEAR_ALTERNATIVES[implementation](device) is None:
+        pytest.skip(f"{implementation} is not installed or does not run on {device}")
     num_tokens, hidden_size, vocab_size, dtype_name, softcap = shape
     case_args = (implementation, num_tokens, hidden_size, vocab_size, dtype_name, softcap, device)
     run, grad_bytes = make_case(*case_args)
