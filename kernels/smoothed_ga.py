@@ -16,6 +16,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import ops
+from .torch_backend import compute_dtype_for
 from ._validation import (
     REDUCTIONS,
     LossConfig,
@@ -144,8 +145,7 @@ def smoothed_ga_loss(
         logits_2d = logits_2d.contiguous()
     weights_1d = None
     if token_weights is not None:
-        weight_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        weights_1d = token_weights.detach().reshape(-1).to(weight_dtype).contiguous()
+        weights_1d = token_weights.detach().reshape(-1).to(compute_dtype_for(logits.dtype)).contiguous()
     config = LossConfig(
         smoothing=smoothing,
         sign=-1.0 if ascent else 1.0,

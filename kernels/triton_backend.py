@@ -34,79 +34,6 @@ def _round_for_store(x, out_dtype: tl.constexpr, EXPLICIT_BF16_RTNE: tl.constexp
 
 
 @triton.jit
-def _smoothed_ga_row(
-    row,
-    logits_ptr,
-    logits_row_stride,
-    labels_ptr,
-    weights_ptr,
-    grad_norm,
-    grad_ptr,
-    grad_row_stride,
-    row_loss_ptr,
-    vocab_size,
-    smoothing,
-    sign,
-    ignore_index,
-    HAS_WEIGHTS: tl.constexpr,
-    WRITE_GRAD: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    EXPLICIT_BF16_RTNE: tl.constexpr,
-):
-    """Loss and gradient of one token row (row is int64: N * V may exceed 2**31)."""
-    logits_row = logits_ptr + row * logits_row_stride
-    label = tl.load(labels_ptr + row).to(tl.int64)
-    valid = label != ignore_index
-    safe_label = tl.where(valid, label, 0)
-    cols = tl.arange(0, BLOCK_V)
-
-    # Sweep 1: m = running max, sum_exp = sum exp(z - m), sum_z = sum z, all in ACC_DTYPE.
-    running_max = tl.full((), float("-inf"), ACC_DTYPE)
-    sum_exp = tl.zeros((), ACC_DTYPE)
-    sum_z = tl.zeros((), ACC_DTYPE)
-    for start in range(0, vocab_size, BLOCK_V):
-        offsets = start + cols
-        in_vocab = offsets < vocab_size
-        z = tl.load(logits_row + offsets, mask=in_vocab, other=float("-inf")).to(ACC_DTYPE)
-        new_max = tl.maximum(running_max, tl.max(z, 0))
-        # a block (or prefix) of only -inf must not give exp(-inf - -inf) = NaN: shift by 0 instead
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max).to(ACC_DTYPE)
-        sum_exp = sum_exp * tl.exp(running_max - shift) + tl.sum(tl.exp(z - shift), 0)
-        sum_z += tl.sum(tl.where(in_vocab, z, 0.0), 0)
-        running_max = new_max
-    lse = running_max + tl.log(sum_exp)
-
-    # l = lse - (1 - eps) z_y - (eps / V) sum_v z_v; a term with a zero factor is dropped, never 0 * inf.
-    target_logit = tl.load(logits_row + safe_label).to(ACC_DTYPE)
-    smoothing_per_class = smoothing / vocab_size
-    loss = lse
-    loss -= tl.where(smoothing != 1.0, (1.0 - smoothing) * target_logit, 0.0)
-    loss -= tl.where(smoothing != 0.0, smoothing_per_class * sum_z, 0.0)
-    weight = 1.0
-    if HAS_WEIGHTS:
-        weight = tl.load(weights_ptr + row).to(ACC_DTYPE)
-    coef = sign * weight
-    tl.store(row_loss_ptr + row, tl.where(valid, coef * loss, 0.0))
-
-    if WRITE_GRAD:
-        # Sweep 2 (soon after sweep 1 of the same row, so mostly from L2): dL/dz_v =
-        # s * w * grad_norm * (p_v - (1 - eps) [v == y] - eps / V), computed in ACC_DTYPE (the target column
-        # too) and rounded once to the buffer's dtype.
-        grad_coef = tl.where(valid, coef * grad_norm, 0.0)
-        grad_row = grad_ptr + row * grad_row_stride
-        for start in range(0, vocab_size, BLOCK_V):
-            offsets = start + cols
-            in_vocab = offsets < vocab_size
-            z = tl.load(logits_row + offsets, mask=in_vocab, other=0.0).to(ACC_DTYPE)
-            grad = tl.exp(z - lse) - smoothing_per_class
-            grad = tl.where(offsets == safe_label, grad - (1.0 - smoothing), grad)
-            grad = tl.where(valid, grad * grad_coef, 0.0)
-            grad = _round_for_store(grad, grad_ptr.dtype.element_ty, EXPLICIT_BF16_RTNE)
-            tl.store(grad_row + offsets, grad, mask=in_vocab)
-
-
-@triton.jit
 def _smoothed_ga_rows_kernel(
     logits_ptr,
     logits_row_stride,
@@ -127,30 +54,60 @@ def _smoothed_ga_rows_kernel(
     BLOCK_V: tl.constexpr,
     EXPLICIT_BF16_RTNE: tl.constexpr,
 ):
-    """Persistent grid: program p takes rows p, p + P, p + 2P, ... so that only P rows are in flight and the
-    second sweep of each row finds it in L2."""
+    """Loss and gradient of token rows. Persistent grid: program p takes rows p, p + P, p + 2P, ... so that only
+    P rows are in flight and the second sweep of each row finds it in L2."""
     grad_norm = tl.load(grad_norm_ptr).to(ACC_DTYPE)
-    for row in range(tl.program_id(0), num_rows, tl.num_programs(0)):
-        _smoothed_ga_row(
-            tl.cast(row, tl.int64),
-            logits_ptr,
-            logits_row_stride,
-            labels_ptr,
-            weights_ptr,
-            grad_norm,
-            grad_ptr,
-            grad_row_stride,
-            row_loss_ptr,
-            vocab_size,
-            smoothing,
-            sign,
-            ignore_index,
-            HAS_WEIGHTS,
-            WRITE_GRAD,
-            ACC_DTYPE,
-            BLOCK_V,
-            EXPLICIT_BF16_RTNE,
-        )
+    for row_index in range(tl.program_id(0), num_rows, tl.num_programs(0)):
+        row = tl.cast(row_index, tl.int64)  # int64 row offsets: N * V may exceed 2**31
+        logits_row = logits_ptr + row * logits_row_stride
+        label = tl.load(labels_ptr + row).to(tl.int64)
+        valid = label != ignore_index
+        safe_label = tl.where(valid, label, 0)
+        cols = tl.arange(0, BLOCK_V)
+
+        # Sweep 1: m = running max, sum_exp = sum exp(z - m), sum_z = sum z, all in ACC_DTYPE.
+        running_max = tl.full((), float("-inf"), ACC_DTYPE)
+        sum_exp = tl.zeros((), ACC_DTYPE)
+        sum_z = tl.zeros((), ACC_DTYPE)
+        for start in range(0, vocab_size, BLOCK_V):
+            offsets = start + cols
+            in_vocab = offsets < vocab_size
+            z = tl.load(logits_row + offsets, mask=in_vocab, other=float("-inf")).to(ACC_DTYPE)
+            new_max = tl.maximum(running_max, tl.max(z, 0))
+            # a block (or prefix) of only -inf must not give exp(-inf - -inf) = NaN: shift by 0 instead
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max).to(ACC_DTYPE)
+            sum_exp = sum_exp * tl.exp(running_max - shift) + tl.sum(tl.exp(z - shift), 0)
+            sum_z += tl.sum(tl.where(in_vocab, z, 0.0), 0)
+            running_max = new_max
+        lse = running_max + tl.log(sum_exp)
+
+        # l = lse - (1 - eps) z_y - (eps / V) sum_v z_v; a term with a zero factor is dropped, never 0 * inf.
+        target_logit = tl.load(logits_row + safe_label).to(ACC_DTYPE)
+        smoothing_per_class = smoothing / vocab_size
+        loss = lse
+        loss -= tl.where(smoothing != 1.0, (1.0 - smoothing) * target_logit, 0.0)
+        loss -= tl.where(smoothing != 0.0, smoothing_per_class * sum_z, 0.0)
+        weight = 1.0
+        if HAS_WEIGHTS:
+            weight = tl.load(weights_ptr + row).to(ACC_DTYPE)
+        coef = sign * weight
+        tl.store(row_loss_ptr + row, tl.where(valid, coef * loss, 0.0))
+
+        if WRITE_GRAD:
+            # Sweep 2 (soon after sweep 1 of the same row, so mostly from L2): dL/dz_v =
+            # s * w * grad_norm * (p_v - (1 - eps) [v == y] - eps / V), computed in ACC_DTYPE (the target column
+            # too) and rounded once to the buffer's dtype.
+            grad_coef = tl.where(valid, coef * grad_norm, 0.0)
+            grad_row = grad_ptr + row * grad_row_stride
+            for start in range(0, vocab_size, BLOCK_V):
+                offsets = start + cols
+                in_vocab = offsets < vocab_size
+                z = tl.load(logits_row + offsets, mask=in_vocab, other=0.0).to(ACC_DTYPE)
+                grad = tl.exp(z - lse) - smoothing_per_class
+                grad = tl.where(offsets == safe_label, grad - (1.0 - smoothing), grad)
+                grad = tl.where(valid, grad * grad_coef, 0.0)
+                grad = _round_for_store(grad, grad_ptr.dtype.element_ty, EXPLICIT_BF16_RTNE)
+                tl.store(grad_row + offsets, grad, mask=in_vocab)
 
 
 @triton.jit

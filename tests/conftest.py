@@ -11,7 +11,17 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tiny models are all per-op overhead, and two intra-op threads collapse when other processes share the two
+# cores (10-20x slower, measured here): one thread for the whole suite.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The byte-level tiny tokenizer of sga.models (no download)."""
+    from sga.models import tiny_tokenizer
+
+    return tiny_tokenizer()
 
 
 def pytest_collection_modifyitems(config, items):

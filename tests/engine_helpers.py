@@ -10,7 +10,6 @@ import copy
 import functools
 from pathlib import Path
 
-import pytest
 import torch
 
 from sga.benchmarks.synthetic import generate_synthetic_tofu
@@ -20,15 +19,6 @@ from sga.models import tiny_random_model, tiny_tokenizer
 from sga.objectives import examples_nll, joint_sequence_nll
 from sga.pairing import pair_normal_samples
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are all per-op overhead: one intra-op thread is faster than two, and much faster when
-    other processes share the two cores. Autouse in every module that imports it."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @functools.lru_cache(maxsize=None)

@@ -12,7 +12,7 @@ import torch
 from sga.benchmarks import evaluate_harry_potter, evaluate_muse, load_muse_split, make_completion_pairs
 from sga.benchmarks import metrics
 from sga.benchmarks.prompts import encode_text, encode_text_windows
-from sga.models import tiny_random_model, tiny_tokenizer
+from sga.models import tiny_random_model
 
 FORGET_TEXTS = [
     "The harbour council voted on Tuesday to close the old ferry pier after engineers found deep cracks.",
@@ -37,18 +37,6 @@ HELDOUT = (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and one thread cannot oversubscribe a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
 
 
 def memorize(tokenizer, texts, *, steps=200, seed=0):

@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine_helpers import one_thread  # noqa: F401  (autouse fixture)
 from engine_helpers import make_config, mean_nll, memorized_model, tokenizer, unlearning_data
 from sga.config import MethodConfig
 from sga.models import tiny_random_model

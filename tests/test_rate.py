@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-from engine_helpers import one_thread  # noqa: F401  (autouse fixture)
 from engine_helpers import make_config, memorized_model, tokenizer, unlearning_data
 from sga.config import MethodConfig
 from sga.objectives import build_objective

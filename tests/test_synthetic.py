@@ -1,20 +1,11 @@
 """The built-in synthetic TOFU-style data set: determinism, TOFU's format and splits, and evaluate_tofu on it."""
 import pytest
-import torch
 
 from sga.benchmarks import evaluate_tofu, generate_synthetic_tofu, load_tofu_split, write_synthetic_tofu
 from sga.benchmarks.synthetic import QUESTIONS_PER_AUTHOR, REAL_AUTHORS, WORLD_FACTS
 from sga.benchmarks.tofu import SPLITS
 from sga.models import tiny_random_model, tiny_tokenizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and one thread cannot oversubscribe a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 PERTURBED_KEYS = {"question", "answer", "paraphrased_answer", "perturbed_answer", "paraphrased_question"}

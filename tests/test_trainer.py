@@ -8,7 +8,6 @@ import signal
 import pytest
 import torch
 
-from engine_helpers import one_thread  # noqa: F401  (autouse fixture)
 from engine_helpers import make_config, mean_nll, memorized_model, tokenizer, unlearning_data
 from sga import checkpoint
 from sga.config import ConfigError
