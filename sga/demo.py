@@ -13,9 +13,11 @@ Steps (each timed and printed):
    the authors it will be asked to forget.
 4. From that checkpoint, unlearn the forget authors with each method under one protocol: the same
    steps, learning rate and batches for every method (``Protocol``).
-5. Evaluate the fine-tuned and the unlearned models with the TOFU metrics (``evaluate_tofu``) on the
-   forget authors, the retain authors and general knowledge (real authors, world facts) that the model
-   had before fine-tuning: answer probability, ROUGE-L recall of greedy answers, truth ratio, model utility.
+5. Evaluate the base model (before fine-tuning), the fine-tuned and the unlearned models with the TOFU
+   metrics (``evaluate_tofu``) on the forget authors, the retain authors and general knowledge (real
+   authors, world facts) that the model had before fine-tuning: answer probability, ROUGE-L recall of
+   greedy answers, truth ratio, model utility. (Forget quality needs a retain-only fine-tune, which does
+   not fit the time budget: it stays None.)
 6. Write the comparison table (printed, and in ``report.json``) and a plot of forgetting against model
    utility (``forgetting_vs_utility.png``) to the output folder.
 """
@@ -48,6 +50,7 @@ REQUIRED_FILES = (f"{FORGET_SPLIT}.json", f"{FORGET_SPLIT}_perturbed.json", f"{R
                   "real_authors_perturbed.json", "world_facts_perturbed.json")
 REPORT_FILE = "report.json"
 PLOT_FILE = "forgetting_vs_utility.png"
+BASE = "base"
 FINETUNED = "fine-tuned"
 # Table columns: (results key, header). Forget columns: lower is more forgotten; the rest: higher is better.
 COLUMNS = (
@@ -71,31 +74,46 @@ class Protocol:
     retain_records: int  # retain QA records fine-tuned on: the first of retain_perturbed
     sft_epochs: int
     sft_lr: float
+    sft_batch_size: int
     unlearn_epochs: int
     unlearn_lr: float
-    batch_size: int  # forget (or training) samples per optimizer step
+    batch_size: int  # forget samples per unlearning step
     methods: tuple[str, ...]
     rate: float  # SGA smoothing rate r
-    num_classes: int  # K for sga and grad_diff: K-1 paired retain samples per forget sample
+    num_classes: int  # K for sga: K-1 paired retain samples per forget sample
     eval_samples: int  # questions per evaluated set (forget, retain, real authors, world facts)
     eval_batch_size: int
     max_new_tokens: int  # greedy generation budget for ROUGE-L
     max_length: int = 256
 
 
-# SmolLM2-135M in fp32 on two CPU cores: the whole run in about 5 minutes on an idle machine.
+# SmolLM2-135M in fp32 on two CPU cores, synthetic authors: 1 forget author (10 QA) and 3 retain authors
+# (30 QA). Fine-tuning: 20 steps of 8; unlearning: 13 steps of 4 (5 epochs over the forget author).
 FULL = Protocol(
-    n_authors=6, retain_records=40, sft_epochs=5, sft_lr=1e-4, unlearn_epochs=5, unlearn_lr=2e-5, batch_size=4,
-    methods=("ga", "sga", "npo", "grad_diff"), rate=0.5, num_classes=2, eval_samples=10, eval_batch_size=16,
+    n_authors=4, retain_records=30, sft_epochs=4, sft_lr=1e-4, sft_batch_size=8, unlearn_epochs=5, unlearn_lr=2e-5,
+    batch_size=4, methods=("ga", "sga", "npo"), rate=0.5, num_classes=2, eval_samples=10, eval_batch_size=16,
     max_new_tokens=32,
 )
+# The same with real TOFU files: forget01 is 2 authors (40 QA) with longer answers, so fewer retain
+# records, fewer epochs (unlearning: 10 steps of 4, one epoch) and a longer generation budget.
+TOFU = dataclasses.replace(FULL, retain_records=20, sft_epochs=3, unlearn_epochs=1, max_new_tokens=48)
 # The tiny random Llama (2 layers, width 32, byte tokenizer): a smoke test in seconds. A random model
 # needs far larger steps than a pretrained one to learn anything.
 QUICK = Protocol(
-    n_authors=3, retain_records=6, sft_epochs=2, sft_lr=3e-3, unlearn_epochs=1, unlearn_lr=1e-3, batch_size=4,
-    methods=("ga", "sga", "npo", "grad_diff"), rate=0.5, num_classes=2, eval_samples=2, eval_batch_size=8,
+    n_authors=3, retain_records=6, sft_epochs=2, sft_lr=3e-3, sft_batch_size=4, unlearn_epochs=1, unlearn_lr=1e-3,
+    batch_size=4, methods=("ga", "sga", "npo"), rate=0.5, num_classes=2, eval_samples=2, eval_batch_size=8,
     max_new_tokens=4, max_length=192,
 )
+
+
+PROTOCOLS = {"full": FULL, "tofu": TOFU, "quick": QUICK}
+
+
+def choose_protocol(pretrained: bool, real_tofu: bool) -> str:
+    """The protocol's name: "quick" for the tiny random model, else "tofu" with real TOFU files, else "full"."""
+    if not pretrained:
+        return "quick"
+    return "tofu" if real_tofu else "full"
 
 
 @dataclass(frozen=True)
@@ -112,8 +130,11 @@ class DemoOptions:
 
     def validate(self) -> "DemoOptions":
         """Raise :class:`ConfigError` (one line) on a bad option, before anything is loaded."""
-        if self.model not in MODEL_CHOICES and not Path(self.model).is_dir():
-            raise ConfigError(f"--model must be one of {', '.join(MODEL_CHOICES)} or a model folder; got {self.model!r}")
+        if self.model not in MODEL_CHOICES:
+            if not Path(self.model).is_dir():
+                raise ConfigError(f"--model must be one of {', '.join(MODEL_CHOICES)} or a model folder; got {self.model!r}")
+            if not (Path(self.model) / "config.json").is_file():
+                raise ConfigError(f"--model: {self.model} has no config.json: not a Hugging Face model folder")
         if self.quick and self.model not in ("auto", "tiny"):
             raise ConfigError(f"--quick runs the tiny random model; it cannot be combined with --model {self.model}")
         if self.data is not None:
@@ -254,6 +275,10 @@ def _write_records(path: Path, records: list[dict]) -> Path:
     return path
 
 
+def _qa_only(records: list[dict]) -> list[dict]:
+    return [{"question": r["question"], "answer": r["answer"]} for r in records]
+
+
 def prepare_data(out: Path, data: Optional[Path], protocol: Protocol, seed: int) -> DemoData:
     """Write the synthetic authors to ``out/data`` (or use the TOFU folder ``data``) and the training files
     to ``out/train``: the forget01 records, the first ``protocol.retain_records`` of retain_perturbed, and
@@ -266,9 +291,8 @@ def prepare_data(out: Path, data: Optional[Path], protocol: Protocol, seed: int)
         source = f"synthetic: {protocol.n_authors} fictitious authors (seed {seed})"
     else:
         data_dir, source = data, f"TOFU files in {data}"
-    qa = lambda records: [{"question": r["question"], "answer": r["answer"]} for r in records]  # noqa: E731
-    forget = qa(load_tofu_split(FORGET_SPLIT, data_dir))
-    retain = qa(load_tofu_split(RETAIN_SPLIT, data_dir)[: protocol.retain_records])
+    forget = _qa_only(load_tofu_split(FORGET_SPLIT, data_dir))
+    retain = _qa_only(load_tofu_split(RETAIN_SPLIT, data_dir)[: protocol.retain_records])
     train = out / "train"
     return DemoData(
         data_dir=data_dir,
@@ -286,7 +310,7 @@ def prepare_data(out: Path, data: Optional[Path], protocol: Protocol, seed: int)
 
 def _run_config(
     loaded_source: str, gguf_file: Optional[str], method: str, train_file: Path, retain_file: Optional[Path],
-    output_dir: Path, protocol: Protocol, *, epochs: int, lr: float, seed: int, progress: bool,
+    output_dir: Path, protocol: Protocol, *, epochs: int, lr: float, batch_size: int, seed: int, progress: bool,
 ) -> UnlearnConfig:
     """The ``sga unlearn`` config of one training run (saved beside its output as config.yaml)."""
     return UnlearnConfig(
@@ -298,7 +322,7 @@ def _run_config(
         ),
         method=MethodConfig(name=method, rate=protocol.rate, num_classes=protocol.num_classes),
         train=TrainConfig(
-            output_dir=str(output_dir), seed=seed, epochs=epochs, batch_size=protocol.batch_size, learning_rate=lr,
+            output_dir=str(output_dir), seed=seed, epochs=epochs, batch_size=batch_size, learning_rate=lr,
             progress=progress,
         ),
     ).validate()
@@ -351,8 +375,6 @@ def method_label(name: str, protocol: Protocol) -> str:
     """How a method is named in the table and the plot."""
     if name == "sga":
         return f"sga (K={protocol.num_classes}, r={protocol.rate:g})"
-    if name == "grad_diff":
-        return f"grad_diff (K={protocol.num_classes})"
     return name
 
 
@@ -371,7 +393,8 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
 
 def plot_results(results: dict[str, dict[str, Any]], path: Path, title: str) -> Path:
     """Forgetting (1 - forget ROUGE-L; 1 - forget answer probability) against model utility, one point
-    per model, arrows from the fine-tuned model. matplotlib's Agg canvas (no display needed)."""
+    per model, arrows from the fine-tuned model to the unlearned ones; the base model (which never saw the
+    authors) is a grey cross for reference. matplotlib's Agg canvas (no display needed)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -382,6 +405,9 @@ def plot_results(results: dict[str, dict[str, Any]], path: Path, title: str) -> 
     for axis, (key, ylabel) in zip(figure.subplots(1, 2), panels):
         for i, (name, r) in enumerate(results.items()):
             x, y = r["model_utility"], 1.0 - r[key]
+            if name == BASE:
+                axis.scatter([x], [y], s=60, marker="x", color="0.5", label=f"{name} (never saw the authors)", zorder=3)
+                continue
             if name != FINETUNED:
                 axis.annotate("", xy=(x, y), xytext=(start["model_utility"], 1.0 - start[key]),
                               arrowprops={"arrowstyle": "->", "color": "0.7"})
@@ -442,28 +468,30 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         _say(f"output folder: {out.resolve()}; torch threads: {torch.get_num_threads()}")
         with phases("load model"):
             loaded = load_demo_model("tiny" if options.quick else options.model, seed=options.seed)
-        protocol = FULL if loaded.pretrained else QUICK
+        protocol_name = choose_protocol(loaded.pretrained, options.data is not None)
+        protocol = PROTOCOLS[protocol_name]
         n_params = sum(p.numel() for p in loaded.model.parameters())
         _say(f"model: {loaded.kind}: {loaded.source} ({n_params / 1e6:.1f}M parameters, fp32)")
-        _say(f"protocol: {'full' if protocol is FULL else 'quick (tiny model)'}: {dataclasses.asdict(protocol)}")
+        _say(f"protocol {protocol_name!r}: {dataclasses.asdict(protocol)}")
         with phases("prepare data"):
             data = prepare_data(out, options.data, protocol, options.seed)
         _say(f"data: {data.source}; fine-tuning on {data.n_forget} forget + {data.n_retain} retain QA records")
         runs = out / "runs"
-        progress = loaded.pretrained
-        common = dict(seed=options.seed, progress=progress)
+        common = dict(seed=options.seed, progress=loaded.pretrained)
         training: dict[str, dict[str, Any]] = {}
         results: dict[str, dict[str, Any]] = {}
 
+        with phases(f"evaluate {BASE}"):
+            results[BASE] = evaluate_model(loaded.model, loaded.tokenizer, data.data_dir, protocol)
         with phases("fine-tune (sft)"):
             config = _run_config(loaded.source, loaded.gguf_file, "sft", data.finetune_file, None, runs / "sft", protocol,
-                                 epochs=protocol.sft_epochs, lr=protocol.sft_lr, **common)
+                                 epochs=protocol.sft_epochs, lr=protocol.sft_lr, batch_size=protocol.sft_batch_size, **common)
             training[FINETUNED] = train_run(loaded.model, loaded.tokenizer, config)
         finetuned_dir = runs / "sft" / "final"
         with phases(f"evaluate {FINETUNED}"):
             results[FINETUNED] = evaluate_model(loaded.model, loaded.tokenizer, data.data_dir, protocol)
         tokenizer = loaded.tokenizer
-        loaded.model = None  # free the base model's memory before loading the next ones
+        loaded.model = None  # free the fine-tuned model's memory before loading the next ones
         gc.collect()
 
         for method in protocol.methods:
@@ -471,7 +499,8 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
             model, _ = load_model(finetuned_dir, dtype=torch.float32)
             with phases(f"unlearn {method}"):
                 config = _run_config(str(finetuned_dir), None, method, data.forget_file, data.retain_file, runs / method,
-                                     protocol, epochs=protocol.unlearn_epochs, lr=protocol.unlearn_lr, **common)
+                                     protocol, epochs=protocol.unlearn_epochs, lr=protocol.unlearn_lr,
+                                     batch_size=protocol.batch_size, **common)
                 training[label] = train_run(model, tokenizer, config)
             with phases(f"evaluate {method}"):
                 results[label] = evaluate_model(model, tokenizer, data.data_dir, protocol)
@@ -490,7 +519,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
                 "model": {"kind": loaded.kind, "source": loaded.source, "parameters": n_params},
                 "data": {"source": data.source, "data_dir": str(data.data_dir), "forget_split": FORGET_SPLIT,
                          "retain_split": RETAIN_SPLIT, "forget_records": data.n_forget, "retain_records": data.n_retain},
-                "protocol": dataclasses.asdict(protocol),
+                "protocol": {"name": protocol_name, **dataclasses.asdict(protocol)},
                 "torch_threads": torch.get_num_threads(),
                 "methods": [method_label(m, protocol) for m in protocol.methods],
                 "table": table,
@@ -503,7 +532,9 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     save_results(report, out / REPORT_FILE)
     print()
     print(table)
-    print("forget columns: lower = more forgotten; retain, real authors, world facts, model utility: higher = kept")
+    print(f"{BASE}: the model before fine-tuning (it never saw the authors); {FINETUNED}: after fine-tuning on all "
+          "authors, where every unlearning run starts.\nforget columns: lower = more forgotten; retain, real authors, "
+          "world facts, model utility: higher = more kept. P: answer probability, TR: truth ratio.")
     print()
     for name, seconds in phases.seconds.items():
         print(f"  {name:<28} {seconds:8.1f} s")
