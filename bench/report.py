@@ -72,7 +72,8 @@ def plot_against_vocabulary(rows: list[dict], path: Path) -> None:
     time_axis.set(xlabel="vocabulary size V", ylabel="forward+backward ms", title="time")
     memory_axis.set(xlabel="vocabulary size V", ylabel="peak extra GiB", title="memory beyond the inputs")
     time_axis.legend(fontsize=7)
-    figure.suptitle(f"smoothed_ga_loss, N={selected[0]['num_tokens']}, {selected[0]['device']}")
+    token_counts = "/".join(str(n) for n in sorted({r["num_tokens"] for r in selected}))
+    figure.suptitle(f"smoothed_ga_loss, N={token_counts} (see the table), {selected[0]['device']}")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
