@@ -358,7 +358,7 @@ class UnlearningTrainer:
             return None
         from tqdm.auto import tqdm
 
-        return tqdm(total=self.total_steps, initial=step, desc=f"unlearning ({self.objective.name})", dynamic_ncols=True)
+        return tqdm(total=self.total_steps, initial=step, desc=f"training ({self.objective.name})", dynamic_ncols=True)
 
     def _step(self, step: int, module, optimizer, scheduler, interrupt: _InterruptFlag) -> dict[str, Any]:
         acc = self.accelerator
