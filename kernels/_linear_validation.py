@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from ._validation import FLOAT_DTYPES, INDEX_DTYPES
+from ._validation import FLOAT_DTYPES, check_token_tensors
 
 
 def _check_tensor(name: str, value: object) -> torch.Tensor:
@@ -36,7 +36,6 @@ def check_linear_inputs(
     """
     _check_tensor("hidden", hidden)
     _check_tensor("weight", weight)
-    _check_tensor("labels", labels)
     if hidden.dtype not in FLOAT_DTYPES:
         raise TypeError(f"hidden must be float16, bfloat16, float32 or float64, got {hidden.dtype}")
     if weight.dtype != hidden.dtype:
@@ -64,26 +63,7 @@ def check_linear_inputs(
             raise ValueError(f"bias must have shape [V] = ({vocab_size},), got {tuple(bias.shape)}")
         if bias.device != hidden.device:
             raise ValueError(f"bias is on {bias.device} but hidden on {hidden.device}")
-    if labels.dtype not in INDEX_DTYPES:
-        raise TypeError(f"labels must be int32 or int64, got {labels.dtype}")
-    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(
-            f"labels shape {tuple(labels.shape)} must equal the hidden states' leading shape {tuple(hidden.shape[:-1])}"
-        )
-    if labels.device != hidden.device:
-        raise ValueError(f"labels are on {labels.device} but hidden on {hidden.device}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if token_weights is not None:
-        _check_tensor("token_weights", token_weights)
-        if not token_weights.is_floating_point():
-            raise TypeError(f"token_weights must be a float tensor, got {token_weights.dtype}")
-        if tuple(token_weights.shape) != tuple(labels.shape):
-            raise ValueError(
-                f"token_weights shape {tuple(token_weights.shape)} must equal the labels shape {tuple(labels.shape)}"
-            )
-        if token_weights.device != hidden.device:
-            raise ValueError(f"token_weights are on {token_weights.device} but hidden on {hidden.device}")
+    check_token_tensors(labels, token_weights, ignore_index, tuple(hidden.shape[:-1]), hidden.device, "hidden states")
 
 
 def check_softcap(softcap: Optional[float]) -> Optional[float]:

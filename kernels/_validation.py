@@ -97,31 +97,26 @@ def check_labels_in_range(labels: torch.Tensor, vocab_size: int, ignore_index: i
         )
 
 
-def check_logits_and_labels(
-    logits: torch.Tensor,
+def check_token_tensors(
     labels: torch.Tensor,
     token_weights: Optional[torch.Tensor],
     ignore_index: int,
+    leading_shape: tuple[int, ...],
+    device: torch.device,
+    source: str,
 ) -> None:
-    """Types, dtypes, shapes and devices of the per-token tensors."""
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    """labels [...] (int32 / int64) and token_weights [...] (float) or None, both with the leading shape and
+    device of ``source`` (the logits or the hidden states), and an int ignore_index."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if logits.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
     if labels.dtype not in INDEX_DTYPES:
         raise TypeError(f"labels must be int32 or int64, got {labels.dtype}")
-    if logits.dim() < 1:
-        raise ValueError("logits must have at least one dimension (the vocabulary)")
-    if logits.shape[-1] == 0:
-        raise ValueError("logits have an empty vocabulary dimension (V = 0)")
-    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+    if tuple(labels.shape) != tuple(leading_shape):
         raise ValueError(
-            f"labels shape {tuple(labels.shape)} must equal the logits' leading shape {tuple(logits.shape[:-1])}"
+            f"labels shape {tuple(labels.shape)} must equal the {source}' leading shape {tuple(leading_shape)}"
         )
-    if labels.device != logits.device:
-        raise ValueError(f"labels are on {labels.device} but logits on {logits.device}")
+    if labels.device != device:
+        raise ValueError(f"labels are on {labels.device} but {source} on {device}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if token_weights is not None:
@@ -133,5 +128,35 @@ def check_logits_and_labels(
             raise ValueError(
                 f"token_weights shape {tuple(token_weights.shape)} must equal the labels shape {tuple(labels.shape)}"
             )
-        if token_weights.device != logits.device:
-            raise ValueError(f"token_weights are on {token_weights.device} but logits on {logits.device}")
+        if token_weights.device != device:
+            raise ValueError(f"token_weights are on {token_weights.device} but {source} on {device}")
+
+
+def check_logits_and_labels(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    token_weights: Optional[torch.Tensor],
+    ignore_index: int,
+) -> None:
+    """Types, dtypes, shapes and devices of the per-token tensors."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+    if logits.dim() < 1:
+        raise ValueError("logits must have at least one dimension (the vocabulary)")
+    if logits.shape[-1] == 0:
+        raise ValueError("logits have an empty vocabulary dimension (V = 0)")
+    check_token_tensors(labels, token_weights, ignore_index, tuple(logits.shape[:-1]), logits.device, "logits")
+
+
+def check_loss_options(smoothing: float, reduction: str, ascent: bool, normalizer: object) -> float:
+    """The options both losses share: eps (returned as a float), the reduction, the ascent flag, and a
+    normalizer only with reduction 'mean'."""
+    smoothing = check_smoothing(smoothing)
+    check_choice("reduction", reduction, REDUCTIONS)
+    if not isinstance(ascent, bool):
+        raise TypeError(f"ascent must be a bool, got {type(ascent).__name__}")
+    if normalizer is not None and reduction != "mean":
+        raise ValueError(f"normalizer applies to reduction='mean' only, got reduction={reduction!r}")
+    return smoothing

@@ -34,11 +34,9 @@ from torch.autograd.function import once_differentiable
 from . import ops
 from ._linear_validation import check_chunk_size, check_linear_inputs, check_softcap
 from ._validation import (
-    REDUCTIONS,
-    check_choice,
     check_labels_in_range,
+    check_loss_options,
     check_normalizer,
-    check_smoothing,
     resolve_backend,
 )
 from .torch_backend import compute_dtype_for
@@ -340,12 +338,7 @@ def linear_smoothed_ga_loss(
         hidden, weight, bias = cast(hidden), cast(weight), cast(bias)
     check_linear_inputs(hidden, weight, bias, labels, token_weights, ignore_index)
     softcap = check_softcap(softcap)
-    smoothing = check_smoothing(smoothing)
-    check_choice("reduction", reduction, REDUCTIONS)
-    if not isinstance(ascent, bool):
-        raise TypeError(f"ascent must be a bool, got {type(ascent).__name__}")
-    if normalizer is not None and reduction != "mean":
-        raise ValueError(f"normalizer applies to reduction='mean' only, got reduction={reduction!r}")
+    smoothing = check_loss_options(smoothing, reduction, ascent, normalizer)
     chunk_size = check_chunk_size(chunk_size)
     resolved_backend = resolve_backend(backend, hidden.device)
     normalizer_tensor = check_normalizer(normalizer, hidden.device)

@@ -23,6 +23,7 @@ from ._validation import (
     check_choice,
     check_labels_in_range,
     check_logits_and_labels,
+    check_loss_options,
     check_normalizer,
     check_smoothing,
     resolve_backend,
@@ -126,14 +127,9 @@ def smoothed_ga_loss(
     l = lse(z) - (1 - eps) z_y - (eps / V) sum_v z_v ;  L = s * w * l ;  dL/dz = s w (softmax(z) - (1-eps) 1_y - eps/V) / D
     """
     check_logits_and_labels(logits, labels, token_weights, ignore_index)
-    smoothing = check_smoothing(smoothing)
-    check_choice("reduction", reduction, REDUCTIONS)
-    if not isinstance(ascent, bool):
-        raise TypeError(f"ascent must be a bool, got {type(ascent).__name__}")
+    smoothing = check_loss_options(smoothing, reduction, ascent, normalizer)
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
-    if normalizer is not None and reduction != "mean":
-        raise ValueError(f"normalizer applies to reduction='mean' only, got reduction={reduction!r}")
     resolved_backend = resolve_backend(backend, logits.device)
     normalizer_tensor = check_normalizer(normalizer, logits.device)
     vocab_size = logits.shape[-1]
