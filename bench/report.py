@@ -39,10 +39,15 @@ def format_table(rows: list[dict]) -> str:
             part = f"{name} {other['median_ms'] / mine['median_ms']:.2f}x"
             if mine.get("peak_extra_bytes") and other.get("peak_extra_bytes") is not None:
                 part += f" mem {other['peak_extra_bytes'] / mine['peak_extra_bytes']:.2f}x"
+                if "peak_extra_over_logits" in other:
+                    part += f" ({100 * other['peak_extra_over_logits']:.1f}% of logits)"
             parts.append(part)
         memory = ""
         if mine.get("peak_extra_bytes") is not None:
-            memory = f" [ours extra {mine['peak_extra_bytes'] / 2**20:.0f} MiB]"
+            memory = f" [ours extra {mine['peak_extra_bytes'] / 2**20:.0f} MiB"
+            if "peak_extra_over_logits" in mine:
+                memory += f" = {100 * mine['peak_extra_over_logits']:.1f}% of logits"
+            memory += "]"
         lines.append(
             f"{op:7} {shape:26} {dtype:9} {phase:17} {mine['median_ms']:9.2f} {floor:8.2f}  "
             + ", ".join(parts)

@@ -21,6 +21,9 @@ def _check_tensor(name: str, value: object) -> torch.Tensor:
     return value
 
 
+AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)  # what autocast casts for F.linear
+
+
 def check_linear_inputs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -28,17 +31,24 @@ def check_linear_inputs(
     labels: torch.Tensor,
     token_weights: Optional[torch.Tensor],
     ignore_index: int,
-) -> None:
+    autocast_dtype: Optional[torch.dtype] = None,
+) -> torch.dtype:
     """hidden [..., D], weight [V, D], bias [V] or None, labels [...] and token_weights [...] or None.
 
-    hidden, weight and bias share one float dtype and one device (cast them explicitly, or run under
-    torch.autocast, which casts all three to the autocast dtype before this check).
+    Returns the compute dtype. hidden, weight and bias share one float dtype and one device; under autocast
+    (autocast_dtype given) a float16 / bfloat16 / float32 tensor counts as the autocast dtype, as it would for
+    F.linear, so float32 master weights go with bfloat16 autocast.
     """
     _check_tensor("hidden", hidden)
     _check_tensor("weight", weight)
     if hidden.dtype not in FLOAT_DTYPES:
         raise TypeError(f"hidden must be float16, bfloat16, float32 or float64, got {hidden.dtype}")
-    if weight.dtype != hidden.dtype:
+
+    def compute_dtype_of(tensor: torch.Tensor) -> torch.dtype:
+        return autocast_dtype if autocast_dtype is not None and tensor.dtype in AUTOCAST_ELIGIBLE else tensor.dtype
+
+    compute_dtype = compute_dtype_of(hidden)
+    if compute_dtype_of(weight) != compute_dtype:
         raise TypeError(f"weight dtype {weight.dtype} must equal the hidden dtype {hidden.dtype}")
     if hidden.dim() < 1:
         raise ValueError("hidden must have at least one dimension (the hidden size D)")
@@ -57,13 +67,14 @@ def check_linear_inputs(
         raise ValueError(f"weight is on {weight.device} but hidden on {hidden.device}")
     if bias is not None:
         _check_tensor("bias", bias)
-        if bias.dtype != hidden.dtype:
+        if compute_dtype_of(bias) != compute_dtype:
             raise TypeError(f"bias dtype {bias.dtype} must equal the hidden dtype {hidden.dtype}")
         if tuple(bias.shape) != (vocab_size,):
             raise ValueError(f"bias must have shape [V] = ({vocab_size},), got {tuple(bias.shape)}")
         if bias.device != hidden.device:
             raise ValueError(f"bias is on {bias.device} but hidden on {hidden.device}")
     check_token_tensors(labels, token_weights, ignore_index, tuple(hidden.shape[:-1]), hidden.device, "hidden states")
+    return compute_dtype
 
 
 def check_softcap(softcap: Optional[float]) -> Optional[float]:

@@ -13,9 +13,19 @@ Chunked algorithm (the only one; every backend): the N token rows go through in 
 The row kernel runs with grad_norm = 1, so G = s w (softmax(z) - (1 - eps) 1_y - eps / V) is not divided by D
 (no underflow of p / D in a float16 buffer); dH, dW and db are multiplied by 1 / D once, after the loop.
 
-Memory beyond inputs and gradients: one [R, V] buffer in the input dtype (two with softcap) and the row kernel's
-bounded float32 temporaries; for low-precision weights also the float32 [V, D] dW accumulator and the rounded
-dW product of one vocabulary block (no larger than one chunk buffer).
+Precision. The GEMMs and the chunk buffers use the compute dtype: the inputs' dtype, or the autocast dtype
+under ``torch.autocast`` (then hidden, W and b keep their own dtype as inputs and are cast inside, once per
+pass, and dH, dW, db come back in their dtypes). dW is accumulated in float32 (float64 for float64 input):
+- float32 weight (float32 master weights under bf16 autocast, the usual mixed-precision training): the
+  accumulator is the returned gradient itself;
+- bfloat16 / float16 weight: a float32 [V, D] accumulator (4 V D bytes), cast once at the end
+  (DESIGN.md 3), or, with ``accumulate_in_float32=False``, the returned gradient in the weight's dtype with one
+  rounding per chunk (no [V, D] buffer; what memory-lean fused losses do).
+
+Memory beyond inputs and gradients: one [R, V] buffer in the compute dtype (two with softcap), the row kernel's
+bounded float32 temporaries, the rounded dW product of one vocabulary block when dW is accumulated in a wider
+dtype than the GEMMs' (no larger than one chunk buffer), the float32 dW accumulator of a low-precision weight
+(unless accumulate_in_float32=False), and under autocast the cast copies of hidden and W for the pass.
 
 Like the logits kernel, the gradient is computed in the forward pass when the loss is reduced to a scalar
 (D is known there) and backward only scales it by grad_output, in place. Reduction "none" has a per-token
@@ -61,7 +71,9 @@ class LinearLossConfig:
     """The scalar parameters of one fused linear loss call, passed through the autograd Function as one object.
 
     sign is -1.0 for ascent and +1.0 for descent; backend is resolved ("triton" or "torch") and selects the row
-    kernel that runs on each chunk; softcap is c or None; chunk_rows is R.
+    kernel that runs on each chunk; softcap is c or None; chunk_rows is R; compute_dtype is the dtype of the
+    GEMMs and chunk buffers (hidden, W, b are cast to it inside); accumulate_in_float32 selects the dW
+    accumulator of a low-precision weight (float32 buffer, or the gradient itself in the weight's dtype).
     """
 
     smoothing: float
@@ -71,14 +83,17 @@ class LinearLossConfig:
     backend: str
     softcap: Optional[float]
     chunk_rows: int
+    compute_dtype: torch.dtype
+    accumulate_in_float32: bool = True
 
 
 def _accumulate_weight_grad(dw: torch.Tensor, grad: torch.Tensor, hidden_chunk: torch.Tensor, block: int) -> None:
     """dW += G^T @ H_c into the accumulator dw.
 
-    Same dtype (float32 / float64 weights): one GEMM straight into dw. Low-precision weights: GEMMs in that
-    precision over blocks of `block` vocabulary rows, each rounded product added into the float32 accumulator,
-    so the temporary stays no larger than the chunk buffer.
+    Same dtype as the GEMMs: one GEMM straight into dw (for a low-precision dw that is one rounding per chunk).
+    A wider dw (float32 accumulator of low-precision GEMMs): GEMMs in the compute precision over blocks of
+    `block` vocabulary rows, each rounded product added into dw, so the temporary stays no larger than the
+    chunk buffer.
     """
     if dw.dtype == grad.dtype:
         dw.addmm_(grad.t(), hidden_chunk)
@@ -87,9 +102,6 @@ def _accumulate_weight_grad(dw: torch.Tensor, grad: torch.Tensor, hidden_chunk: 
     for start in range(0, vocab_size, block):
         stop = min(start + block, vocab_size)
         dw[start:stop].add_(torch.mm(grad[:, start:stop].t(), hidden_chunk))
-
-
-TORCH_ROW_SLICE_ELEMENTS = 1 << 20  # see _row_kernel
 
 
 def _row_kernel(
@@ -102,29 +114,19 @@ def _row_kernel(
 ) -> torch.Tensor:
     """Per-token losses of one chunk of logits; the gradient overwrites the chunk when write_grad.
 
-    The Triton kernel gets the whole chunk in one launch. The torch backend builds float32 temporaries as large
-    as the rows it is given, so it gets slices of about 1M elements: that keeps its temporaries (and the
-    allocator slack they leave behind) near 4 MB instead of a sizeable fraction of the chunk.
+    One launch of the row kernel for the whole chunk (the torch backend bounds its own float32 temporaries).
     """
-    num_rows, vocab_size = logits.shape
-    step = num_rows if config.backend == "triton" else max(1, TORCH_ROW_SLICE_ELEMENTS // vocab_size)
-    losses = []
-    for start in range(0, num_rows, step):
-        rows = logits[start : start + step]
-        losses.append(
-            ops.smoothed_ga_rows(
-                rows,
-                labels[start : start + step],
-                None if row_weights is None else row_weights[start : start + step],
-                unit_norm,
-                rows if write_grad else None,
-                config.smoothing,
-                config.sign,
-                config.ignore_index,
-                config.backend,
-            )
-        )
-    return losses[0] if len(losses) == 1 else torch.cat(losses)
+    return ops.smoothed_ga_rows(
+        logits,
+        labels,
+        row_weights,
+        unit_norm,
+        logits if write_grad else None,
+        config.smoothing,
+        config.sign,
+        config.ignore_index,
+        config.backend,
+    )
 
 
 def _chunked_pass(
@@ -139,34 +141,39 @@ def _chunked_pass(
     """One sweep over the token chunks: per-token signed losses [N] and the unnormalized gradients.
 
     need = (dH, dW, db) flags; a gradient not needed is neither computed nor allocated (None). dH has the hidden
-    dtype; dW and db are the float32 (float64) accumulators of sum_r G_r^T h_r and sum_r G_r.
+    dtype; dW is the accumulator of sum_r G_r^T h_r (float32 / float64, or the weight's dtype when it is not
+    accumulated in float32), db the float32 (float64) accumulator of sum_r G_r.
     """
     num_rows, hidden_size = hidden.shape
     vocab_size = weight.shape[0]
-    acc_dtype = compute_dtype_for(hidden.dtype)
+    compute_dtype = config.compute_dtype
+    acc_dtype = compute_dtype_for(compute_dtype)
     need_hidden, need_weight, need_bias = need
     need_any = need_hidden or need_weight or need_bias
     device = hidden.device
 
     row_loss = torch.empty(num_rows, dtype=acc_dtype, device=device)
     dh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else None
-    dw = torch.zeros(weight.shape, dtype=acc_dtype, device=device) if need_weight else None
+    dw_dtype = acc_dtype if config.accumulate_in_float32 else weight.dtype
+    dw = torch.zeros(weight.shape, dtype=dw_dtype, device=device) if need_weight else None
     db = torch.zeros(vocab_size, dtype=acc_dtype, device=device) if need_bias else None
     unit_norm = torch.ones((), dtype=acc_dtype, device=device)  # 1 / D is applied to dH, dW, db afterwards
 
+    hidden_c, weight_c = hidden.to(compute_dtype), weight.to(compute_dtype)  # no copy without autocast
+    bias_c = None if bias is None else bias.to(compute_dtype)
     buffer_rows = min(config.chunk_rows, num_rows)
-    logits_buffer = hidden.new_empty((buffer_rows, vocab_size))
-    capped_buffer = hidden.new_empty((buffer_rows, vocab_size)) if config.softcap is not None else None
+    logits_buffer = hidden_c.new_empty((buffer_rows, vocab_size))
+    capped_buffer = hidden_c.new_empty((buffer_rows, vocab_size)) if config.softcap is not None else None
     dw_block = max(1, buffer_rows * vocab_size // hidden_size)
-    weight_t = weight.t()
+    weight_t = weight_c.t()
     for start in range(0, num_rows, config.chunk_rows):
         stop = min(start + config.chunk_rows, num_rows)
-        hidden_chunk = hidden[start:stop]
+        hidden_chunk = hidden_c[start:stop]
         logits = logits_buffer[: stop - start]
-        if bias is None:
+        if bias_c is None:
             torch.mm(hidden_chunk, weight_t, out=logits)  # Z = H_c W^T
         else:
-            torch.addmm(bias, hidden_chunk, weight_t, out=logits)  # Z = H_c W^T + b
+            torch.addmm(bias_c, hidden_chunk, weight_t, out=logits)  # Z = H_c W^T + b
         tanh = None
         if config.softcap is not None:
             tanh = logits.div_(config.softcap).tanh_()  # t = tanh(Z / c), kept for the chain rule
@@ -180,7 +187,10 @@ def _chunked_pass(
         if tanh is not None:
             grad.mul_(tanh.square_().neg_().add_(1.0))  # dL/dZ = dL/dZc * (1 - t^2)
         if dh is not None:
-            torch.mm(grad, weight, out=dh[start:stop])  # dH_c = G W
+            if dh.dtype == compute_dtype:
+                torch.mm(grad, weight_c, out=dh[start:stop])  # dH_c = G W
+            else:
+                dh[start:stop] = torch.mm(grad, weight_c)  # dH_c = G W, cast back to the hidden dtype
         if dw is not None:
             _accumulate_weight_grad(dw, grad, hidden_chunk, dw_block)  # dW += G^T H_c
         if db is not None:
@@ -240,7 +250,7 @@ class LinearSmoothedGALossFunction(torch.autograd.Function):
         normalizer: Optional[torch.Tensor],
         config: LinearLossConfig,
     ) -> torch.Tensor:
-        grad_norm = _grad_norm(labels, normalizer, config, compute_dtype_for(hidden.dtype))
+        grad_norm = _grad_norm(labels, normalizer, config, compute_dtype_for(config.compute_dtype))
         eager = config.reduction != "none"  # a scalar loss: its gradient is known up to grad_output now
         need = tuple(ctx.needs_input_grad[:3]) if eager else (False, False, False)
         row_loss, grads = _chunked_pass(hidden, weight, bias, labels, token_weights, config, need)
@@ -300,6 +310,7 @@ def linear_smoothed_ga_loss(
     normalizer: Union[None, float, torch.Tensor] = None,
     backend: str = "auto",
     chunk_size: Optional[int] = None,
+    accumulate_in_float32: bool = True,
     validate: bool = True,
 ) -> torch.Tensor:
     """Smoothed gradient-ascent loss of the logits ``softcap(hidden @ weight.T + bias)``, without materializing them.
@@ -318,28 +329,27 @@ def linear_smoothed_ga_loss(
             buffers), clamped to [128, N]: the chunk buffers hold about 1/16 of the full logits (more when
             N < 2048, where the logits are small). Larger chunks stream W through the GEMMs fewer times
             (faster) and cost more memory.
+        accumulate_in_float32: for a bfloat16 / float16 weight, accumulate dW across chunks in a float32
+            [V, D] buffer (default; 4 V D bytes, as large as the bf16 logits of N = 2 D tokens). False sums
+            the chunks' products straight into the gradient in the weight's dtype: no such buffer, at the cost
+            of one rounding per chunk (about sqrt(chunks) / 2 units in the last place). No effect for float32
+            or float64 weights, which always accumulate in their own dtype.
 
     Gradients flow to hidden, weight and bias, each only when it requires grad (a frozen head costs no dW GEMM).
-    dW and db are accumulated in float32 across chunks and cast to the parameter dtype. No host sync happens
-    except the optional label-range check. Under ``torch.autocast`` the three float inputs are cast to the
-    autocast dtype first, as ``F.linear`` would be.
+    No host sync happens except the optional label-range check. Under ``torch.autocast`` the GEMMs run in the
+    autocast dtype, as ``F.linear``'s would; hidden, weight and bias may then have any of float16 / bfloat16 /
+    float32 (float32 master weights get their float32 gradient accumulated directly, with no extra buffer).
 
     Returns:
         float32 loss (float64 for float64 inputs): a scalar, or per token (shaped like labels) for reduction "none".
     """
     autocast_dtype = _autocast_dtype(hidden.device.type) if isinstance(hidden, torch.Tensor) else None
-    if autocast_dtype is not None:
-
-        def cast(tensor):  # autocast's rule for F.linear: float16 / bfloat16 / float32 go to its dtype
-            eligible = (torch.float16, torch.bfloat16, torch.float32)
-            is_eligible = isinstance(tensor, torch.Tensor) and tensor.dtype in eligible
-            return tensor.to(autocast_dtype) if is_eligible else tensor
-
-        hidden, weight, bias = cast(hidden), cast(weight), cast(bias)
-    check_linear_inputs(hidden, weight, bias, labels, token_weights, ignore_index)
+    compute_dtype = check_linear_inputs(hidden, weight, bias, labels, token_weights, ignore_index, autocast_dtype)
     softcap = check_softcap(softcap)
     smoothing = check_loss_options(smoothing, reduction, ascent, normalizer)
     chunk_size = check_chunk_size(chunk_size)
+    if not isinstance(accumulate_in_float32, bool):
+        raise TypeError(f"accumulate_in_float32 must be a bool, got {type(accumulate_in_float32).__name__}")
     resolved_backend = resolve_backend(backend, hidden.device)
     normalizer_tensor = check_normalizer(normalizer, hidden.device)
     vocab_size, hidden_size = weight.shape
@@ -348,7 +358,7 @@ def linear_smoothed_ga_loss(
 
     hidden_2d = hidden.reshape(-1, hidden_size)
     num_rows = hidden_2d.shape[0]
-    acc_dtype = compute_dtype_for(hidden.dtype)
+    acc_dtype = compute_dtype_for(compute_dtype)
     weights_1d = None
     if token_weights is not None:
         weights_1d = token_weights.detach().reshape(-1).to(acc_dtype).contiguous()
@@ -360,6 +370,8 @@ def linear_smoothed_ga_loss(
         backend=resolved_backend,
         softcap=softcap,
         chunk_rows=chunk_size or default_chunk_rows(num_rows, 1 if softcap is None else 2),
+        compute_dtype=compute_dtype,
+        accumulate_in_float32=accumulate_in_float32,
     )
     labels_1d = labels.reshape(-1).contiguous()
     differentiable = torch.is_grad_enabled() and any(

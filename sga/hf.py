@@ -104,6 +104,7 @@ def _loss_from_hidden(
     normalizer: Union[None, float, torch.Tensor],
     backend: str,
     validate: bool = True,
+    accumulate_in_float32: bool = True,
 ) -> torch.Tensor:
     """The fused loss of hidden [B, T, D] against labels [B, T].
 
@@ -132,6 +133,7 @@ def _loss_from_hidden(
         normalizer=normalizer,
         backend=backend,
         validate=validate,
+        accumulate_in_float32=accumulate_in_float32,
     )
     if reduction == "none" and shift:
         return loss[:, :-1]
@@ -151,6 +153,7 @@ def causal_lm_loss(
     normalizer: Union[None, float, torch.Tensor] = None,
     backend: str = "auto",
     validate: bool = True,
+    accumulate_in_float32: bool = True,
     **model_kwargs: Any,
 ) -> torch.Tensor:
     """Smoothed-GA loss of a Hugging Face causal LM on (input_ids, labels), without computing its logits.
@@ -166,6 +169,8 @@ def causal_lm_loss(
             ``normalizer`` plays the role of HF's ``num_items_in_batch``.
         validate: check every label is -100 or in [0, V) (one host sync on CUDA per call); set False in a
             training loop whose labels come from the tokenizer.
+        accumulate_in_float32: as in :func:`sga.kernels.linear_smoothed_ga_loss` (matters for a bf16 / fp16
+            head only; a float32 head under autocast always accumulates in its float32 gradient).
         **model_kwargs: passed to the decoder (position_ids, inputs_embeds, token_type_ids, ...); use_cache
             defaults to False.
 
@@ -189,6 +194,7 @@ def causal_lm_loss(
         normalizer=normalizer,
         backend=backend,
         validate=validate,
+        accumulate_in_float32=accumulate_in_float32,
     )
 
 

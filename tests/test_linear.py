@@ -233,8 +233,7 @@ def test_only_needed_gradients_are_computed(needs, expected_gemms):
         loss.backward()
     chunks = math.ceil(num_tokens / chunk)
     assert len(record.gemms()) == expected_gemms * chunks
-    produced = [shape for _, shape in record.calls]
-    assert ((vocab_size, hidden_size) in produced) == needs[1]  # the dW accumulator
+    assert (("zeros", (vocab_size, hidden_size)) in record.calls) == needs[1]  # the dW accumulator
     for leaf, need in zip(leaves, needs):
         assert (leaf.grad is not None) == need
     exact_loss, exact_grads = truth(hidden, weight, bias, labels)
@@ -370,17 +369,89 @@ def test_float64_gradcheck(reduction, softcap):
     assert torch.autograd.gradcheck(fn, leaves)
 
 
-def test_autocast_casts_the_inputs_like_f_linear():
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_autocast_runs_the_gemms_in_the_autocast_dtype(reduction):
+    """float32 leaves under bf16 autocast: the same numbers as casting them by hand first (F.linear's rule),
+    but the float32 gradients come straight from the float32 accumulators (no bf16 round trip of dW)."""
     hidden, weight, bias, labels = make_case(20, 8, 50, seed=23)
+    grad_output = torch.randn(20) if reduction == "none" else None
     leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    options = dict(smoothing=0.1, chunk_size=6, reduction=reduction)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = linear_smoothed_ga_loss(leaves[0], leaves[1], labels, bias=leaves[2], smoothing=0.1, chunk_size=6)
-    loss.backward()
-    expected, expected_grads = ours(hidden, weight, bias, labels, cast=torch.bfloat16, smoothing=0.1, chunk_size=6)
+        loss = linear_smoothed_ga_loss(leaves[0], leaves[1], labels, bias=leaves[2], **options)
+    loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
+    expected, expected_grads = ours(hidden, weight, bias, labels, grad_output, cast=torch.bfloat16, **options)
     torch.testing.assert_close(loss.detach(), expected, atol=0.0, rtol=0.0)
     for leaf, grad in zip(leaves, expected_grads):
+        # by hand, each gradient is rounded to bf16 once more (dH before its 1 / D scaling, dW and db after it)
         assert leaf.grad.dtype == torch.float32
-        torch.testing.assert_close(leaf.grad, grad, atol=0.0, rtol=0.0)
+        torch.testing.assert_close(leaf.grad, grad, atol=2**-8 * grad.abs().max().item(), rtol=0.0)
+
+
+class RecordStorages(TorchFunctionMode):
+    """The distinct storages of a given shape that torch functions return while active."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.storages = shape, {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and tuple(out.shape) == self.shape:
+            self.storages[out.untyped_storage().data_ptr()] = out.dtype
+        return out
+
+
+def test_autocast_float32_master_weight_has_no_extra_weight_sized_buffer():
+    """Under bf16 autocast a float32 head gets its float32 gradient accumulated in place: the only [V, D] buffers
+    are the bf16 cast of W (what F.linear makes too) and the float32 gradient itself (with chunks of 2 rows,
+    the bf16 dW products come in vocabulary blocks of 2 * 40 // 6 = 13 rows)."""
+    hidden, weight, _, labels = make_case(24, 6, 40, seed=26)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    with RecordStorages((40, 6)) as record:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = linear_smoothed_ga_loss(hidden, weight, labels, chunk_size=2, backend="torch")
+        loss.backward()
+    new_storages = {ptr: dtype for ptr, dtype in record.storages.items() if ptr != weight.data_ptr()}
+    assert sorted(map(str, new_storages.values())) == ["torch.bfloat16", "torch.float32"], new_storages
+    assert weight.grad.dtype == torch.float32 and weight.grad.data_ptr() in new_storages
+
+
+@pytest.mark.parametrize("softcap", [None, 4.0])
+def test_weight_gradient_in_the_weight_dtype_when_asked(softcap):
+    """accumulate_in_float32=False: no float32 [V, D] buffer, dW summed in bf16 (one rounding per chunk), still
+    within a rounding per chunk of the truth; dH and the loss are the default path's, bit for bit."""
+    hidden, weight, bias, labels = make_case(96, 12, 70, dtype=torch.bfloat16, seed=27)
+    options = dict(softcap=softcap, smoothing=0.1, reduction="sum", chunk_size=8)
+    with RecordStorages((70, 12)) as record:
+        lean_loss, lean_grads = ours(hidden, weight, bias, labels, accumulate_in_float32=False, **options)
+    assert torch.float32 not in record.storages.values(), record.storages  # no float32 [V, D] accumulator
+    loss, grads = ours(hidden, weight, bias, labels, **options)
+    _, exact_grads = truth(hidden, weight, bias, labels, **options)
+    torch.testing.assert_close(lean_loss, loss, atol=0.0, rtol=0.0)
+    torch.testing.assert_close(lean_grads[0], grads[0], atol=0.0, rtol=0.0)
+    torch.testing.assert_close(lean_grads[2], grads[2], atol=0.0, rtol=0.0)
+    assert lean_grads[1].dtype == torch.bfloat16
+    chunks = 96 // 8
+    scale = exact_grads[1].abs().max().item()
+    assert max_error(lean_grads[1], exact_grads[1]) <= chunks * 2**-8 * scale
+    assert max_error(grads[1], exact_grads[1]) <= max_error(lean_grads[1], exact_grads[1])
+
+
+def test_accumulate_in_float32_must_be_a_bool():
+    hidden, weight, _, labels = make_case(4, 3, 5, seed=28)
+    with pytest.raises(TypeError, match="accumulate_in_float32"):
+        linear_smoothed_ga_loss(hidden, weight, labels, accumulate_in_float32="no")
+
+
+def test_autocast_mixed_input_dtypes_are_accepted_but_float64_is_not_cast():
+    hidden, weight, _, labels = make_case(10, 4, 9, seed=29)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = linear_smoothed_ga_loss(hidden.bfloat16(), weight, labels)  # bf16 activations, fp32 head
+        with pytest.raises(TypeError, match="weight dtype"):
+            linear_smoothed_ga_loss(hidden, weight.double(), labels)
+    torch.testing.assert_close(mixed, linear_smoothed_ga_loss(hidden.bfloat16(), weight.bfloat16(), labels))
 
 
 def test_prepared_inputs_through_the_function():
@@ -389,7 +460,14 @@ def test_prepared_inputs_through_the_function():
 
     hidden, weight, bias, labels = make_case(10, 4, 9, seed=24)
     config = LinearLossConfig(
-        smoothing=0.0, sign=1.0, ignore_index=-100, reduction="sum", backend="torch", softcap=None, chunk_rows=3
+        smoothing=0.0,
+        sign=1.0,
+        ignore_index=-100,
+        reduction="sum",
+        backend="torch",
+        softcap=None,
+        chunk_rows=3,
+        compute_dtype=torch.float32,
     )
     loss = LinearSmoothedGALossFunction.apply(hidden, weight, bias, labels, None, None, config)
     expected = linear_smoothed_ga_loss(hidden, weight, labels, bias=bias, ascent=False, reduction="sum")
