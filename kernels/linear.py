@@ -4,7 +4,7 @@
     l = lse(z) - (1 - eps) z_y - (eps / V) sum_v z_v ;  L = s * w * l          (DESIGN.md 2.1)
 
 Chunked algorithm (the only one; every backend): the N token rows go through in chunks of R rows. Per chunk
-    Z    = H_c @ W^T + b               one GEMM into an [R, V] buffer reused by every chunk
+    Z    = H_c @ W^T + b               one GEMM into an [R, V] buffer (one chunk's at a time)
     t    = tanh(Z / c), Zc = c * t      (softcap only: t stays in the first buffer, Zc goes to a second one)
     G    = dL/dZc                       the row kernel ``sga::smoothed_ga_rows``, in place over Zc
     G   *= 1 - t^2                      (softcap only) chain rule: dL/dZ = dL/dZc * (1 - tanh^2(Z / c))
@@ -161,23 +161,22 @@ def _chunked_pass(
 
     hidden_c, weight_c = hidden.to(compute_dtype), weight.to(compute_dtype)  # no copy without autocast
     bias_c = None if bias is None else bias.to(compute_dtype)
-    buffer_rows = min(config.chunk_rows, num_rows)
-    logits_buffer = hidden_c.new_empty((buffer_rows, vocab_size))
-    capped_buffer = hidden_c.new_empty((buffer_rows, vocab_size)) if config.softcap is not None else None
-    dw_block = max(1, buffer_rows * vocab_size // hidden_size)
+    dw_block = max(1, min(config.chunk_rows, num_rows) * vocab_size // hidden_size)
     weight_t = weight_c.t()
     for start in range(0, num_rows, config.chunk_rows):
         stop = min(start + config.chunk_rows, num_rows)
         hidden_chunk = hidden_c[start:stop]
-        logits = logits_buffer[: stop - start]
+        logits = tanh = grad = None  # drop the previous chunk's [R, V] buffers before the next product
+        # a fresh [R, V] product per chunk: the allocator hands back the previous chunk's block (CUDA's caching
+        # allocator, glibc's heap), and the CPU GEMM writes it directly where out= would go through a temporary
         if bias_c is None:
-            torch.mm(hidden_chunk, weight_t, out=logits)  # Z = H_c W^T
+            logits = torch.mm(hidden_chunk, weight_t)  # Z = H_c W^T
         else:
-            torch.addmm(bias_c, hidden_chunk, weight_t, out=logits)  # Z = H_c W^T + b
+            logits = torch.addmm(bias_c, hidden_chunk, weight_t)  # Z = H_c W^T + b
         tanh = None
         if config.softcap is not None:
             tanh = logits.div_(config.softcap).tanh_()  # t = tanh(Z / c), kept for the chain rule
-            logits = torch.mul(tanh, config.softcap, out=capped_buffer[: stop - start])  # Zc = c t
+            logits = tanh * config.softcap  # Zc = c t
         chunk_weights = None if row_weights is None else row_weights[start:stop]
         # G = dL/dZc overwrites Zc (in place) when a gradient is needed
         row_loss[start:stop] = _row_kernel(logits, labels[start:stop], chunk_weights, unit_norm, need_any, config)
