@@ -22,8 +22,9 @@ COLLECTED_ROWS: list[dict] = []
 
 @pytest.fixture(scope="session")
 def floors() -> dict:
-    """The device's copy bandwidth (bytes/s) and matmul throughput (flop/s), measured in this run."""
-    return {"copy_bytes_per_s": copy_bandwidth(DEVICE), "matmul_flops_per_s": matmul_throughput(DEVICE)}
+    """The device's copy bandwidth (bytes/s) and matmul throughput (flop/s, by dtype name), measured in this run."""
+    matmul = {name: matmul_throughput(DEVICE, getattr(torch, name)) for name in ("bfloat16", "float32")}
+    return {"copy_bytes_per_s": copy_bandwidth(DEVICE), "matmul_flops_per_s": matmul}
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
 """Hardware floors measured on the benchmark's own device in the same run (DESIGN.md section 5).
 
 - copy bandwidth: a device-to-device copy of a large buffer, bytes read + written per second;
-- matmul throughput: a square matrix product, 2 * n**3 flops per product.
+- matmul throughput: a square matrix product, 2 * n**3 flops per product, per dtype (bf16 and fp32 GEMMs
+  differ by 4x or more, on the CPU too where AMX runs bf16).
 """
 from __future__ import annotations
 
@@ -36,10 +37,9 @@ def copy_bandwidth(device: str, num_bytes: int = 1 << 30) -> float:
     return 2 * num_bytes / seconds
 
 
-def matmul_throughput(device: str, size: int = 8192) -> float:
-    """Flops per second of a square matrix product (bf16 on CUDA, float32 on CPU)."""
-    size = size if device == "cuda" else 1024
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+def matmul_throughput(device: str, dtype: torch.dtype, size: int = 8192) -> float:
+    """Flops per second of a square matrix product in dtype (8192 on CUDA, 2048 on CPU)."""
+    size = size if device == "cuda" else 2048
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     seconds = _time(lambda: a @ b, device, repeats=10)
