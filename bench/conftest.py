@@ -17,6 +17,8 @@ from floors import copy_bandwidth, matmul_throughput  # noqa: E402
 from report import format_table  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# SGA_BENCH_SMOKE=1: tiny shapes on the CPU, so that the test suite runs the whole benchmark machinery in seconds
+SHAPE_SET = "smoke" if os.environ.get("SGA_BENCH_SMOKE") == "1" and DEVICE == "cpu" else DEVICE
 COLLECTED_ROWS: list[dict] = []
 
 
