@@ -330,9 +330,10 @@ def linear_smoothed_ga_loss(
             (faster) and cost more memory.
         accumulate_in_float32: for a bfloat16 / float16 weight, accumulate dW across chunks in a float32
             [V, D] buffer (default; 4 V D bytes, as large as the bf16 logits of N = 2 D tokens). False sums
-            the chunks' products straight into the gradient in the weight's dtype: no such buffer, at the cost
-            of one rounding per chunk (about sqrt(chunks) / 2 units in the last place). No effect for float32
-            or float64 weights, which always accumulate in their own dtype.
+            the chunks' products straight into a bfloat16 gradient: no such buffer, at the cost of one
+            rounding per chunk (about sqrt(chunks) / 2 units in the last place); refused for float16 weights
+            (the unnormalized sum can overflow float16). No effect for float32 or float64 weights, which always
+            accumulate in their own dtype.
 
     Gradients flow to hidden, weight and bias, each only when it requires grad (a frozen head costs no dW GEMM).
     No host sync happens except the optional label-range check. Under ``torch.autocast`` the GEMMs run in the
@@ -349,6 +350,9 @@ def linear_smoothed_ga_loss(
     chunk_size = check_chunk_size(chunk_size)
     if not isinstance(accumulate_in_float32, bool):
         raise TypeError(f"accumulate_in_float32 must be a bool, got {type(accumulate_in_float32).__name__}")
+    if not accumulate_in_float32 and weight.dtype == torch.float16:
+        # the chunks' dW products are summed before the 1 / D scaling: float16 (max 65504) can overflow there
+        raise ValueError("accumulate_in_float32=False needs a bfloat16 (or float32) weight, not float16")
     resolved_backend = resolve_backend(backend, hidden.device)
     normalizer_tensor = check_normalizer(normalizer, hidden.device)
     vocab_size, hidden_size = weight.shape

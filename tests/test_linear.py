@@ -439,10 +439,12 @@ def test_weight_gradient_in_the_weight_dtype_when_asked(softcap):
     assert max_error(grads[1], exact_grads[1]) <= max_error(lean_grads[1], exact_grads[1])
 
 
-def test_accumulate_in_float32_must_be_a_bool():
+def test_accumulate_in_float32_must_be_a_bool_and_false_only_for_bfloat16():
     hidden, weight, _, labels = make_case(4, 3, 5, seed=28)
     with pytest.raises(TypeError, match="accumulate_in_float32"):
         linear_smoothed_ga_loss(hidden, weight, labels, accumulate_in_float32="no")
+    with pytest.raises(ValueError, match="not float16"):
+        linear_smoothed_ga_loss(hidden.half(), weight.half(), labels, accumulate_in_float32=False)
 
 
 def test_autocast_mixed_input_dtypes_are_accepted_but_float64_is_not_cast():
