@@ -4,7 +4,8 @@ library has none. A factory returns None when its package is not importable or c
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+import importlib
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,15 +41,22 @@ def torch_compile(device: str) -> Callable:
     return _compiled_eager_logits_loss
 
 
-def liger(device: str) -> Optional[Callable]:
-    """Liger-Kernel's cross-entropy (CUDA only; it writes its gradient into the logits in forward)."""
+def _cuda_only(device: str, module: str, name: str) -> Optional[Any]:
+    """module.name on CUDA when the package is importable, else None (the other libraries' kernels are CUDA only)."""
     if device != "cuda":
         return None
     try:
-        from liger_kernel.transformers import LigerCrossEntropyLoss
+        return getattr(importlib.import_module(module), name)
     except ImportError:
         return None
-    module = LigerCrossEntropyLoss(label_smoothing=SMOOTHING)
+
+
+def liger(device: str) -> Optional[Callable]:
+    """Liger-Kernel's cross-entropy (CUDA only; it writes its gradient into the logits in forward)."""
+    loss_class = _cuda_only(device, "liger_kernel.transformers", "LigerCrossEntropyLoss")
+    if loss_class is None:
+        return None
+    module = loss_class(label_smoothing=SMOOTHING)
     return lambda logits, labels: -module(logits, labels)
 
 
@@ -76,15 +84,12 @@ _compiled_eager_linear_loss = torch.compile(eager_linear_loss, dynamic=True)
 
 def liger_fused_linear(device: str) -> Optional[Callable]:
     """Liger-Kernel's fused linear cross-entropy (CUDA only), ascent sign applied outside."""
-    if device != "cuda":
-        return None
-    try:
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-    except ImportError:
+    loss_class = _cuda_only(device, "liger_kernel.transformers", "LigerFusedLinearCrossEntropyLoss")
+    if loss_class is None:
         return None
 
     def loss(hidden, weight, labels, softcap):
-        module = LigerFusedLinearCrossEntropyLoss(label_smoothing=SMOOTHING, softcap=softcap)
+        module = loss_class(label_smoothing=SMOOTHING, softcap=softcap)
         return -module(weight, hidden, labels)
 
     return loss
@@ -93,11 +98,8 @@ def liger_fused_linear(device: str) -> Optional[Callable]:
 def cut_cross_entropy(device: str) -> Optional[Callable]:
     """Cut Cross-Entropy's linear_cross_entropy (CUDA only). It has no label smoothing: it runs with eps = 0,
     so it does less work than the others."""
-    if device != "cuda":
-        return None
-    try:
-        from cut_cross_entropy import linear_cross_entropy
-    except ImportError:
+    linear_cross_entropy = _cuda_only(device, "cut_cross_entropy", "linear_cross_entropy")
+    if linear_cross_entropy is None:
         return None
     return lambda hidden, weight, labels, softcap: -linear_cross_entropy(hidden, weight, labels, softcap=softcap)
 

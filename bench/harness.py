@@ -83,6 +83,18 @@ def peak_extra_bytes(make_case: Callable, case_args: tuple, warmup_args: tuple, 
     return result
 
 
+def time_phase(benchmark, phase: str, forward: Callable, backward: Callable, rounds: int) -> None:
+    """Time one phase with pytest-benchmark, after one warm-up round: "forward" times forward() -> loss,
+    "backward" times backward(loss) on the loss of a fresh untimed forward(), "forward+backward" both."""
+    if phase == "forward":
+        benchmark.pedantic(forward, rounds=rounds, iterations=1, warmup_rounds=1)
+    elif phase == "backward":
+        setup = lambda: ((forward(),), {})  # noqa: E731
+        benchmark.pedantic(backward, setup=setup, rounds=rounds, iterations=1, warmup_rounds=1)
+    else:
+        benchmark.pedantic(lambda: backward(forward()), rounds=rounds, iterations=1, warmup_rounds=1)
+
+
 def synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()

@@ -35,7 +35,7 @@ import torch
 
 from alternatives import LINEAR_ALTERNATIVES, SMOOTHING, materialized_logits
 from conftest import DEVICE, SHAPE_SET
-from harness import environment, peak_extra_bytes, synchronize, write_rows
+from harness import environment, peak_extra_bytes, synchronize, time_phase, write_rows
 from sga.kernels import linear_smoothed_ga_loss, smoothed_ga_loss
 from sga.kernels.linear import default_chunk_rows
 
@@ -133,14 +133,7 @@ def _measure(benchmark, floors: dict, implementation: str, shape_name: str, shap
     benchmark.group = f"fused linear {phase} {shape_name}"
     try:
         forward, backward, grad_bytes = make_phases(*case_args)
-        rounds = ROUNDS[DEVICE]
-        if phase == "forward":
-            benchmark.pedantic(forward, rounds=rounds, iterations=1, warmup_rounds=1)
-        elif phase == "backward":
-            setup = lambda: ((forward(),), {})  # noqa: E731
-            benchmark.pedantic(backward, setup=setup, rounds=rounds, iterations=1, warmup_rounds=1)
-        else:
-            benchmark.pedantic(lambda: backward(forward()), rounds=rounds, iterations=1, warmup_rounds=1)
+        time_phase(benchmark, phase, forward, backward, ROUNDS[DEVICE])
     except torch.OutOfMemoryError:
         pytest.skip(f"{implementation} ran out of memory at {shape_name}")
     finally:

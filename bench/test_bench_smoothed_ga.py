@@ -14,7 +14,7 @@ import torch
 
 from alternatives import LOGITS_IMPLEMENTATIONS
 from conftest import DEVICE, SHAPE_SET
-from harness import environment, peak_extra_bytes, synchronize, write_rows
+from harness import environment, peak_extra_bytes, synchronize, time_phase, write_rows
 
 SHAPES = {
     "cpu": [(2048, 32000, "float32"), (1024, 128256, "float32"), (2048, 32000, "bfloat16")],
@@ -49,22 +49,11 @@ def timed_phase(benchmark, phase: str, loss_fn, logits, labels) -> None:
         synchronize(DEVICE)
         return loss
 
-    def backward_setup():
-        return (forward(),), {}
-
     def backward(loss):
         loss.backward()
         synchronize(DEVICE)
 
-    def forward_backward():
-        backward(forward())
-
-    if phase == "forward":
-        benchmark.pedantic(forward, rounds=ROUNDS, iterations=1, warmup_rounds=1)
-    elif phase == "backward":
-        benchmark.pedantic(backward, setup=backward_setup, rounds=ROUNDS, iterations=1, warmup_rounds=1)
-    else:
-        benchmark.pedantic(forward_backward, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    time_phase(benchmark, phase, forward, backward, ROUNDS)
 
 
 CASES = [
