@@ -7,14 +7,24 @@ state, every process's RNG states; sharded correctly under FSDP and DeepSpeed), 
 trainer needs, e.g. NPO's reference log-likelihoods). It is first written to a ``.tmp-`` folder and
 renamed into place once complete, so a crash or a kill while saving never leaves a half-written
 checkpoint under a real name.
+
+Every checkpoint ends with ``manifest.json``: the size and SHA-256 of each file written before it. A
+resume reads nothing that :func:`verify_checkpoint` has not checked against it, so a deleted, truncated
+or overwritten file (``random_states_0.pkl``, ``model.safetensors``, ...) is detected; ``--resume auto``
+then falls back to the newest checkpoint that verifies (:func:`latest_verified_checkpoint`, with a
+warning). Checkpoints belong to one run: :func:`check_output_dir` refuses a fresh run into a folder that
+holds another run's checkpoints unless asked to overwrite them.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
 import shutil
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -22,7 +32,72 @@ import torch
 
 STATE_FILE = "trainer_state.json"
 TENSORS_FILE = "trainer_tensors.safetensors"
+MANIFEST_FILE = "manifest.json"
 _NAME = re.compile(r"^step-(\d{8})$")
+_HASH_BLOCK = 1 << 22  # bytes read per hash update
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (missing, incomplete, corrupted or of another run); one line."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files_of(folder: Path) -> list[Path]:
+    """Every file under ``folder`` except the manifest (FSDP / DeepSpeed write sub-folders), sorted."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST_FILE)
+
+
+def _hash_files(folder: Path, files: list[Path]) -> list[str]:
+    # hashlib releases the GIL on large updates: the files of a sharded checkpoint hash in parallel
+    with ThreadPoolExecutor(max_workers=min(8, max(1, len(files)))) as pool:
+        return list(pool.map(_sha256, files))
+
+
+def write_manifest(folder: str | os.PathLike) -> Path:
+    """Record the size and SHA-256 of every file in ``folder`` in its ``manifest.json`` (written last)."""
+    folder = Path(folder)
+    files = _files_of(folder)
+    entries = {
+        path.relative_to(folder).as_posix(): {"size": path.stat().st_size, "sha256": digest}
+        for path, digest in zip(files, _hash_files(folder, files))
+    }
+    target = folder / MANIFEST_FILE
+    target.write_text(json.dumps({"files": entries}, indent=1), encoding="utf-8")
+    return target
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointError` naming the first file of checkpoint ``path`` that is missing, has
+    another size or another SHA-256 than its manifest says (sizes first: no hashing of a truncated file)."""
+    path = Path(path)
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise CheckpointError(f"checkpoint {path} has no {MANIFEST_FILE} (incomplete, or written by an older sga)")
+    try:
+        entries = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
+        expected = {name: (int(e["size"]), str(e["sha256"])) for name, e in entries.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{manifest_path} is not a valid manifest ({type(err).__name__}: {err})") from None
+    for required in (STATE_FILE, TENSORS_FILE):
+        if required not in expected:
+            raise CheckpointError(f"{manifest_path} does not list {required}")
+    names = sorted(expected)
+    for name in names:
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint file {file} is missing")
+        if file.stat().st_size != expected[name][0]:
+            raise CheckpointError(f"checkpoint file {file} has {file.stat().st_size} bytes, the manifest says {expected[name][0]}")
+    for name, digest in zip(names, _hash_files(path, [path / n for n in names])):
+        if digest != expected[name][1]:
+            raise CheckpointError(f"checkpoint file {path / name} is corrupted (its SHA-256 differs from {MANIFEST_FILE})")
 
 
 def checkpoint_root(output_dir: str | os.PathLike) -> Path:
@@ -40,9 +115,67 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Optional[Path]:
-    """The newest complete checkpoint of a run, or None."""
+    """The newest complete checkpoint of a run (not verified), or None."""
     found = list_checkpoints(output_dir)
     return found[-1] if found else None
+
+
+def latest_verified_checkpoint(output_dir: str | os.PathLike) -> Optional[Path]:
+    """The newest checkpoint of a run that passes :func:`verify_checkpoint`, warning about each newer one
+    that does not; None when the run has no checkpoint. Raises :class:`CheckpointError` when it has
+    checkpoints but none verifies."""
+    found = list_checkpoints(output_dir)
+    problems = []
+    for path in reversed(found):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as err:
+            problems.append(str(err))
+            continue
+        for problem in problems:
+            warnings.warn(f"skipping a checkpoint: {problem}; resuming from {path} instead", stacklevel=2)
+        return path
+    if problems:
+        raise CheckpointError(
+            f"no checkpoint in {checkpoint_root(output_dir)} verifies (newest: {problems[0]}): "
+            "start over with --overwrite, or use another --output-dir"
+        )
+    return None
+
+
+def check_output_dir(output_dir: str | os.PathLike, *, resume: Optional[str], overwrite: bool) -> Path:
+    """Make sure ``output_dir`` is a folder we can write (created if missing) and, for a fresh run
+    (``resume`` None), that it holds no other run's checkpoints unless ``overwrite``. Runs before any
+    model or data is loaded; raises :class:`CheckpointError` with the fix."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise CheckpointError(f"--output-dir {output_dir} is a file, not a folder: choose another --output-dir")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / ".sga-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise CheckpointError(f"--output-dir {output_dir} is not writable ({err.strerror or err}): choose another --output-dir") from None
+    found = list_checkpoints(output_dir)
+    if resume is None and found and not overwrite:
+        raise CheckpointError(
+            f"{output_dir} holds checkpoints of another run (latest {found[-1].name}): continue it with --resume auto, "
+            "delete them with --overwrite, or choose another --output-dir"
+        )
+    return output_dir
+
+
+def clear_run(output_dir: str | os.PathLike, files: tuple[str, ...]) -> None:
+    """Delete a previous run's checkpoints and the named files / folders of ``output_dir`` (``--overwrite``)."""
+    output_dir = Path(output_dir)
+    shutil.rmtree(checkpoint_root(output_dir), ignore_errors=True)
+    for name in files:
+        target = output_dir / name
+        if target.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            target.unlink(missing_ok=True)
 
 
 def save_checkpoint(
@@ -66,9 +199,11 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()  # every process's shards are on disk before the manifest hashes them
     if accelerator.is_main_process:
         save_file({k: v.detach().contiguous().cpu() for k, v in (tensors or {}).items()}, str(tmp / TENSORS_FILE))
         (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2), encoding="utf-8")
+        write_manifest(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -78,18 +213,33 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator, path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Restore model, optimizer, scheduler and RNG states from ``path`` into the prepared objects of
-    ``accelerator``; return the trainer state and tensors."""
+def read_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The trainer state (``trainer_state.json``) of a checkpoint, read without loading anything else."""
+    file = Path(path) / STATE_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{path} is not a complete sga checkpoint (no {STATE_FILE})")
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{file} is not valid JSON ({err})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{file} holds no step number: not an sga trainer state")
+    return state
+
+
+def load_checkpoint(accelerator, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Restore model, optimizer, scheduler and RNG states from the (verified) checkpoint ``path`` into the
+    prepared objects of ``accelerator``; return the trainer tensors. A state that does not fit the
+    prepared model (another architecture, LoRA against full weights) is a :class:`CheckpointError`."""
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not (path / STATE_FILE).is_file():
-        raise ValueError(f"{path} is not a complete sga checkpoint (no {STATE_FILE})")
-    accelerator.load_state(str(path))
-    state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-    tensors = load_file(str(path / TENSORS_FILE)) if (path / TENSORS_FILE).is_file() else {}
-    return state, tensors
+    try:
+        accelerator.load_state(str(path))
+    except (RuntimeError, KeyError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {path} does not fit this model and optimizer ({first})") from None
+    return load_file(str(path / TENSORS_FILE))
 
 
 @contextlib.contextmanager

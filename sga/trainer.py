@@ -11,7 +11,15 @@ divides by the accumulation steps, so the backward pass is given loss * num_proc
 Exact resume. The batch order is a function of (seed, step) (``sga.data.BatchSchedule``), checkpoints
 hold model, optimizer, scheduler and RNG states, the step and the adaptive rate, so a resumed run
 produces the same weights as an uninterrupted one. Ctrl-C (SIGINT) or SIGTERM finishes the current
-step, writes a checkpoint and returns; a second Ctrl-C aborts at once.
+step, writes a checkpoint and returns; a second Ctrl-C aborts at once, except while the final model is
+written (a second Ctrl-C there leaves a checkpoint instead). Checkpoints carry the run fingerprint: every
+setting that changes the trajectory (``UnlearnConfig.trajectory_settings``), the step count, the model's
+identity and a SHA-256 of the token data; a resume with any of them changed is refused, naming them.
+
+Divergence. A non-finite loss, NLL or gradient norm (computed every step, one fused norm) stops the run
+with status "diverged" before anything of that step is saved: no final model, no checkpoint; the last
+good checkpoint stays. metrics.jsonl stays strict JSON: a non-finite number is written as the string
+"NaN", "Infinity" or "-Infinity".
 """
 from __future__ import annotations
 
@@ -30,18 +38,23 @@ import torch
 
 from . import checkpoint
 from .config import ConfigError, UnlearnConfig
-from .data import BatchSchedule, UnlearningData
+from .data import BatchSchedule, UnlearningData, data_fingerprint
 from .objectives import Objective, build_objective, reference_sequence_nll
 from .rate import clip_rate, estimate_rate
 
 METRICS_FILE = "metrics.jsonl"
 FINAL_MODEL_DIR = "final"
+CONFIG_FILE = "config.yaml"
+# metrics checked for finiteness after every step
+WATCHED_METRICS = ("loss", "forget_nll", "normal_nll", "grad_norm")
 
 
 @dataclass
 class TrainResult:
     """How a run ended: ``status`` is "completed", "interrupted" (checkpoint written, resumable) or
-    "diverged" (the forget NLL passed ``max_forget_nll``)."""
+    "diverged" (the forget NLL passed ``max_forget_nll``: the final model is saved; or a non-finite loss or
+    gradient norm: nothing of that step is saved, ``checkpoint`` is the last good one or None). ``reason``
+    says why a diverged run stopped."""
 
     status: str
     step: int
@@ -50,6 +63,13 @@ class TrainResult:
     checkpoint: Optional[Path] = None
     final_model: Optional[Path] = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    reason: Optional[str] = None
+
+
+def _strict_json(record: dict[str, Any]) -> dict[str, Any]:
+    """A record with its non-finite floats as the strings "NaN", "Infinity", "-Infinity" (strict JSON has no
+    such numbers; Python's json module would write bare NaN tokens)."""
+    return {k: (json.dumps(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
 
 
 class ObjectiveModule(torch.nn.Module):
@@ -92,14 +112,16 @@ def make_accelerator(config: UnlearnConfig):
 
 
 class _InterruptFlag:
-    """Within the block, the first SIGINT / SIGTERM only sets ``raised``; a second SIGINT aborts."""
+    """Within the block, the first SIGINT / SIGTERM only sets ``raised``; a second SIGINT aborts (raises
+    KeyboardInterrupt) unless ``abortable`` is False."""
 
     def __init__(self) -> None:
         self.raised = False
+        self.abortable = True
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum, frame) -> None:
-        if self.raised and signum == signal.SIGINT:
+        if self.raised and self.abortable and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.raised = True
 
@@ -202,19 +224,37 @@ class UnlearningTrainer:
         return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.config.train.learning_rate)
 
     def _fingerprint(self) -> dict[str, Any]:
-        """Settings a resumed run must share with the run that wrote the checkpoint."""
-        train = self.config.train
-        method = self.objective.describe()
-        if self.config.method.adaptive_rate_every:
-            method.pop("rate", None)
-        return {
-            "method": method,
-            "batch_size": train.batch_size,
-            "grad_accum": train.grad_accum,
-            "seed": train.seed,
-            "total_steps": self.total_steps,
-            "num_forget": len(self.data),
-        }
+        """What a resumed run must share with the run that wrote the checkpoint (JSON-normalized): the
+        trajectory settings, the step count, the model's identity and the data hash. Computed once."""
+        if getattr(self, "_fingerprint_cache", None) is None:
+            model = self.model
+            identity = {
+                "model_type": getattr(model.config, "model_type", None),
+                "architectures": getattr(model.config, "architectures", None),
+                "num_parameters": sum(p.numel() for p in model.parameters()),
+            }
+            fingerprint = {
+                **self.config.trajectory_settings(),
+                "total_steps": self.total_steps,
+                "model.identity": identity,
+                "data.sha256": data_fingerprint(self.data),
+            }
+            self._fingerprint_cache = json.loads(json.dumps(fingerprint))
+        return self._fingerprint_cache
+
+    def _check_fingerprint(self, path: Path, state: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose run fingerprint differs from this run's, naming what changed."""
+        saved = state.get("fingerprint")
+        ours = self._fingerprint()
+        if saved == ours:
+            return
+        saved = saved if isinstance(saved, dict) else {}
+        changed = [f"{key}: {saved.get(key, '(absent)')!r} -> {ours.get(key, '(absent)')!r}" for key in sorted(set(saved) | set(ours)) if saved.get(key) != ours.get(key)]
+        shown = "; ".join(changed[:3]) + (f"; and {len(changed) - 3} more" if len(changed) > 3 else "")
+        raise ConfigError(
+            f"checkpoint {path} was written by a run with other settings ({shown}): resume with the settings of that run, "
+            "or start a fresh run with --overwrite or another --output-dir"
+        )
 
     # ---------------------------------------------------------------- batches
 
@@ -263,15 +303,21 @@ class UnlearningTrainer:
         acc = self.accelerator
         train_cfg = self.config.train
         set_seed(train_cfg.seed)
+        self._fingerprint()  # of the model as given, before LoRA adapters are added
         if acc.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+            checkpoint.check_output_dir(self.output_dir, resume=train_cfg.resume, overwrite=train_cfg.overwrite)
+            if train_cfg.overwrite:
+                checkpoint.clear_run(self.output_dir, (METRICS_FILE, FINAL_MODEL_DIR))
         acc.wait_for_everyone()
 
-        resume_path = None
-        if train_cfg.resume == "auto":
-            resume_path = checkpoint.latest_checkpoint(self.output_dir)
-        elif train_cfg.resume:
-            resume_path = Path(train_cfg.resume)
+        resume_path = self._resume_path()
+        resume_state = None
+        if resume_path is not None:
+            # before any state is loaded: another architecture or a LoRA / full mismatch is named, not a traceback
+            resume_state = checkpoint.read_state(resume_path)
+            self._check_fingerprint(resume_path, resume_state)
+        if acc.is_main_process:
+            self._write_config()
 
         # The frozen reference (initial model) is taken before any training or resume.
         if self.objective.uses_reference_model:
@@ -290,22 +336,22 @@ class UnlearningTrainer:
 
         step = 0
         if resume_path is not None:
-            state, tensors = checkpoint.load_checkpoint(acc, resume_path)
-            if state.get("fingerprint") != self._fingerprint():
-                raise ConfigError(f"checkpoint {resume_path} was written by a run with other settings: {state.get('fingerprint')}")
-            step = int(state["step"])
-            if "rate" in state:
-                self.objective.rate = float(state["rate"])
+            tensors = checkpoint.load_checkpoint(acc, resume_path)
+            step = int(resume_state["step"])
+            if "rate" in resume_state:
+                self.objective.rate = float(resume_state["rate"])
             if "reference_nll" in tensors:
                 self.data.reference_nll = tensors["reference_nll"]
 
         metrics_file = self._open_metrics(step)
         history: list[dict[str, Any]] = []
-        status = "completed"
+        status, reason = "completed", None
         checkpoint_path: Optional[Path] = None
+        final_model: Optional[Path] = None
         progress = self._progress(step)
         start = time.monotonic()
         try:
+            # the guard covers the final save too: a signal there must not lose the run
             with _InterruptFlag() as interrupt:
                 while step < self.total_steps:
                     every = self.config.method.adaptive_rate_every
@@ -319,32 +365,85 @@ class UnlearningTrainer:
                     if progress is not None:
                         progress.update(1)
                         progress.set_postfix({k: f"{record[k]:.4g}" for k in ("forget_nll", "normal_nll") if k in record})
+                    non_finite = self._non_finite(record)
+                    if non_finite:
+                        status, reason = "diverged", f"non-finite {', '.join(non_finite)} at step {step}"
+                        break
                     if record.pop("_interrupted") and step < self.total_steps:
                         status = "interrupted"
                         break
                     bound = train_cfg.max_forget_nll
-                    if bound is not None and record["forget_nll"] > bound:
-                        status = "diverged"
+                    if bound is not None and not record["forget_nll"] <= bound:
+                        status, reason = "diverged", f"forget NLL {record['forget_nll']:.4g} > max_forget_nll {bound:g} at step {step}"
                         break
                     if train_cfg.save_every and step % train_cfg.save_every == 0 and step < self.total_steps:
                         checkpoint_path = self._save_checkpoint(step)
+                if progress is not None:
+                    progress.close()
+                    progress = None
+                if status == "interrupted":
+                    checkpoint_path = self._save_checkpoint(step)
+                elif reason is not None and reason.startswith("non-finite"):
+                    # nothing of the diverged step is saved; the last good checkpoint (if any) stays
+                    checkpoint_path = checkpoint.latest_checkpoint(self.output_dir)
+                else:
+                    final_model, checkpoint_path, status = self._save_final_or_checkpoint(module, step, status, interrupt)
         finally:
             if progress is not None:
                 progress.close()
             if metrics_file is not None:
                 metrics_file.close()
+        return TrainResult(status, step, self.total_steps, self.output_dir, checkpoint_path, final_model, history, reason)
 
-        final_model = None
-        if status == "interrupted":
+    def _save_final_or_checkpoint(self, module, step: int, status: str, interrupt: _InterruptFlag):
+        """Write final/; if that fails or a second Ctrl-C aborts it, write a checkpoint (signals deferred)
+        so the run is not lost. Returns (final model, checkpoint, status)."""
+        try:
+            return self._save_final(module), None, status
+        except KeyboardInterrupt:
+            interrupt.abortable = False
+            return None, self._save_checkpoint(step), "interrupted"
+        except Exception as err:
+            interrupt.abortable = False
             checkpoint_path = self._save_checkpoint(step)
-        else:
+            raise RuntimeError(f"saving the final model failed ({err}); the run's state is in {checkpoint_path}") from err
+
+    def _non_finite(self, record: dict[str, Any]) -> list[str]:
+        """Names of the watched metrics of a step that are NaN or infinite. Under fp16 a gradient overflow
+        that the grad scaler skipped (and answers by lowering its scale) is not a divergence."""
+        bad = [key for key in WATCHED_METRICS if key in record and not math.isfinite(record[key])]
+        if bad == ["grad_norm"] and self.accelerator.mixed_precision == "fp16" and self.accelerator.optimizer_step_was_skipped:
+            return []
+        return bad
+
+    def _resume_path(self) -> Optional[Path]:
+        """The checkpoint to resume from, verified against its manifest (``--resume auto``: the newest that
+        verifies, older ones with a warning). Decided on the main process and broadcast, so the files are
+        hashed once."""
+        from accelerate.utils import broadcast_object_list
+
+        resume = self.config.train.resume
+        outcome: list[Optional[str]] = [None, None]  # [path, error]
+        if self.accelerator.is_main_process and resume is not None:
             try:
-                final_model = self._save_final(module)
-            except Exception as err:
-                # the trained state is not lost: write a checkpoint, then report the failure
-                checkpoint_path = self._save_checkpoint(step)
-                raise RuntimeError(f"saving the final model failed ({err}); the run's state is in {checkpoint_path}") from err
-        return TrainResult(status, step, self.total_steps, self.output_dir, checkpoint_path, final_model, history)
+                if resume == "auto":
+                    found = checkpoint.latest_verified_checkpoint(self.output_dir)
+                else:
+                    checkpoint.verify_checkpoint(resume)
+                    found = Path(resume)
+                outcome[0] = None if found is None else str(found)
+            except checkpoint.CheckpointError as err:
+                outcome[1] = str(err)
+        broadcast_object_list(outcome)
+        if outcome[1] is not None:
+            raise checkpoint.CheckpointError(outcome[1])
+        return None if outcome[0] is None else Path(outcome[0])
+
+    def _write_config(self) -> None:
+        """config.yaml of the run, written once a resume is known to use the same trajectory settings."""
+        import yaml
+
+        (self.output_dir / CONFIG_FILE).write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False), encoding="utf-8")
 
     def _save_final(self, module) -> Path:
         acc = self.accelerator
@@ -381,26 +480,42 @@ class UnlearningTrainer:
                     torch.zeros((), dtype=torch.float64, device=acc.device),
                 ])
                 if acc.sync_gradients:
-                    if self.config.train.max_grad_norm is not None:
-                        grad_norm = acc.clip_grad_norm_(module.parameters(), self.config.train.max_grad_norm)
+                    grad_norm = self._gradient_norm(module)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
         sums[5] = float(interrupt.raised)  # read after the work: a signal during the step counts now
         sums = acc.reduce(sums, reduction="sum")
+        if grad_norm is not None:  # the same global norm on every process: appended after the reduction
+            sums = torch.cat([sums, torch.as_tensor(grad_norm, dtype=torch.float64, device=sums.device).reshape(1)])
+        values = sums.tolist()  # the step's one host sync
         record: dict[str, Any] = {
-            "loss": sums[0].item(),
-            "forget_nll": (sums[1] / sums[2]).item(),
+            "loss": values[0],
+            "forget_nll": values[1] / values[2],
             "lr": scheduler.get_last_lr()[0],
-            "_interrupted": bool(sums[5].item() > 0),
+            "_interrupted": values[5] > 0,
         }
-        if sums[4] > 0:
-            record["normal_nll"] = (sums[3] / sums[4]).item()
+        if values[4] > 0:
+            record["normal_nll"] = values[3] / values[4]
         if grad_norm is not None:
-            record["grad_norm"] = float(grad_norm)
+            record["grad_norm"] = values[6]
         if hasattr(self.objective, "rate"):
             record["rate"] = self.objective.rate
         return record
+
+    def _gradient_norm(self, module) -> Optional[torch.Tensor]:
+        """||g||_2 of the window's gradient as a device tensor (no host sync), clipped to max_grad_norm when
+        set. Without clipping, one fused norm over the local gradients, which are the full gradients except
+        under FSDP / DeepSpeed (there accelerate computes the global norm; DeepSpeed's may be None)."""
+        from accelerate.utils import DistributedType
+
+        acc = self.accelerator
+        max_norm = self.config.train.max_grad_norm
+        if max_norm is not None or acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            return acc.clip_grad_norm_(module.parameters(), max_norm if max_norm is not None else math.inf)
+        acc.unscale_gradients()
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads, foreach=True) if grads else None
 
     def _adapt_rate(self, step: int) -> dict[str, Any]:
         """Re-estimate r* (``sga.rate``) on batches of a separate schedule and clip it to the user range."""
@@ -423,7 +538,7 @@ class UnlearningTrainer:
         public = {k: v for k, v in record.items() if not k.startswith("_")}
         history.append(public)
         if metrics_file is not None:
-            metrics_file.write(json.dumps(public) + "\n")
+            metrics_file.write(json.dumps(_strict_json(public), allow_nan=False) + "\n")
             metrics_file.flush()
 
     def _save_checkpoint(self, step: int) -> Path:

@@ -76,10 +76,14 @@ def read_json_records(path: Path) -> list[dict]:
     """Records of a JSON-lines file (one object per line) or of a file holding one JSON array."""
     if not path.is_file():
         raise ValueError(f"data file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        return json.loads(text)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+        if text.lstrip().startswith("["):
+            return json.loads(text)
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        kind = "UTF-8 text" if isinstance(err, UnicodeDecodeError) else "valid JSON / JSON lines"
+        raise ValueError(f"{path} is not {kind} ({err}): fix or re-save the file") from None
 
 
 def load_tofu_split(split: str, data_dir: str | os.PathLike | None = None) -> list[dict]:
