@@ -14,6 +14,8 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
+INT64_RANGE = (-(2**63), 2**63 - 1)
+INT32_RANGE = (-(2**31), 2**31 - 1)
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "torch")
 
@@ -71,7 +73,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def check_normalizer(normalizer: Union[None, float, torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
-    """The caller's divisor for reduction='mean': a positive number or a 0-dim tensor (not checked on device)."""
+    """The caller's divisor for reduction='mean': a positive number or a 0-dim tensor (not checked on device).
+
+    A tensor is taken as a constant (detached): D is a count of tokens, and no gradient flows to it even
+    when it requires grad."""
     if normalizer is None:
         return None
     if isinstance(normalizer, torch.Tensor):
@@ -79,12 +84,33 @@ def check_normalizer(normalizer: Union[None, float, torch.Tensor], device: torch
             raise ValueError(f"normalizer must be a number or a 0-dim tensor, got shape {tuple(normalizer.shape)}")
         if normalizer.is_complex() or normalizer.dtype == torch.bool:
             raise TypeError(f"normalizer must be a real number, got dtype {normalizer.dtype}")
-        return normalizer.to(device=device, dtype=torch.float32)
+        return normalizer.detach().to(device=device, dtype=torch.float32)
     if isinstance(normalizer, bool) or not isinstance(normalizer, Real):
         raise TypeError(f"normalizer must be a number or a 0-dim tensor, got {type(normalizer).__name__}")
     if not math.isfinite(float(normalizer)) or float(normalizer) < 0:
         raise ValueError(f"normalizer must be finite and >= 0, got {normalizer}")
     return torch.tensor(float(normalizer), device=device, dtype=torch.float32)
+
+
+def labels_for_kernels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """The labels every comparison with ignore_index is made on (the mean's token count, the range check,
+    both backends' kernels). They compare in int64; int32 labels are kept as they are when ignore_index
+    fits in int32, and widened to int64 (8 bytes per token) when it does not: no int32 label can equal
+    such an ignore_index, but an int32 comparison would wrap it (2**32 would match label 0)."""
+    if labels.dtype == torch.int32 and not INT32_RANGE[0] <= ignore_index <= INT32_RANGE[1]:
+        return labels.long()
+    return labels
+
+
+def check_inplace_rows(logits_2d: torch.Tensor) -> None:
+    """inplace_backward=True writes the gradient over the logits: their [N, V] rows must not share memory
+    (an expanded or otherwise overlapping tensor would have rows overwritten while others still read them)."""
+    num_rows, vocab_size = logits_2d.shape
+    if num_rows > 1 and logits_2d.stride(0) < vocab_size:
+        raise ValueError(
+            f"inplace_backward=True needs logits whose rows do not overlap in memory (row stride {logits_2d.stride(0)} "
+            f"< V = {vocab_size}, e.g. an expanded tensor): pass logits.contiguous(), or inplace_backward=False"
+        )
 
 
 def check_labels_in_range(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
@@ -119,6 +145,8 @@ def check_token_tensors(
         raise ValueError(f"labels are on {labels.device} but {source} on {device}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not INT64_RANGE[0] <= ignore_index <= INT64_RANGE[1]:
+        raise ValueError(f"ignore_index must fit in int64 [-2**63, 2**63 - 1], got {ignore_index}")
     if token_weights is not None:
         if not isinstance(token_weights, torch.Tensor):
             raise TypeError(f"token_weights must be a torch.Tensor or None, got {type(token_weights).__name__}")

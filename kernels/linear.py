@@ -47,6 +47,7 @@ from ._validation import (
     check_labels_in_range,
     check_loss_options,
     check_normalizer,
+    labels_for_kernels,
     resolve_backend,
 )
 from .torch_backend import compute_dtype_for
@@ -356,6 +357,7 @@ def linear_smoothed_ga_loss(
     resolved_backend = resolve_backend(backend, hidden.device)
     normalizer_tensor = check_normalizer(normalizer, hidden.device)
     vocab_size, hidden_size = weight.shape
+    labels = labels_for_kernels(labels, ignore_index)  # int64 when ignore_index does not fit int32 labels
     if validate:
         check_labels_in_range(labels, vocab_size, ignore_index)
 

@@ -21,11 +21,13 @@ from ._validation import (
     REDUCTIONS,
     LossConfig,
     check_choice,
+    check_inplace_rows,
     check_labels_in_range,
     check_logits_and_labels,
     check_loss_options,
     check_normalizer,
     check_smoothing,
+    labels_for_kernels,
     resolve_backend,
 )
 
@@ -106,7 +108,8 @@ def smoothed_ga_loss(
 
     Args:
         logits: float16 / bfloat16 / float32 (float64 for gradcheck) logits, any leading shape.
-        labels: int32 / int64 class ids with the logits' leading shape; ``ignore_index`` marks skipped tokens.
+        labels: int32 / int64 class ids with the logits' leading shape; ``ignore_index`` marks skipped tokens
+            (compared in int64: any int64 value works, for int32 labels too).
         smoothing: eps, any finite value <= 1 (PyTorch's convention: eps / V on every class; eps < 0 is
             negative label smoothing).
         ascent: True gives s = -1 (gradient ascent, unlearning); False gives s = +1 (ordinary descent).
@@ -114,9 +117,11 @@ def smoothed_ga_loss(
         ignore_index: label value whose tokens give 0 loss and a zero gradient.
         reduction: "mean" (sum / D), "sum", or "none" (per-token losses, shaped like labels).
         normalizer: D for "mean": a number or 0-dim tensor (e.g. the token count of all micro-batches);
-            default the number of non-ignored tokens. D = 0 gives a loss of 0 and zero gradients.
+            default the number of non-ignored tokens. D = 0 gives a loss of 0 and zero gradients. A tensor is
+            a constant: it is detached, and gets no gradient even when it requires grad.
         inplace_backward: write the gradient into the logits' storage, destroying the logits (saves one
-            [N, V] buffer). The default leaves the caller's logits intact.
+            [N, V] buffer). The default leaves the caller's logits intact. Logits whose rows overlap in
+            memory (expanded) are refused.
         backend: "triton", "torch" (chunked PyTorch, no [N, V] float32 temporary) or "auto" (triton on CUDA).
         validate: check that every label is ignore_index or in [0, V) (one host sync on CUDA); set False only
             when the labels are known to be valid.
@@ -133,12 +138,15 @@ def smoothed_ga_loss(
     resolved_backend = resolve_backend(backend, logits.device)
     normalizer_tensor = check_normalizer(normalizer, logits.device)
     vocab_size = logits.shape[-1]
+    kernel_labels = labels_for_kernels(labels, ignore_index)
     if validate:
-        check_labels_in_range(labels, vocab_size, ignore_index)
+        check_labels_in_range(kernel_labels, vocab_size, ignore_index)
 
     logits_2d = logits.reshape(-1, vocab_size)
     if logits_2d.stride(-1) != 1:
         logits_2d = logits_2d.contiguous()
+    if inplace_backward and logits.requires_grad and torch.is_grad_enabled():  # the gradient will overwrite them
+        check_inplace_rows(logits_2d)
     weights_1d = None
     if token_weights is not None:
         weights_1d = token_weights.detach().reshape(-1).to(compute_dtype_for(logits.dtype)).contiguous()
@@ -151,7 +159,7 @@ def smoothed_ga_loss(
         inplace_backward=inplace_backward,
     )
     loss = SmoothedGALossFunction.apply(
-        logits_2d, labels.reshape(-1).contiguous(), weights_1d, normalizer_tensor, config
+        logits_2d, kernel_labels.reshape(-1).contiguous(), weights_1d, normalizer_tensor, config
     )
     if reduction == "none":
         return loss.reshape(labels.shape)
