@@ -6,8 +6,10 @@
     sga demo           --out demo_output        (offline: fine-tune, unlearn with GA / SGA / baselines, compare)
 
 ``unlearn`` and ``estimate-rate`` take a YAML config (``--config``, see ``sga.config``) whose values the
-flags override. Bad values are reported in one line with exit status 2; an interrupted ``unlearn``
-exits with 130 after writing a checkpoint (continue it with ``--resume auto``).
+flags override. Bad values (settings, paths, data, checkpoints) are reported in one line with exit
+status 2, before any model or data is loaded where possible; an interrupted ``unlearn`` exits with 130
+after writing a checkpoint (continue it with ``--resume auto``); a diverged one (non-finite loss or
+gradient norm, or the forget NLL past ``--max-forget-nll``) exits with 3.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from typing import Any, Callable, Optional, Sequence
 from .config import SECTIONS, ConfigError, UnlearnConfig, apply_overrides, load_config
 
 EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
 BENCHMARKS = ("tofu", "muse", "hp")
 # Train settings estimate-rate uses (the rest of the train section is about optimization).
@@ -152,29 +155,35 @@ def _load_model(config: UnlearnConfig):
 
 
 def _unlearn(args: argparse.Namespace) -> int:
+    from .checkpoint import check_output_dir
     from .data import build_unlearning_data
+    from .models import check_model_source
     from .objectives import build_objective
     from .trainer import UnlearningTrainer, make_accelerator
 
     config = _config_from_args(args)
+    # the cheap checks first: a bad output folder or model path fails before anything is loaded
+    check_output_dir(config.train.output_dir, resume=config.train.resume, overwrite=config.train.overwrite)
+    check_model_source(config.model.name_or_path, config.model.gguf_file)
     accelerator = make_accelerator(config)
     objective = build_objective(config.method, backend=config.train.backend)
     model, tokenizer = _load_model(config)
     with accelerator.main_process_first():
         data = build_unlearning_data(config.data, tokenizer, normal_per_sample=config.method.num_classes - 1 if objective.uses_normal else 0)
     trainer = UnlearningTrainer(model, tokenizer, data, config, objective=objective, accelerator=accelerator)
+    result = trainer.train()  # writes config.yaml once a resume is known to match
     if accelerator.is_main_process:
-        import yaml
-
-        Path(config.train.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(config.train.output_dir) / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
-    result = trainer.train()
-    if accelerator.is_main_process:
-        summary = {"status": result.status, "step": result.step, "total_steps": result.total_steps, "final_model": result.final_model and str(result.final_model), "checkpoint": result.checkpoint and str(result.checkpoint)}
+        summary = {
+            "status": result.status, "step": result.step, "total_steps": result.total_steps, "reason": result.reason,
+            "final_model": result.final_model and str(result.final_model), "checkpoint": result.checkpoint and str(result.checkpoint),
+        }
         print(json.dumps(summary))
         if result.status == "interrupted":
             print(f"sga: interrupted at step {result.step}; continue with --resume auto --output-dir {config.train.output_dir}", file=sys.stderr)
-    return EXIT_INTERRUPTED if result.status == "interrupted" else 0
+        elif result.status == "diverged":
+            kept = f"final model in {result.final_model}" if result.final_model else f"last good checkpoint: {result.checkpoint or 'none'}"
+            print(f"sga: the run diverged ({result.reason}); {kept}; lower --lr or the rate, or set --max-grad-norm", file=sys.stderr)
+    return {"interrupted": EXIT_INTERRUPTED, "diverged": EXIT_DIVERGED}.get(result.status, 0)
 
 
 def _estimate_rate(args: argparse.Namespace) -> int:

@@ -44,21 +44,76 @@ def load_model(
     """Load a causal LM and its tokenizer from a local directory or a hub id.
 
     ``dtype="auto"`` keeps the checkpoint's dtype; ``gguf_file`` names a GGUF file inside the directory
-    (dequantized on load, needs the ``gguf`` package). The model is returned in eval mode.
+    (dequantized on load, needs the ``gguf`` package). The model is returned in eval mode. The source is
+    checked first (:func:`check_model_source`): a bad one is a one-line ValueError, never a download retry.
     """
-    source = os.fspath(name_or_path)
-    if not source:
-        raise ValueError("name_or_path is empty")
-    if gguf_file is not None and not (Path(source) / gguf_file).is_file():
-        raise ValueError(f"GGUF file {gguf_file!r} not found in {source}")
+    source = check_model_source(name_or_path, gguf_file)
     kwargs = {"trust_remote_code": trust_remote_code}
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    except OSError as err:  # transformers' "can't load" errors: several lines, the file named somewhere inside
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot load the model {source}: {first}") from None
     if device is not None:
         model = model.to(device)
     return model.eval(), _finish_tokenizer(tokenizer)
+
+
+def _looks_like_path(source: str) -> bool:
+    """A hub id is "name" or "owner/name"; anything else (absolute, ./, ~, two slashes, a backslash) is a path."""
+    return source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source or os.path.isabs(source)
+
+
+def check_model_source(name_or_path: str | os.PathLike, gguf_file: str | None = None) -> str:
+    """Check that ``name_or_path`` names a loadable model before anything is loaded; returns it as a string.
+
+    A local folder must hold a config.json (or ``gguf_file``). Anything else is read as a hub id: taken
+    when it is in the local hub cache; otherwise refused at once when offline (``HF_HUB_OFFLINE``) and
+    probed with one quick request (no download retries) when online. Each failure is a one-line
+    ValueError naming the path and the fix.
+    """
+    source = os.fspath(name_or_path)
+    if not source:
+        raise ValueError("the model name or path is empty")
+    path = Path(source).expanduser()
+    if path.is_file():
+        hint = f": give --model {path.parent} --gguf-file {path.name}" if path.suffix == ".gguf" else ": give the model's folder"
+        raise ValueError(f"model {source} is a file, not a model folder{hint}")
+    if path.is_dir():
+        if gguf_file is not None:
+            if not (path / gguf_file).is_file():
+                raise ValueError(f"GGUF file {gguf_file!r} not found in {source}")
+        elif not (path / "config.json").is_file():
+            raise ValueError(f"folder {source} holds no model (no config.json): give the folder that save_pretrained wrote")
+        return source
+    if _looks_like_path(source):
+        raise ValueError(f"no such model folder: {source}")
+    from huggingface_hub import constants, model_info, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(source, gguf_file or "config.json"), str):
+        return source
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError(
+            f"model {source} is no local folder and not in the hub cache, and HF_HUB_OFFLINE is set: "
+            "give a local folder, or download it first with the hub reachable"
+        )
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        model_info(source, timeout=10)
+    except GatedRepoError:  # exists; loading it needs a token (transformers says so)
+        return source
+    except RepositoryNotFoundError:
+        raise ValueError(f"model {source} is no local folder and no model on the hub: check the name or path (a private model needs a login)") from None
+    except Exception as err:  # no network (the error type depends on the hub client's HTTP library)
+        raise ValueError(
+            f"model {source} is no local folder and not in the hub cache, and the hub is unreachable ({type(err).__name__}): "
+            "give a local folder, or run where the hub is reachable"
+        ) from None
+    return source
 
 
 def smollm2_dir() -> Path:
