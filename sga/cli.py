@@ -156,7 +156,7 @@ def _load_model(config: UnlearnConfig):
 
 def _unlearn(args: argparse.Namespace) -> int:
     from .checkpoint import check_output_dir
-    from .data import build_unlearning_data
+    from .data import build_unlearning_data, load_records
     from .models import check_model_source
     from .objectives import build_objective
     from .trainer import UnlearningTrainer, make_accelerator
@@ -165,6 +165,8 @@ def _unlearn(args: argparse.Namespace) -> int:
     # the cheap checks first: a bad output folder or model path fails before anything is loaded
     check_output_dir(config.train.output_dir, resume=config.train.resume, overwrite=config.train.overwrite)
     check_model_source(config.model.name_or_path, config.model.gguf_file)
+    if config.data.dataset == "json" or config.data.data_dir:
+        load_records(config.data)  # local files: a broken or null record fails before the model loads
     accelerator = make_accelerator(config)
     objective = build_objective(config.method, backend=config.train.backend)
     model, tokenizer = _load_model(config)
