@@ -152,7 +152,7 @@ def check_output_dir(output_dir: str | os.PathLike, *, resume: Optional[str], ov
         raise CheckpointError(f"--output-dir {output_dir} is a file, not a folder: choose another --output-dir")
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / ".sga-write-test"
+        probe = output_dir / f".sga-write-test-{os.getpid()}"  # one per process: every process checks
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:

@@ -304,10 +304,11 @@ class UnlearningTrainer:
         train_cfg = self.config.train
         set_seed(train_cfg.seed)
         self._fingerprint()  # of the model as given, before LoRA adapters are added
-        if acc.is_main_process:
-            checkpoint.check_output_dir(self.output_dir, resume=train_cfg.resume, overwrite=train_cfg.overwrite)
-            if train_cfg.overwrite:
-                checkpoint.clear_run(self.output_dir, (METRICS_FILE, FINAL_MODEL_DIR))
+        # on every process, so that a refusal stops all of them (none waits at a barrier)
+        checkpoint.check_output_dir(self.output_dir, resume=train_cfg.resume, overwrite=train_cfg.overwrite)
+        acc.wait_for_everyone()
+        if acc.is_main_process and train_cfg.overwrite:
+            checkpoint.clear_run(self.output_dir, (METRICS_FILE, FINAL_MODEL_DIR))
         acc.wait_for_everyone()
 
         resume_path = self._resume_path()
