@@ -347,6 +347,7 @@ class UnlearningTrainer:
         metrics_file = self._open_metrics(step)
         history: list[dict[str, Any]] = []
         status, reason = "completed", None
+        bad_step = False  # the last step is non-finite: nothing of it may be saved
         checkpoint_path: Optional[Path] = None
         final_model: Optional[Path] = None
         progress = self._progress(step)
@@ -368,7 +369,7 @@ class UnlearningTrainer:
                         progress.set_postfix({k: f"{record[k]:.4g}" for k in ("forget_nll", "normal_nll") if k in record})
                     non_finite = self._non_finite(record)
                     if non_finite:
-                        status, reason = "diverged", f"non-finite {', '.join(non_finite)} at step {step}"
+                        status, reason, bad_step = "diverged", f"non-finite {', '.join(non_finite)} at step {step}", True
                         break
                     if record.pop("_interrupted") and step < self.total_steps:
                         status = "interrupted"
@@ -384,7 +385,7 @@ class UnlearningTrainer:
                     progress = None
                 if status == "interrupted":
                     checkpoint_path = self._save_checkpoint(step)
-                elif reason is not None and reason.startswith("non-finite"):
+                elif bad_step:
                     # nothing of the diverged step is saved; the last good checkpoint (if any) stays
                     checkpoint_path = checkpoint.latest_checkpoint(self.output_dir)
                 else:
