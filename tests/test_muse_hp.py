@@ -108,12 +108,13 @@ def test_evaluate_muse_on_a_random_model(tmp_path, tokenizer):
         assert 0.0 <= results[key] <= 1.0
     assert results["privleak"] is None
 
-    # The AUC from an independent forward pass per text, Min-40% Prob, and pairwise counting.
+    # The AUC from an independent forward pass per text, Min-40% Prob over every scored token but the
+    # last (open-unlearning's token set), and pairwise counting.
     def min_k(text):
         example = encode_text(tokenizer, text)
         with torch.no_grad():
             logprobs = torch.log_softmax(model(input_ids=torch.tensor([example.input_ids])).logits[0].double(), -1)
-        token_lp = sorted(logprobs[t - 1, i].item() for t, i in enumerate(example.input_ids) if t > 0)
+        token_lp = sorted(logprobs[t - 1, i].item() for t, i in enumerate(example.input_ids[:-1]) if t > 0)
         m = max(1, math.floor(0.4 * len(token_lp)))
         return np.mean(token_lp[:m])
 
@@ -122,7 +123,9 @@ def test_evaluate_muse_on_a_random_model(tmp_path, tokenizer):
     assert results["mia_min_k_auc"] == pytest.approx(np.mean(pairs))
 
     only = evaluate_muse(model, tokenizer, root, metrics_to_run=["privleak"], retain_auc=0.5, max_samples=3)
-    assert set(only) == {"mia_min_k_auc", "privleak", "settings"}
+    assert set(only) == {"mia_loss_auc", "mia_zlib_auc", "mia_min_k_auc", "mia_min_k_plus_plus_auc", "privleak",
+                         "per_item", "settings"}
+    assert set(only["per_item"]) == {"mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus"}
     assert only["privleak"] == pytest.approx(metrics.privleak(only["mia_min_k_auc"], 0.5))
 
 
@@ -130,10 +133,11 @@ def test_memorized_forget_set_is_exposed(tmp_path, tokenizer):
     root = write_muse(tmp_path)
     model, loss = memorize(tokenizer, FORGET_TEXTS)
     assert loss < 0.05
-    results = evaluate_muse(model, tokenizer, root, metrics_to_run=["verbmem_f", "privleak"], retain_auc=0.5,
-                            verbmem_max_new_tokens=64)
+    results = evaluate_muse(model, tokenizer, root, metrics_to_run=["verbmem_f", "privleak", "memorization"],
+                            retain_auc=0.5, verbmem_max_new_tokens=64)
     assert results["verbmem_f"] > 0.9
-    assert results["mia_min_k_auc"] == 1.0
+    assert results["mia_min_k_auc"] == 1.0 and results["mia_loss_auc"] == 1.0
+    assert results["exact_memorization"] > 0.9 and results["extraction_strength"] > 0.9
     assert results["privleak"] == pytest.approx(-100.0)
     random_model = tiny_random_model("llama", tokenizer)
     baseline = evaluate_muse(random_model, tokenizer, root, metrics_to_run=["verbmem_f"], verbmem_max_new_tokens=64)
