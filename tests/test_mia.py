@@ -111,7 +111,11 @@ def direct_statistics(model, example):
     return logp[range(len(labels)), labels].numpy(), logits[rows].argmax(-1).numpy(), np.array(labels), mu.numpy(), var.numpy()
 
 
-def test_token_statistics_match_a_direct_computation(model, tokenizer):
+@pytest.mark.parametrize("chunk", [3, 512])  # softmax chunks that split the rows, and one that does not
+def test_token_statistics_match_a_direct_computation(model, tokenizer, monkeypatch, chunk):
+    import sga.benchmarks.scoring as scoring
+
+    monkeypatch.setattr(scoring, "_STATISTICS_CHUNK", chunk)
     examples = [encode_text(tokenizer, t) for t in EXAMPLE_TEXTS] + [encode_qa(tokenizer, "Who?", "A heron.")]
     for example, stats in zip(examples, token_statistics(model, examples, batch_size=3)):
         logprobs, argmax, labels, mu, var = direct_statistics(model, example)

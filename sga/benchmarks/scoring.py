@@ -91,6 +91,9 @@ def token_logprobs(
     return results  # type: ignore[return-value]
 
 
+_STATISTICS_CHUNK = 512  # token rows per softmax in token_statistics
+
+
 @dataclass(frozen=True)
 class TokenStatistics:
     """What the memorization and membership-inference metrics need of each labelled token t of one
@@ -121,14 +124,18 @@ def token_statistics(
     """``TokenStatistics`` of every example, in input order (one forward pass per batch)."""
     results: list[TokenStatistics | None] = [None] * len(examples)
     for i, logits, targets in _labelled_logits(model, examples, batch_size, desc):
-        logp = torch.log_softmax(logits, dim=-1)
-        p = logp.exp()
-        mu = (p * logp).sum(-1)
-        variance = (p * logp.square()).sum(-1) - mu.square()
-        columns = [logp.gather(1, targets[:, None])[:, 0], logits.argmax(-1), targets, mu, variance]
-        arrays = [c.cpu().numpy() for c in columns]
+        columns: list[list[np.ndarray]] = [[], [], [], [], []]
+        for start in range(0, len(targets), _STATISTICS_CHUNK):  # bounded [chunk, V] fp32 temporaries
+            z, y = logits[start : start + _STATISTICS_CHUNK], targets[start : start + _STATISTICS_CHUNK]
+            logp = torch.log_softmax(z, dim=-1)
+            p = logp.exp()
+            mu = (p * logp).sum(-1)
+            variance = (p * logp.square()).sum(-1) - mu.square()
+            for column, value in zip(columns, (logp.gather(1, y[:, None])[:, 0], z.argmax(-1), y, mu, variance)):
+                column.append(value.cpu().numpy())
+        logprobs, predictions, labels, mu, variance = (np.concatenate(c) for c in columns)
         results[i] = TokenStatistics(
-            arrays[0].astype(np.float64), arrays[1], arrays[2], arrays[3].astype(np.float64), arrays[4].astype(np.float64)
+            logprobs.astype(np.float64), predictions, labels, mu.astype(np.float64), variance.astype(np.float64)
         )
     return results  # type: ignore[return-value]
 
