@@ -262,8 +262,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise ConfigError("--batch-size, --max-new-tokens and --max-samples must be positive")
     if args.benchmark == "hp" and not (args.book and args.heldout):
         raise ConfigError("--benchmark hp needs --book and --heldout")
-    if args.benchmark == "hp" and args.openunlearning_dir:
-        raise ConfigError("--openunlearning-dir: open-unlearning has no Harry Potter log layout; use tofu or muse")
+    if args.benchmark == "hp" and (args.openunlearning_dir or args.reference_model):
+        raise ConfigError("--openunlearning-dir and --reference-model are for tofu and muse, not --benchmark hp")
     for name in ("book", "heldout", "retain_reference"):
         value = getattr(args, name)
         if value and not Path(value).is_file():

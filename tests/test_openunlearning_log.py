@@ -10,7 +10,7 @@ import pytest
 from scipy.stats import ks_2samp
 from sklearn.metrics import roc_auc_score
 
-from sga.benchmarks import metrics, mia, save_results
+from sga.benchmarks import mia, save_results
 from sga.benchmarks import openunlearning_log as oul
 from sga.benchmarks.prompts import encode_qa
 from sga.benchmarks.scoring import token_statistics
