@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .mia import METRIC_NAMES
 from .report import load_results, save_results
 
 # Metrics that hold only an aggregate: open-unlearning name -> this library's result key.
@@ -58,8 +59,6 @@ def mia_entry(auc: float, forget_scores: Sequence[float], holdout_scores: Sequen
 
 def mia_entries(found: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """``mia.membership_inference``'s results under open-unlearning's MIA metric names."""
-    from .mia import METRIC_NAMES
-
     return {METRIC_NAMES[a]: mia_entry(out["auc"], out["forget"], out["holdout"]) for a, out in found.items()}
 
 

@@ -6,13 +6,17 @@ or, when no folder is given, from the hub through ``datasets``.
 Metrics (as TOFU's ``aggregate_eval_stat.py`` and open-unlearning compute them; formulas in
 ``metrics.py``), for the forget set, the retain set, real_authors and world_facts:
 - probability: mean of P(a | q) = exp(-l(a)); on real_authors / world_facts normalized against the
-  perturbed answers, P(a) / (P(a) + sum_j P(a_pert_j));
+  perturbed answers, P(a) / (P(a) + sum_j P(a_pert_j) + 1e-10);
 - ROUGE-L recall (stemmer on) of the greedy answer against the answer;
-- truth ratio: R = exp(l(a_para) - mean_j l(a_pert_j)) = P(a_pert) / P(a_para) per question (the
-  answer itself stands in for the paraphrase on real_authors / world_facts), reported as
-  mean(min(R, 1/R)) on the forget set and mean(max(0, 1 - R)) elsewhere;
+- truth ratio: R = P(a_pert) / (P(a_para) + 1e-10), P(a_pert) = exp(-mean_j l(a_pert_j)), per question
+  (the answer itself stands in for the paraphrase on real_authors / world_facts), reported as
+  mean(min(R, 1/(R + 1e-10))) on the forget set and mean(max(0, 1 - R)) elsewhere;
 - forget quality: KS-test p-value of the forget-set raw ratios R against a retain model's;
-- model utility: harmonic mean of the nine non-forget statistics.
+- model utility: harmonic mean of the nine non-forget statistics;
+- exact memorization and extraction strength of the forget answers (``metrics``);
+- membership inference (``mia``): the attacks' AUCs on the forget answers against the holdout split
+  (forget01 -> holdout01), and privleak of the Min-K AUC against a retain model's.
+Per-question values are kept under open-unlearning's metric names (``openunlearning_log``).
 """
 from __future__ import annotations
 
