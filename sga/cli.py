@@ -2,7 +2,7 @@
 
     sga unlearn        --model DIR --dataset tofu --tofu-split forget01 --data-dir DATA --method sga --rate 0.5
     sga estimate-rate  --model DIR --dataset json --forget-file f.json --retain-file r.json --K 2
-    sga eval           --model DIR --benchmark tofu --data-dir DATA --tofu-split forget01
+    sga eval           --model DIR --benchmark tofu --data-dir DATA --tofu-split forget01 --openunlearning-dir LOGS
     sga demo           --out demo_output        (offline: fine-tune, unlearn with GA / SGA / baselines, compare)
 
 ``unlearn`` and ``estimate-rate`` take a YAML config (``--config``, see ``sga.config``) whose values the
@@ -26,6 +26,9 @@ EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
 BENCHMARKS = ("tofu", "muse", "hp")
+# sga.benchmarks.mia.ATTACKS / DEFAULT_ATTACKS, spelled out so that --help needs no benchmark imports.
+MIA_ATTACKS = ("loss", "zlib", "min_k", "min_k++", "reference", "gradnorm")
+DEFAULT_MIA_ATTACKS = ("loss", "zlib", "min_k", "min_k++")
 # Train settings estimate-rate uses (the rest of the train section is about optimization).
 _RATE_TRAIN_FIELDS = ("batch_size", "seed", "backend")
 
@@ -113,7 +116,29 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--benchmark", required=True, choices=BENCHMARKS, help="tofu, muse (MUSE-News) or hp (Harry Potter)")
     evaluate.add_argument("--data-dir", help="tofu / muse: folder of the benchmark's JSON files (default: the hub dataset)")
     evaluate.add_argument("--tofu-split", default="forget01", choices=("forget01", "forget05", "forget10"), help="tofu: forget split (default: forget01)")
-    evaluate.add_argument("--retain-reference", help="tofu: a retain model's results JSON (forget quality); muse: the retain model's results JSON (privleak)")
+    evaluate.add_argument(
+        "--retain-reference",
+        help="a retain model's log: this command's --output JSON or open-unlearning's TOFU_EVAL.json / MUSE_EVAL.json "
+        "(detected from the content); tofu: forget quality and privleak, muse: privleak",
+    )
+    evaluate.add_argument("--openunlearning-dir", help="also write open-unlearning's <BENCH>_EVAL.json and <BENCH>_SUMMARY.json to this folder")
+    evaluate.add_argument(
+        "--mia-attacks", default=",".join(DEFAULT_MIA_ATTACKS),
+        help=f"tofu / muse: comma-separated membership-inference attacks out of {','.join(MIA_ATTACKS)} "
+        f"(default: {','.join(DEFAULT_MIA_ATTACKS)}; privleak needs min_k, reference needs --reference-model)",
+    )
+    evaluate.add_argument("--reference-model", help="tofu / muse: model folder of the 'reference' MIA attack (e.g. the retain model)")
+    evaluate.add_argument(
+        "--no-mia", action="store_true", help="tofu: skip the membership-inference metrics (default: run them when the holdout split is there)"
+    )
+    evaluate.add_argument(
+        "--muse-rouge", default="muse", choices=("muse", "open-unlearning"),
+        help="muse: ROUGE as MUSE's own code scores it (no stemmer; default) or as open-unlearning does (stemmer on)",
+    )
+    evaluate.add_argument(
+        "--extraction-convention", default="open-unlearning", choices=("open-unlearning", "paper"),
+        help="extraction strength when even the last token is missed: 1/n as open-unlearning (default) or 0 as the paper",
+    )
     evaluate.add_argument("--book", help="hp: plain-text file of the book to forget")
     evaluate.add_argument("--heldout", help="hp: plain-text file the model should still model well")
     evaluate.add_argument("--max-samples", type=int, help="use only the first N items of each set (default: all)")
@@ -229,44 +254,81 @@ def _load_for_eval(args: argparse.Namespace):
     return load_model(args.model, gguf_file=args.gguf_file, trust_remote_code=args.trust_remote_code)
 
 
+def _mia_attacks(args: argparse.Namespace) -> tuple[str, ...]:
+    attacks = tuple(a.strip() for a in args.mia_attacks.split(",") if a.strip())
+    unknown = [a for a in attacks if a not in MIA_ATTACKS]
+    if unknown or not attacks:
+        raise ConfigError(f"--mia-attacks: unknown or no attacks {unknown or attacks}; choose from {','.join(MIA_ATTACKS)}")
+    if ("reference" in attacks) != bool(args.reference_model):
+        raise ConfigError("--mia-attacks reference and --reference-model go together: give both or neither")
+    return attacks
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from .benchmarks.report import format_results, load_results, save_results
+    from .benchmarks.report import format_results, save_results
 
     if args.batch_size < 1 or args.max_new_tokens < 1 or (args.max_samples is not None and args.max_samples < 1):
         raise ConfigError("--batch-size, --max-new-tokens and --max-samples must be positive")
     if args.benchmark == "hp" and not (args.book and args.heldout):
         raise ConfigError("--benchmark hp needs --book and --heldout")
+    if args.benchmark == "hp" and (args.openunlearning_dir or args.reference_model):
+        raise ConfigError("--openunlearning-dir and --reference-model are for tofu and muse, not --benchmark hp")
     for name in ("book", "heldout", "retain_reference"):
         value = getattr(args, name)
         if value and not Path(value).is_file():
             raise ConfigError(f"--{name.replace('_', '-')}: no such file: {value}")
     if args.data_dir and not Path(args.data_dir).is_dir():
         raise ConfigError(f"--data-dir: no such folder: {args.data_dir}")
+    attacks = _mia_attacks(args)
+    reference = None
+    if args.retain_reference and args.benchmark == "muse":
+        from .benchmarks.openunlearning_log import load_retain_reference
+
+        reference = load_retain_reference(args.retain_reference)
+        if reference.mia_min_k_auc is None:
+            raise ConfigError(f"--retain-reference: {args.retain_reference} has no Min-K MIA AUC (mia_min_k) for privleak")
     model, tokenizer = _load_for_eval(args)
+    reference_model = None
+    if args.reference_model:
+        from .models import load_model
+
+        reference_model, _ = load_model(args.reference_model, trust_remote_code=args.trust_remote_code)
     if torch.cuda.is_available():
         model.to("cuda")
+        if reference_model is not None:
+            reference_model.to("cuda")
+    options = dict(mia_attacks=attacks, reference_model=reference_model, extraction_convention=args.extraction_convention)
     if args.benchmark == "tofu":
         from .benchmarks.tofu import evaluate_tofu
 
         results = evaluate_tofu(
             model, tokenizer, args.data_dir, args.tofu_split, max_samples=args.max_samples, batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens, retain_truth_ratios=args.retain_reference,
+            max_new_tokens=args.max_new_tokens, retain_reference=args.retain_reference,
+            membership_inference=False if args.no_mia else None, **options,
         )
     elif args.benchmark == "muse":
         from .benchmarks.muse import evaluate_muse
 
-        retain_auc = load_results(args.retain_reference).get("mia_min_k_auc") if args.retain_reference else None
-        results = evaluate_muse(model, tokenizer, args.data_dir, retain_auc=retain_auc, max_samples=args.max_samples, batch_size=args.batch_size)
+        results = evaluate_muse(
+            model, tokenizer, args.data_dir, retain_auc=reference and reference.mia_min_k_auc, max_samples=args.max_samples,
+            batch_size=args.batch_size, rouge_convention=args.muse_rouge, **options,
+        )
     else:
         from .benchmarks.harry_potter import evaluate_harry_potter
 
         max_pairs = args.max_samples if args.max_samples is not None else 100
         results = evaluate_harry_potter(model, tokenizer, args.book, args.heldout, max_pairs=max_pairs, batch_size=args.batch_size)
-    print(format_results(results, title=f"{args.benchmark}: {args.model}"))
+    shown = {key: value for key, value in results.items() if key != "per_item"}
+    print(format_results(shown, title=f"{args.benchmark}: {args.model}"))
     if args.output:
         save_results(results, args.output)
+    if args.openunlearning_dir:
+        from .benchmarks.openunlearning_log import write_openunlearning_logs
+
+        for path in write_openunlearning_logs(results, args.openunlearning_dir):
+            print(f"wrote {path}", file=sys.stderr)
     return 0
 
 

@@ -46,6 +46,9 @@ def test_answer_and_normalized_probability():
     # P(a) = 1/2, two perturbed answers with P = 1/4 each: (1/2) / (1/2 + 1/2).
     got = metrics.normalized_probability([0.0, math.log(2)], [[math.log(4)], [math.log(4), math.log(4)]])
     assert got == pytest.approx([0.8, 0.5])
+    # open-unlearning's denominator carries + 1e-10: P = 1e-12 against P_wrong = 1e-12 gives 1e-12 / 1.02e-10.
+    [tiny] = metrics.normalized_probability([-math.log(1e-12)], [[-math.log(1e-12)]])
+    assert tiny == pytest.approx(1e-12 / (2e-12 + 1e-10), rel=1e-9)
 
 
 def test_truth_ratio_is_geometric_mean_of_perturbed_over_paraphrased():
@@ -59,13 +62,26 @@ def test_truth_ratio_is_geometric_mean_of_perturbed_over_paraphrased():
         metrics.truth_ratios([0.0, 1.0], [[1.0]])
 
 
+def test_truth_ratio_divides_by_correct_plus_1e_10_as_open_unlearning():
+    # A world-facts answer with P_correct = 1e-7 and perturbed answers with P = 2e-7:
+    # open-unlearning's R = 2e-7 / (1e-7 + 1e-10) = 1.998002, not the plain ratio 2.
+    [r] = metrics.truth_ratios([-math.log(1e-7)], [[-math.log(2e-7)] * 3])
+    assert r == pytest.approx(2e-7 / (1e-7 + 1e-10), rel=1e-12)
+    assert abs(r - 2.0) > 1e-3
+    # An answer so unlikely that P underflows to 0: R = P_pert / 1e-10 stays finite.
+    [huge] = metrics.truth_ratios([1e4], [[1.0]])
+    assert huge == pytest.approx(math.exp(-1.0) / 1e-10)
+    # The forget aggregate min(R, 1 / (R + 1e-10)) at R = 0 is 0 (not a division by zero).
+    assert metrics.truth_ratio_score([0.0, 1.0], forget=True) == pytest.approx((0.0 + 1 / (1 + 1e-10)) / 2)
+
+
 def test_truth_ratio_score_forget_and_retain():
     ratios = [0.5, 2.0, 1.0]
     # forget: mean(min(R, 1/R)) = (0.5 + 0.5 + 1) / 3; elsewhere mean(max(0, 1 - R)) = (0.5 + 0 + 0) / 3.
     assert metrics.truth_ratio_score(ratios, forget=True) == pytest.approx(2 / 3)
     assert metrics.truth_ratio_score(ratios, forget=False) == pytest.approx(1 / 6)
-    with pytest.raises(ValueError, match="positive"):
-        metrics.truth_ratio_score([0.0], forget=True)
+    with pytest.raises(ValueError, match="non-negative"):
+        metrics.truth_ratio_score([-0.1], forget=True)
 
 
 def test_forget_quality_is_the_ks_p_value():
@@ -105,12 +121,12 @@ def test_mia_auc_counts_correctly_ordered_pairs():
 
 def test_privleak_follows_muse():
     # MUSE's published News numbers: target AUC_muse 0.0009, retrain 0.4772 (conventional AUC = 1 - those).
-    assert metrics.privleak(1 - 0.0009, 1 - 0.4772) == pytest.approx((0.0009 - 0.4772) / 0.4772 * 100)
+    assert metrics.privleak(1 - 0.0009, 1 - 0.4772) == pytest.approx((0.0009 - 0.4772) / 0.4772 * 100, rel=1e-9)
     assert metrics.privleak(0.6, 0.6) == 0.0
     # Over-unlearning (forget texts now less likely than holdout ones) gives a positive leak.
     assert metrics.privleak(0.2, 0.5) == pytest.approx(60.0)
-    with pytest.raises(ValueError, match="undefined"):
-        metrics.privleak(0.5, 1.0)
+    # A retain AUC of 1: open-unlearning's (s - r) / (r + 1e-10) * 100 with r = 0, not an error.
+    assert metrics.privleak(0.5, 1.0) == pytest.approx(0.5 / 1e-10 * 100)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         metrics.privleak(1.5, 0.5)
 
@@ -121,3 +137,47 @@ def test_perplexity_pools_tokens_over_windows():
     assert got == pytest.approx(2 ** (4 / 3))
     with pytest.raises(ValueError, match="at least one"):
         metrics.perplexity([[]])
+
+
+def test_rouge_scores_give_open_unlearnings_three_numbers():
+    # "a b c d" against "a b": ROUGE-1 recall 2/2, ROUGE-L F = 2/3, ROUGE-L recall 1.
+    [score] = metrics.rouge_scores(["a b c d"], ["a b"], use_stemmer=False)
+    assert score == pytest.approx({"rouge1_recall": 1.0, "rougeL_f1": 2 / 3, "rougeL_recall": 1.0})
+    # The stemmer maps "cats running" to "cat run": the two conventions of MUSE's ROUGE differ here.
+    [stemmed] = metrics.rouge_scores(["cats running"], ["cat run"], use_stemmer=True)
+    [raw] = metrics.rouge_scores(["cats running"], ["cat run"], use_stemmer=False)
+    assert stemmed["rougeL_f1"] == 1.0 and raw["rougeL_f1"] == 0.0
+
+
+def test_exact_memorization_counts_correct_greedy_tokens():
+    assert metrics.exact_memorization([1, 2, 3, 4], [1, 2, 9, 4]) == pytest.approx(3 / 4)
+    assert metrics.exact_memorization([5], [5]) == 1.0
+    with pytest.raises(ValueError, match="one length"):
+        metrics.exact_memorization([1, 2], [1])
+
+
+@pytest.mark.parametrize(
+    "predictions, labels, open_unlearning, paper",
+    [
+        ([1, 2, 3, 4], [1, 2, 3, 4], 1.0, 1.0),      # everything reproduced from the empty prefix: k* = 0
+        ([9, 2, 3, 4], [1, 2, 3, 4], 0.75, 0.75),    # first token wrong, the rest right: k* = 1
+        ([1, 9, 3, 4], [1, 2, 3, 4], 0.5, 0.5),      # a mistake at t = 1: the suffix from t = 2 on, k* = 2
+        ([1, 2, 3, 9], [1, 2, 3, 4], 0.25, 0.0),     # last token wrong: open-unlearning stops at k = n - 1
+    ],
+)
+def test_extraction_strength_by_hand(predictions, labels, open_unlearning, paper):
+    assert metrics.extraction_strength(predictions, labels) == pytest.approx(open_unlearning)
+    assert metrics.extraction_strength(predictions, labels, convention="paper") == pytest.approx(paper)
+
+
+def test_extraction_strength_matches_a_literal_suffix_search():
+    # The definition written out: the first k whose suffix predictions equal the suffix labels, k in 0..n-1.
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(1, 8))
+        labels = rng.integers(0, 3, n)
+        preds = np.where(rng.random(n) < 0.7, labels, rng.integers(0, 3, n))
+        k = next((k for k in range(n) if np.array_equal(preds[k:], labels[k:])), n - 1)
+        assert metrics.extraction_strength(preds, labels) == pytest.approx(1 - k / n)
+    with pytest.raises(ValueError, match="convention"):
+        metrics.extraction_strength([1], [1], convention="carlini")

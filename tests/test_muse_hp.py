@@ -108,12 +108,13 @@ def test_evaluate_muse_on_a_random_model(tmp_path, tokenizer):
         assert 0.0 <= results[key] <= 1.0
     assert results["privleak"] is None
 
-    # The AUC from an independent forward pass per text, Min-40% Prob, and pairwise counting.
+    # The AUC from an independent forward pass per text, Min-40% Prob over every scored token but the
+    # last (open-unlearning's token set), and pairwise counting.
     def min_k(text):
         example = encode_text(tokenizer, text)
         with torch.no_grad():
             logprobs = torch.log_softmax(model(input_ids=torch.tensor([example.input_ids])).logits[0].double(), -1)
-        token_lp = sorted(logprobs[t - 1, i].item() for t, i in enumerate(example.input_ids) if t > 0)
+        token_lp = sorted(logprobs[t - 1, i].item() for t, i in enumerate(example.input_ids[:-1]) if t > 0)
         m = max(1, math.floor(0.4 * len(token_lp)))
         return np.mean(token_lp[:m])
 
@@ -122,7 +123,9 @@ def test_evaluate_muse_on_a_random_model(tmp_path, tokenizer):
     assert results["mia_min_k_auc"] == pytest.approx(np.mean(pairs))
 
     only = evaluate_muse(model, tokenizer, root, metrics_to_run=["privleak"], retain_auc=0.5, max_samples=3)
-    assert set(only) == {"mia_min_k_auc", "privleak", "settings"}
+    assert set(only) == {"mia_loss_auc", "mia_zlib_auc", "mia_min_k_auc", "mia_min_k_plus_plus_auc", "privleak",
+                         "per_item", "settings"}
+    assert set(only["per_item"]) == {"mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus"}
     assert only["privleak"] == pytest.approx(metrics.privleak(only["mia_min_k_auc"], 0.5))
 
 
@@ -130,10 +133,11 @@ def test_memorized_forget_set_is_exposed(tmp_path, tokenizer):
     root = write_muse(tmp_path)
     model, loss = memorize(tokenizer, FORGET_TEXTS)
     assert loss < 0.05
-    results = evaluate_muse(model, tokenizer, root, metrics_to_run=["verbmem_f", "privleak"], retain_auc=0.5,
-                            verbmem_max_new_tokens=64)
+    results = evaluate_muse(model, tokenizer, root, metrics_to_run=["verbmem_f", "privleak", "memorization"],
+                            retain_auc=0.5, verbmem_max_new_tokens=64)
     assert results["verbmem_f"] > 0.9
-    assert results["mia_min_k_auc"] == 1.0
+    assert results["mia_min_k_auc"] == 1.0 and results["mia_loss_auc"] == 1.0
+    assert results["exact_memorization"] > 0.9 and results["extraction_strength"] > 0.9
     assert results["privleak"] == pytest.approx(-100.0)
     random_model = tiny_random_model("llama", tokenizer)
     baseline = evaluate_muse(random_model, tokenizer, root, metrics_to_run=["verbmem_f"], verbmem_max_new_tokens=64)
@@ -197,3 +201,54 @@ def test_harry_potter_protocol(tmp_path, tokenizer):
 
     with pytest.raises(ValueError, match="book file not found"):
         evaluate_harry_potter(model, tokenizer, tmp_path / "missing.txt", heldout)
+
+
+def test_muse_rouge_conventions_differ_only_in_the_stemmer(tmp_path, tokenizer, monkeypatch):
+    import sga.benchmarks.muse as muse
+
+    root = write_muse(tmp_path)
+    # Each "generation" is the reference with every word pluralized: equal after Porter stemming only.
+    def pluralized(model, tok, prompts, **kwargs):
+        refs = [r["gt"] for r in load_muse_split("verbmem", "forget", root)]
+        return [" ".join(word + "s" for word in ref.split()) for ref in refs[: len(prompts)]]
+
+    monkeypatch.setattr(muse, "greedy_generate", pluralized)
+    model = tiny_random_model("llama", tokenizer)
+    got = {
+        convention: evaluate_muse(model, tokenizer, root, metrics_to_run=["verbmem_f"], rouge_convention=convention)
+        for convention in ("muse", "open-unlearning")
+    }
+    refs = [r["gt"] for r in load_muse_split("verbmem", "forget", root)]
+    gens = pluralized(None, None, refs)
+    for convention, stemmer in (("muse", False), ("open-unlearning", True)):
+        expected = np.mean([s["rougeL_f1"] for s in metrics.rouge_scores(gens, refs, use_stemmer=stemmer)])
+        assert got[convention]["verbmem_f"] == pytest.approx(expected)
+        assert got[convention]["settings"]["rouge_convention"] == convention
+    assert got["open-unlearning"]["verbmem_f"] > got["muse"]["verbmem_f"] + 0.2
+    with pytest.raises(ValueError, match="rouge_convention"):
+        evaluate_muse(model, tokenizer, root, rouge_convention="stemmed")
+
+
+def test_muse_open_unlearning_log_and_retain_reference(tmp_path, tokenizer):
+    from sga.benchmarks import openunlearning_log as oul
+    from sga.benchmarks import save_results
+
+    root = write_muse(tmp_path / "data")
+    model = tiny_random_model("llama", tokenizer)
+    retain = evaluate_muse(tiny_random_model("llama", tokenizer, seed=3), tokenizer, root, knowmem_max_new_tokens=2,
+                           verbmem_max_new_tokens=2)
+    theirs, summary = oul.write_openunlearning_logs(retain, tmp_path / "retain_logs")
+    assert theirs.name == "MUSE_EVAL.json" and summary.name == "MUSE_SUMMARY.json"
+    log = oul.read_openunlearning_log(theirs)
+    assert set(log) == {"forget_verbmem_ROUGE", "forget_knowmem_ROUGE", "retain_knowmem_ROUGE", "privleak",
+                        "extraction_strength", "exact_memorization", "mia_loss", "mia_zlib", "mia_min_k",
+                        "mia_min_k_plus_plus"}
+    assert log == json.loads(json.dumps(oul.to_openunlearning_log(retain)))
+    assert log["forget_verbmem_ROUGE"]["agg_value"] == retain["verbmem_f"]
+    assert len(log["extraction_strength"]["value_by_index"]) == len(FORGET_TEXTS)
+    ours = save_results(retain, tmp_path / "retain.json")
+    for path in (ours, theirs):
+        assert oul.load_retain_reference(path).mia_min_k_auc == retain["mia_min_k_auc"]
+    results = evaluate_muse(model, tokenizer, root, metrics_to_run=["privleak"],
+                            retain_auc=oul.load_retain_reference(theirs).mia_min_k_auc)
+    assert results["privleak"] == pytest.approx(metrics.privleak(results["mia_min_k_auc"], retain["mia_min_k_auc"]))

@@ -49,8 +49,9 @@ def test_load_real_splits():
              "real_authors_perturbed": 100, "world_facts_perturbed": 117, "retain90": 3600}
     for split, size in sizes.items():
         assert len(load_tofu_split(split, TOFU_DIR)) == size
-    for split in SPLITS:  # every split but the holdout ones, which the local copy lacks
-        if not split.startswith("holdout"):
+    assert len(load_tofu_split("holdout01", TOFU_DIR)) == 40
+    for split in SPLITS:  # every split but holdout05 / holdout10, which the local copy lacks
+        if split not in ("holdout05", "holdout10"):
             assert load_tofu_split(split, TOFU_DIR)
     full, forget = load_tofu_split("full", TOFU_DIR), load_tofu_split("forget01", TOFU_DIR)
     perturbed = load_tofu_split("forget01_perturbed", TOFU_DIR)
@@ -153,22 +154,24 @@ def test_evaluate_tofu_metrics_match_a_hand_computation(model, tokenizer):
         for stat in ("prob", "rouge", "truth_ratio"):
             assert 0.0 <= results[f"{name}_{stat}"] <= 1.0
     assert results["forget_quality"] is None
-    assert results["settings"]["n_questions"] == {"forget": 3, "retain": 3, "real_authors": 3, "world_facts": 3}
+    assert results["settings"]["n_questions"] == {"forget": 3, "retain": 3, "real_authors": 3, "world_facts": 3,
+                                                  "holdout": 3}
 
     def nll(question, answer):
         return mean_nll_by_hand(model, encode_qa(tokenizer, question, answer))
 
     def truth_ratio_by_hand(r):
-        # R = P(perturbed) / P(paraphrased), P length-normalized, a geometric mean over the perturbed answers.
+        # R = P(perturbed) / (P(paraphrased) + 1e-10) as open-unlearning computes it, P length-normalized,
+        # a geometric mean over the perturbed answers.
         mean_perturbed_nll = np.mean([nll(r["question"], a) for a in r["perturbed_answer"]])
-        return math.exp(nll(r["question"], r["paraphrased_answer"]) - mean_perturbed_nll)
+        return math.exp(-mean_perturbed_nll) / (math.exp(-nll(r["question"], r["paraphrased_answer"])) + 1e-10)
 
     forget = load_tofu_split("forget01_perturbed", TOFU_DIR)[:3]
     probs = [math.exp(-nll(r["question"], r["answer"])) for r in forget]
     assert results["forget_prob"] == pytest.approx(np.mean(probs), rel=1e-4)
     ratios = [truth_ratio_by_hand(r) for r in forget]
     assert results["forget_truth_ratios"] == pytest.approx(ratios, rel=1e-4)
-    assert results["forget_truth_ratio"] == pytest.approx(np.mean(np.minimum(ratios, 1 / np.array(ratios))), rel=1e-4)
+    assert results["forget_truth_ratio"] == pytest.approx(np.mean(np.minimum(ratios, 1 / (np.array(ratios) + 1e-10))), rel=1e-4)
 
     retain = load_tofu_split("retain_perturbed", TOFU_DIR)[:3]
     retain_ratios = [truth_ratio_by_hand(r) for r in retain]
@@ -178,7 +181,7 @@ def test_evaluate_tofu_metrics_match_a_hand_computation(model, tokenizer):
     normalized = []
     for r in authors:
         p_true = math.exp(-nll(r["question"], r["answer"]))
-        normalized.append(p_true / (p_true + sum(math.exp(-nll(r["question"], p)) for p in r["perturbed_answer"])))
+        normalized.append(p_true / (p_true + sum(math.exp(-nll(r["question"], p)) for p in r["perturbed_answer"]) + 1e-10))
     assert results["real_authors_prob"] == pytest.approx(np.mean(normalized), rel=1e-4)
     sets, stats = ("retain", "real_authors", "world_facts"), ("prob", "rouge", "truth_ratio")
     nine = [results[f"{name}_{stat}"] for name in sets for stat in stats]

@@ -14,6 +14,10 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+# open-unlearning's guard against division by zero in its ratios (truth ratio, normalized probability,
+# PrivLeak); kept so that the same model outputs give the same numbers to the last digit.
+OPEN_UNLEARNING_EPS = 1e-10
+
 
 def _as_1d(values: Iterable[float], name: str) -> np.ndarray:
     array = np.asarray(list(values), dtype=np.float64)
@@ -43,6 +47,21 @@ def _ragged(values: Sequence[Sequence[float]], n: int, name: str) -> list[np.nda
 _ROUGE_MEASURES = ("recall", "precision", "fmeasure")
 
 
+def rouge_scores(predictions: Sequence[str], references: Sequence[str], *, use_stemmer: bool) -> list[dict[str, float]]:
+    """Per-pair ROUGE-1 recall, ROUGE-L F-measure and ROUGE-L recall (``rouge-score``), the three numbers
+    open-unlearning logs for each generation: ``{"rouge1_recall", "rougeL_f1", "rougeL_recall"}``."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=use_stemmer)
+    scores = [scorer.score(ref, pred) for pred, ref in zip(predictions, references)]
+    return [
+        {"rouge1_recall": s["rouge1"].recall, "rougeL_f1": s["rougeL"].fmeasure, "rougeL_recall": s["rougeL"].recall}
+        for s in scores
+    ]
+
+
 def rouge_l(
     predictions: Sequence[str],
     references: Sequence[str],
@@ -54,7 +73,8 @@ def rouge_l(
 
     With LCS the length of the longest common token subsequence of prediction p and reference r:
     recall = LCS / |r|, precision = LCS / |p|, fmeasure = 2 * recall * precision / (recall + precision).
-    TOFU reports the recall with the Porter stemmer on; MUSE reports the F-measure without it.
+    TOFU reports the recall with the Porter stemmer on; MUSE's own code reports the F-measure without
+    it, open-unlearning's MUSE evaluation with it.
     """
     if measure not in _ROUGE_MEASURES:
         raise ValueError(f"unknown ROUGE measure {measure!r}; expected one of {_ROUGE_MEASURES}")
@@ -92,42 +112,45 @@ def answer_probability(mean_nll: Iterable[float]) -> np.ndarray:
 def normalized_probability(answer_nll: Iterable[float], perturbed_nll: Sequence[Sequence[float]]) -> np.ndarray:
     """TOFU's probability for real_authors / world_facts, per question.
 
-    P_norm = P(a) / (P(a) + sum_j P(a_pert_j)), each P the length-normalized probability exp(-l).
+    P_norm = P(a) / (P(a) + sum_j P(a_pert_j) + 1e-10), each P the length-normalized probability exp(-l)
+    (the 1e-10 as in open-unlearning's ``probability_w_options``).
     """
     correct = _as_1d(answer_nll, "answer_nll")
     wrong = _ragged(perturbed_nll, correct.size, "perturbed_nll")
     p_true = np.exp(-correct)
     p_wrong = np.array([np.exp(-row).sum() for row in wrong])
-    return p_true / (p_true + p_wrong)
+    return p_true / (p_true + p_wrong + OPEN_UNLEARNING_EPS)
 
 
 def truth_ratios(correct_nll: Iterable[float], perturbed_nll: Sequence[Sequence[float]]) -> np.ndarray:
-    """TOFU's raw truth ratio per question.
+    """TOFU's raw truth ratio per question, as open-unlearning computes it.
 
-    R_truth = (prod_j P(a_pert_j)^(1/|a_pert_j|))^(1/k) / P(a_para)^(1/|a_para|)
-            = exp(l(a_para) - mean_j l(a_pert_j)),
-    with l the token-mean NLL, so P^(1/|a|) = exp(-l). The mean over the k perturbed answers is taken
-    in log space (a geometric mean of their normalized probabilities), as TOFU's
-    ``aggregate_eval_stat.py`` and open-unlearning compute it. ``correct_nll`` is the paraphrased
+    R_truth = P_pert / (P_para + 1e-10),  P_pert = exp(-mean_j l(a_pert_j)),  P_para = exp(-l(a_para)),
+    with l the token-mean NLL, so P^(1/|a|) = exp(-l): P_pert is the geometric mean of the k perturbed
+    answers' normalized probabilities (the mean taken in log space, as TOFU's ``aggregate_eval_stat.py``
+    and open-unlearning do). The 1e-10 is open-unlearning's; it moves R only when P_para is tiny (a
+    world-facts answer with P ~ 1e-7 shifts in the sixth digit). ``correct_nll`` is the paraphrased
     answer's NLL for the forget and retain sets and the answer's own NLL for real_authors / world_facts.
     R < 1: the model prefers the correct answer; R ~ 1: it cannot tell them apart.
     """
     correct = _as_1d(correct_nll, "correct_nll")
     wrong = _ragged(perturbed_nll, correct.size, "perturbed_nll")
-    return np.exp(correct - np.array([row.mean() for row in wrong]))
+    p_wrong = np.exp(-np.array([row.mean() for row in wrong]))
+    return p_wrong / (np.exp(-correct) + OPEN_UNLEARNING_EPS)
 
 
 def truth_ratio_score(ratios: Iterable[float], *, forget: bool) -> float:
     """Aggregate per-question truth ratios into TOFU's reported "Truth Ratio" statistic.
 
-    forget set:  mean(min(R, 1/R))     (1 when correct and perturbed answers are equally likely)
-    other sets:  mean(max(0, 1 - R))   (1 when the correct answer dominates; the model-utility term)
+    forget set:  mean(min(R, 1 / (R + 1e-10)))   (1 when correct and perturbed answers are equally likely)
+    other sets:  mean(max(0, 1 - R))             (1 when the correct answer dominates; a model-utility term)
+    (open-unlearning's ``closer_to_1_better`` and ``true_better`` aggregators.)
     """
     r = _as_1d(ratios, "ratios")
-    if np.any(r <= 0):
-        raise ValueError("truth ratios must be positive")
+    if np.any(r < 0):
+        raise ValueError("truth ratios must be non-negative")
     if forget:
-        return float(np.mean(np.minimum(r, 1.0 / r)))
+        return float(np.mean(np.minimum(r, 1.0 / (r + OPEN_UNLEARNING_EPS))))
     return float(np.mean(np.maximum(0.0, 1.0 - r)))
 
 
@@ -192,17 +215,60 @@ def privleak(auc_unlearned: float, auc_retain: float) -> float:
     """MUSE PrivLeak, in percent, from two conventional MIA AUCs (see ``mia_auc``).
 
     MUSE computes its AUC with the opposite orientation, AUC_muse = 1 - AUC, and reports
-        PrivLeak = (AUC_muse(unlearned) - AUC_muse(retain)) / AUC_muse(retain) * 100,
+        PrivLeak = (AUC_muse(unlearned) - AUC_muse(retain)) / (AUC_muse(retain) + 1e-10) * 100,
     so the target model (forget set fully exposed, AUC ~ 1) scores about -100, a good unlearning
-    about 0 and over-unlearning a large positive value, matching MUSE's published numbers.
+    about 0 and over-unlearning a large positive value, matching MUSE's published numbers. The 1e-10 is
+    open-unlearning's (its ``privleak``); a retain AUC of exactly 1 gives a huge value rather than an error.
     """
     for name, value in (("auc_unlearned", auc_unlearned), ("auc_retain", auc_retain)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value}")
     ref = 1.0 - auc_retain
-    if ref == 0.0:
-        raise ValueError("auc_retain = 1 makes PrivLeak undefined (division by zero)")
-    return ((1.0 - auc_unlearned) - ref) / ref * 100.0
+    return ((1.0 - auc_unlearned) - ref) / (ref + OPEN_UNLEARNING_EPS) * 100.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Memorization (from teacher-forced greedy predictions)
+# --------------------------------------------------------------------------------------------------
+
+EXTRACTION_CONVENTIONS = ("open-unlearning", "paper")
+
+
+def _predictions_and_labels(predictions: Sequence[int], labels: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    pred = np.asarray(predictions, dtype=np.int64).reshape(-1)
+    gold = np.asarray(labels, dtype=np.int64).reshape(-1)
+    if pred.size != gold.size or gold.size == 0:
+        raise ValueError(f"predictions and labels must be non-empty and of one length, got {pred.size} and {gold.size}")
+    return pred, gold
+
+
+def exact_memorization(predictions: Sequence[int], labels: Sequence[int]) -> float:
+    """Exact memorization (Tirumala et al., 2022) of one answer: the fraction of its tokens that the
+    model's greedy next-token prediction gets right given the true prefix,
+        EM = (1 / n) * sum_t [argmax_v p(v | x, y_<t) == y_t]."""
+    pred, gold = _predictions_and_labels(predictions, labels)
+    return float(np.mean(pred == gold))
+
+
+def extraction_strength(
+    predictions: Sequence[int], labels: Sequence[int], *, convention: str = "open-unlearning"
+) -> float:
+    """Extraction strength (Carlini et al., 2021; as in open-unlearning) of one answer y of n tokens:
+    how short a prefix of y the model needs to reproduce the rest of it greedily,
+        ES = 1 - k* / n,  k* = min { k : argmax p(. | x, y_<t) == y_t for every t >= k }.
+    With teacher-forced predictions this equals greedy generation from the prefix y_<k.
+    ``convention`` says what happens when not even the last token is reproduced: "paper" lets k*
+    reach n (the empty suffix), so ES = 0; "open-unlearning" searches k in 0..n-1 only and ends at
+    k = n - 1, so ES = 1 / n (its ``extraction_strength`` does this)."""
+    if convention not in EXTRACTION_CONVENTIONS:
+        raise ValueError(f"unknown extraction-strength convention {convention!r}; expected one of {EXTRACTION_CONVENTIONS}")
+    pred, gold = _predictions_and_labels(predictions, labels)
+    n = gold.size
+    wrong = np.flatnonzero(pred != gold)
+    k = 0 if wrong.size == 0 else int(wrong[-1]) + 1  # the suffix after the last mistake is reproduced
+    if convention == "open-unlearning":
+        k = min(k, n - 1)
+    return 1.0 - k / n
 
 
 # --------------------------------------------------------------------------------------------------

@@ -6,13 +6,17 @@ or, when no folder is given, from the hub through ``datasets``.
 Metrics (as TOFU's ``aggregate_eval_stat.py`` and open-unlearning compute them; formulas in
 ``metrics.py``), for the forget set, the retain set, real_authors and world_facts:
 - probability: mean of P(a | q) = exp(-l(a)); on real_authors / world_facts normalized against the
-  perturbed answers, P(a) / (P(a) + sum_j P(a_pert_j));
+  perturbed answers, P(a) / (P(a) + sum_j P(a_pert_j) + 1e-10);
 - ROUGE-L recall (stemmer on) of the greedy answer against the answer;
-- truth ratio: R = exp(l(a_para) - mean_j l(a_pert_j)) = P(a_pert) / P(a_para) per question (the
-  answer itself stands in for the paraphrase on real_authors / world_facts), reported as
-  mean(min(R, 1/R)) on the forget set and mean(max(0, 1 - R)) elsewhere;
+- truth ratio: R = P(a_pert) / (P(a_para) + 1e-10), P(a_pert) = exp(-mean_j l(a_pert_j)), per question
+  (the answer itself stands in for the paraphrase on real_authors / world_facts), reported as
+  mean(min(R, 1/(R + 1e-10))) on the forget set and mean(max(0, 1 - R)) elsewhere;
 - forget quality: KS-test p-value of the forget-set raw ratios R against a retain model's;
-- model utility: harmonic mean of the nine non-forget statistics.
+- model utility: harmonic mean of the nine non-forget statistics;
+- exact memorization and extraction strength of the forget answers (``metrics``);
+- membership inference (``mia``): the attacks' AUCs on the forget answers against the holdout split
+  (forget01 -> holdout01), and privleak of the Min-K AUC against a retain model's.
+Per-question values are kept under open-unlearning's metric names (``openunlearning_log``).
 """
 from __future__ import annotations
 
@@ -23,10 +27,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import metrics
+from . import metrics, mia
+from . import openunlearning_log as log
 from .prompts import PLAIN_STOP_STRINGS, encode_qa, resolve_chat_template
-from .report import load_results
-from .scoring import greedy_generate, token_logprobs
+from .scoring import greedy_generate, memorization, token_logprobs, token_statistics
 
 HUB_DATASET = "locuslab/TOFU"
 FORGET_SPLITS = ("forget01", "forget05", "forget10")
@@ -45,6 +49,13 @@ SPLITS: dict[str, tuple[str, ...]] = {
     "real_authors_perturbed": _FACT_KEYS,
     "world_facts": _QA_KEYS,
     "world_facts_perturbed": _FACT_KEYS,
+}
+# open-unlearning's names of each set: (metric-name prefix, truth-ratio metric name).
+TOFU_SET_NAMES = {
+    "forget": ("forget", "forget_truth_ratio"),
+    "retain": ("retain", "retain_Truth_Ratio"),
+    "real_authors": ("ra", "ra_Truth_Ratio"),
+    "world_facts": ("wf", "wf_Truth_Ratio"),
 }
 # The three model-utility sets: (result prefix, split, key of the "correct" answer of the truth ratio).
 _UTILITY_SETS = (
@@ -103,8 +114,8 @@ def _score_qa_set(
     model, tokenizer, records: list[dict], *, correct_key: str, use_chat_template: bool, batch_size: int,
     max_new_tokens: int | None, name: str,
 ) -> dict[str, Any]:
-    """Answer NLLs, perturbed NLLs and raw truth ratios of one QA set, plus the ROUGE-L recall of its
-    greedy answers unless ``max_new_tokens`` is None."""
+    """Answer NLLs, "correct"-answer NLLs, perturbed NLLs and raw truth ratios of one QA set, the encoded
+    answers, plus the greedy answers and their ROUGE scores (stemmer on) unless ``max_new_tokens`` is None."""
 
     def encode(question: str, answer: str):
         return encode_qa(tokenizer, question, answer, use_chat_template=use_chat_template)
@@ -122,35 +133,117 @@ def _score_qa_set(
     correct_nll = answer_nll if correct_key == "answer" else mean_nll[n : 2 * n]
     perturbed_nll = [mean_nll[pert_bounds[i] : pert_bounds[i + 1]] for i in range(n)]
     scored = {
+        "answers": examples[:n],
         "answer_nll": answer_nll,
+        "correct_nll": correct_nll,
         "perturbed_nll": perturbed_nll,
         "truth_ratios": metrics.truth_ratios(correct_nll, perturbed_nll),
     }
     if max_new_tokens is not None:
+        prompts = [examples[i].prompt_ids for i in range(n)]
         generations = greedy_generate(
-            model, tokenizer, [examples[i].prompt_ids for i in range(n)], max_new_tokens=max_new_tokens,
-            batch_size=batch_size, stop_strings=() if use_chat_template else PLAIN_STOP_STRINGS,
-            desc=f"{name}: generating",
+            model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+            stop_strings=() if use_chat_template else PLAIN_STOP_STRINGS, desc=f"{name}: generating",
         )
-        rouge = metrics.rouge_l(generations, [r["answer"] for r in records], measure="recall", use_stemmer=True)
-        scored["rouge"] = float(np.mean(rouge))
+        references = [r["answer"] for r in records]
+        rouge = metrics.rouge_scores(generations, references, use_stemmer=True)
+        scored["rouge"] = float(np.mean([score["rougeL_recall"] for score in rouge]))
+        scored["rouge_records"] = [
+            {**score, "input": tokenizer.decode(prompt, skip_special_tokens=True), "ground_truth": ref, "generation": gen}
+            for score, prompt, ref, gen in zip(rouge, prompts, references, generations)
+        ]
     return scored
 
 
-def _retain_ratios_from(value: Sequence[float] | str | os.PathLike, forget_split: str) -> list[float]:
-    if isinstance(value, (str, os.PathLike)):
-        path = Path(value)
-        log = load_results(path)
-        if "forget_truth_ratios" not in log:
-            raise ValueError(f"{path} has no 'forget_truth_ratios': not a log written from evaluate_tofu")
-        logged_split = log.get("settings", {}).get("forget_split")
-        if logged_split != forget_split:
-            raise ValueError(f"{path} holds truth ratios of {logged_split!r}, not of {forget_split!r}")
-        value = log["forget_truth_ratios"]
-    ratios = [float(r) for r in value]
-    if not ratios:
+def _probability_records(nll: np.ndarray | Sequence[np.ndarray]) -> tuple[float, list[dict]]:
+    """open-unlearning's ``probability`` metric of per-index NLLs (or of lists of them): records
+    {"prob": exp(-l), "avg_loss": l} and the mean probability (of each index's mean, for lists)."""
+    records = [{"prob": np.exp(-np.asarray(l)).tolist(), "avg_loss": np.asarray(l).tolist()} for l in nll]
+    return float(np.mean([np.mean(r["prob"]) for r in records])), records
+
+
+def _per_item(name: str, scored: dict[str, Any], prob: np.ndarray, stats: dict[str, float]) -> dict[str, Any]:
+    """The open-unlearning metrics of one QA set (TOFU_SET_NAMES): raw, paraphrased and perturbed
+    probabilities, the reported probability, ROUGE and truth ratio, per index."""
+    prefix, truth_ratio_name = TOFU_SET_NAMES[name]
+    entries = {}
+    if name in ("forget", "retain"):
+        entries[f"{prefix}_Q_A_PARA_Prob"] = log.per_item(*_probability_records(scored["correct_nll"]))
+    else:
+        entries[f"{prefix}_Q_A_Prob_normalised"] = log.per_item(stats[f"{name}_prob"], [{"prob": p} for p in prob])
+    entries[f"{prefix}_Q_A_Prob"] = log.per_item(*_probability_records(scored["answer_nll"]))
+    entries[f"{prefix}_Q_A_PERT_Prob"] = log.per_item(*_probability_records(scored["perturbed_nll"]))
+    entries[f"{prefix}_Q_A_ROUGE"] = log.per_item(stats[f"{name}_rouge"], scored["rouge_records"])
+    entries[truth_ratio_name] = log.per_item(
+        stats[f"{name}_truth_ratio"], [{"score": float(r)} for r in scored["truth_ratios"]]
+    )
+    return entries
+
+
+def _retain_reference(
+    retain_truth_ratios: Sequence[float] | str | os.PathLike | None,
+    retain_reference: str | os.PathLike | None,
+    retain_mia_auc: float | None,
+    forget_split: str,
+) -> tuple[list[float] | None, float | None]:
+    """(retain truth ratios, retain Min-K AUC) from the arguments of ``evaluate_tofu``; a log path, of
+    either format (``openunlearning_log.load_retain_reference``), must hold truth ratios."""
+    if retain_reference is not None and (retain_truth_ratios is not None or retain_mia_auc is not None):
+        raise ValueError("give retain_reference, or retain_truth_ratios / retain_mia_auc, not both")
+    path = retain_reference if retain_reference is not None else retain_truth_ratios
+    if isinstance(path, (str, os.PathLike)):
+        reference = log.load_retain_reference(path)
+        if reference.truth_ratios is None:
+            key = "forget_truth_ratio" if reference.source_format == "open-unlearning" else "forget_truth_ratios"
+            raise ValueError(f"{path} has no {key!r}: not a log of a TOFU evaluation")
+        if reference.forget_split not in (None, forget_split):
+            raise ValueError(f"{path} holds truth ratios of {reference.forget_split!r}, not of {forget_split!r}")
+        ratios = reference.truth_ratios
+        if retain_reference is not None:
+            retain_mia_auc = reference.mia_min_k_auc
+    else:
+        ratios = None if retain_truth_ratios is None else [float(r) for r in retain_truth_ratios]
+    if ratios is not None and not ratios:
         raise ValueError("retain_truth_ratios is empty")
-    return ratios
+    if retain_mia_auc is not None and not 0.0 <= retain_mia_auc <= 1.0:
+        raise ValueError(f"retain_mia_auc must be in [0, 1], got {retain_mia_auc}")
+    return ratios, retain_mia_auc
+
+
+def _memorization_and_mia(
+    model, tokenizer, forget: list, holdout: list, per_item: dict[str, Any], *, retain_auc: float | None,
+    attacks: Sequence[str], k: float, reference_model, batch_size: int, extraction_convention: str,
+) -> dict[str, Any]:
+    """Exact memorization and extraction strength of the forget answers and, with holdout answers, the
+    MIA AUCs and privleak (one forward pass over the forget answers serves both); the per-question
+    values go into ``per_item``."""
+    statistics = token_statistics(model, forget, batch_size=batch_size, desc="forget: token statistics")
+    results: dict[str, Any] = {}
+    for name, values in memorization(statistics, convention=extraction_convention).items():
+        per_item[name] = log.scores_entry(values)
+        results[name] = per_item[name]["agg_value"]
+    results["privleak"] = None
+    if holdout:
+        found = mia.membership_inference(
+            model, tokenizer, forget, holdout, attacks, forget_statistics=statistics, k=k,
+            reference_model=reference_model, batch_size=batch_size,
+        )
+        per_item.update(log.mia_entries(found))
+        results.update(mia.auc_results(found))
+        results["privleak"] = mia.privleak_from(found, retain_auc)
+    return results
+
+
+def _holdout_split(forget_split: str, data_dir: str | os.PathLike | None, membership_inference: bool | None) -> str | None:
+    """The holdout split that pairs with the forget split (forget01 -> holdout01) when the MIA metrics
+    run: always for True, never for False, for None when the data has it (the hub always does)."""
+    holdout = forget_split.replace("forget", "holdout")
+    if membership_inference is False:
+        return None
+    available = data_dir is None or (Path(data_dir) / f"{holdout}.json").is_file()
+    if membership_inference and not available:
+        raise ValueError(f"membership inference needs {Path(data_dir) / f'{holdout}.json'}: TOFU's {holdout} split")
+    return holdout if available else None
 
 
 def tofu_forget_truth_ratios(
@@ -198,6 +291,13 @@ def evaluate_tofu(
     retain_truth_ratios: Sequence[float] | str | os.PathLike | None = None,
     *,
     use_chat_template: bool | None = None,
+    retain_reference: str | os.PathLike | None = None,
+    retain_mia_auc: float | None = None,
+    membership_inference: bool | None = None,
+    mia_attacks: Sequence[str] = mia.DEFAULT_ATTACKS,
+    mia_k: float = 0.4,
+    reference_model=None,
+    extraction_convention: str = "open-unlearning",
 ) -> dict[str, Any]:
     """Evaluate a model on TOFU and return every metric.
 
@@ -210,13 +310,26 @@ def evaluate_tofu(
         batch_size: sequences per forward pass / generation batch.
         max_new_tokens: greedy generation budget for the ROUGE answers.
         retain_truth_ratios: a retain model's raw forget truth ratios for forget quality: a list of
-            floats (``tofu_forget_truth_ratios``), or the path of a JSON log saved from this function's
-            result for the retain model (``save_results``). None leaves forget_quality as None.
+            floats (``tofu_forget_truth_ratios``), or the path of a retain model's log (see
+            ``retain_reference``). None leaves forget_quality as None.
         use_chat_template: None uses the tokenizer's chat template when it has one.
+        retain_reference: the path of a retain model's log, either this function's saved result
+            (``save_results``) or open-unlearning's ``TOFU_EVAL.json`` (detected from the content): its
+            forget truth ratios give forget quality and its Min-K AUC (if logged) gives privleak.
+        retain_mia_auc: the retain model's ``mia_min_k_auc``, for privleak without a log.
+        membership_inference: run the MIA metrics on the forget answers (members) against the holdout
+            split (forget01 -> holdout01): True, False, or None for "when the data has that split".
+        mia_attacks: any of ``mia.ATTACKS``; "min_k" is the one privleak uses; "reference" needs
+            ``reference_model``; "gradnorm" takes one backward pass per answer.
+        mia_k: the k of Min-K% and Min-K%++ (open-unlearning: 0.4).
+        extraction_convention: "open-unlearning" or "paper", see ``metrics.extraction_strength``.
 
     Returns a dict: ``forget_prob``, ``forget_rouge``, ``forget_truth_ratio``, ``forget_quality``,
     ``{retain,real_authors,world_facts}_{prob,rouge,truth_ratio}``, ``model_utility``,
-    ``forget_truth_ratios`` (the per-question raw R, for reuse as a retain model's log) and ``settings``.
+    ``exact_memorization`` and ``extraction_strength`` of the forget answers, with the MIA metrics
+    ``mia_<attack>_auc`` for each attack and ``privleak`` (None without a retain AUC), ``forget_truth_ratios``
+    (the per-question raw R, for reuse as a retain model's log), ``per_item`` (the per-question values
+    under open-unlearning's metric names, for ``openunlearning_log``) and ``settings``.
     """
     forget_split = _normalize_forget_split(forget_split)
     if retain_split != "retain_perturbed":
@@ -224,22 +337,29 @@ def evaluate_tofu(
             f"retain_split must be 'retain_perturbed' (the split with perturbed answers), got {retain_split!r}"
         )
     _check_counts(max_samples, batch_size, max_new_tokens)
+    retain_ratios, retain_auc = _retain_reference(retain_truth_ratios, retain_reference, retain_mia_auc, forget_split)
+    holdout_split = _holdout_split(forget_split, data_dir, membership_inference)
+    if holdout_split is not None:
+        mia.check_attacks(mia_attacks, reference_model)
+    elif reference_model is not None:
+        raise ValueError("reference_model is given but membership inference is off (no holdout split)")
+    if extraction_convention not in metrics.EXTRACTION_CONVENTIONS:
+        raise ValueError(f"unknown extraction_convention {extraction_convention!r}; expected one of {metrics.EXTRACTION_CONVENTIONS}")
     chat = resolve_chat_template(tokenizer, use_chat_template)
     sets = {
         "forget": (load_tofu_split(f"{forget_split}_perturbed", data_dir)[:max_samples], "paraphrased_answer"),
         "retain": (load_tofu_split(retain_split, data_dir)[:max_samples], "paraphrased_answer"),
         **{name: (load_tofu_split(split, data_dir)[:max_samples], key) for name, split, key in _UTILITY_SETS},
     }
-    retain_ratios = None
-    if retain_truth_ratios is not None:
-        retain_ratios = _retain_ratios_from(retain_truth_ratios, forget_split)
-        if len(retain_ratios) != len(sets["forget"][0]):
-            raise ValueError(
-                f"{len(retain_ratios)} retain truth ratios for {len(sets['forget'][0])} forget questions: "
-                "evaluate the retain model on the same questions (same forget_split and max_samples)"
-            )
+    holdout = [] if holdout_split is None else load_tofu_split(holdout_split, data_dir)[:max_samples]
+    if retain_ratios is not None and len(retain_ratios) != len(sets["forget"][0]):
+        raise ValueError(
+            f"{len(retain_ratios)} retain truth ratios for {len(sets['forget'][0])} forget questions: "
+            "evaluate the retain model on the same questions (same forget_split and max_samples)"
+        )
 
     stats: dict[str, float] = {}
+    per_item: dict[str, Any] = {}
     for name, (records, correct_key) in sets.items():
         scored = _score_qa_set(
             model, tokenizer, records, correct_key=correct_key, use_chat_template=chat, batch_size=batch_size,
@@ -252,22 +372,35 @@ def evaluate_tofu(
         stats[f"{name}_prob"] = float(np.mean(prob))
         stats[f"{name}_rouge"] = scored["rouge"]
         stats[f"{name}_truth_ratio"] = metrics.truth_ratio_score(scored["truth_ratios"], forget=name == "forget")
+        per_item.update(_per_item(name, scored, prob, stats))
         if name == "forget":
-            forget_ratios = scored["truth_ratios"]
+            forget_ratios, forget_answers = scored["truth_ratios"], scored["answers"]
     utility_stats = {key: value for key, value in stats.items() if not key.startswith("forget_")}
     results: dict[str, Any] = {
         "forget_quality": None if retain_ratios is None else metrics.forget_quality(forget_ratios, retain_ratios),
         "model_utility": metrics.model_utility(utility_stats),
         **stats,
-        "forget_truth_ratios": forget_ratios.tolist(),
     }
+    results.update(
+        _memorization_and_mia(
+            model, tokenizer, forget_answers, [encode_qa(tokenizer, r["question"], r["answer"], use_chat_template=chat) for r in holdout],
+            per_item, retain_auc=retain_auc, attacks=mia_attacks, k=mia_k, reference_model=reference_model,
+            batch_size=batch_size, extraction_convention=extraction_convention,
+        )
+    )
+    results["forget_truth_ratios"] = forget_ratios.tolist()
+    results["per_item"] = per_item
     results["settings"] = {
         "benchmark": "tofu",
         "forget_split": forget_split,
         "retain_split": retain_split,
-        "n_questions": {name: len(records) for name, (records, _) in sets.items()},
+        "holdout_split": holdout_split,
+        "n_questions": {name: len(records) for name, (records, _) in sets.items()} | {"holdout": len(holdout)},
         "max_new_tokens": max_new_tokens,
         "chat_template": chat,
+        "mia_attacks": list(mia_attacks) if holdout_split else [],
+        "mia_k": mia_k,
+        "extraction_convention": extraction_convention,
         "data": str(data_dir) if data_dir is not None else HUB_DATASET,
     }
     return results
