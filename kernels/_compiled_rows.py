@@ -7,7 +7,7 @@ Measured on a 2-core Xeon VM: bench/NOTES.md, "CPU v3".
 
 Compilation costs a few seconds once per process and variant: one function with and one without softcap, each
 compiled for the input dtype (float32 / bfloat16 / float16) and for the in-place case (gradient buffer = logits)
-at most, with dynamic R and V. ``torch_backend`` uses it only at or above ``COMPILE_MIN_ELEMENTS`` and runs eager
+at most, with dynamic R and V (V > 4096). ``torch_backend`` uses it only at or above ``COMPILE_MIN_ELEMENTS`` and runs eager
 PyTorch when compilation is unavailable (no C++ compiler, dynamo disabled): the first failure is reported once
 as a warning and the eager path is used from then on.
 """
@@ -25,6 +25,9 @@ COMPILE_MIN_ELEMENTS = 1 << 22
 # Elements per compiled call: measured 2M-8M bytes of float32 per chunk within a few percent (bench/NOTES.md);
 # fewer, larger chunks keep the per-call overhead (guards, wrapper) small.
 CHUNK_ELEMENTS = 1 << 20
+# Inductor sums rows of up to 4096 elements differently (no cascade) and guards on it: a vocabulary on each side
+# would compile a second graph per variant. Small vocabularies stay eager, so each variant has one graph.
+MIN_COMPILED_VOCAB = 4097
 COMPILED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # SGA_COMPILE_ROWS=0 turns the compiled path off (eager everywhere).
 ENABLED_BY_ENVIRONMENT = os.environ.get("SGA_COMPILE_ROWS", "1") != "0"
@@ -99,8 +102,8 @@ def compiled_chunk_function(capped: bool) -> Callable:
 
 def use_compiled(logits: torch.Tensor, grad_buffer: Optional[torch.Tensor]) -> bool:
     """Whether a call takes the compiled path: CPU, a compiled dtype, a gradient to write, at least
-    COMPILE_MIN_ELEMENTS elements, at least 2 rows and 2 classes (dynamo would specialize a size of 1), contiguous
-    rows, and compilation not switched off or failed."""
+    COMPILE_MIN_ELEMENTS elements, at least 2 rows (dynamo would specialize a size of 1) and MIN_COMPILED_VOCAB
+    classes, contiguous rows, and compilation not switched off or failed."""
     return (
         ENABLED_BY_ENVIRONMENT
         and _failure is None
@@ -108,7 +111,8 @@ def use_compiled(logits: torch.Tensor, grad_buffer: Optional[torch.Tensor]) -> b
         and logits.device.type == "cpu"
         and logits.dtype in COMPILED_DTYPES
         and logits.numel() >= COMPILE_MIN_ELEMENTS
-        and min(logits.shape) >= 2
+        and logits.shape[0] >= 2
+        and logits.shape[1] >= MIN_COMPILED_VOCAB
         and logits.is_contiguous()
         and grad_buffer.is_contiguous()
     )

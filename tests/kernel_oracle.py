@@ -34,10 +34,13 @@ def truth(logits, labels, grad_output=None, **kwargs):
 
 
 def fp32_eager(logits, labels, grad_output=None, **kwargs):
-    """What plain fp32 arithmetic gives on the same inputs: the formula in float32, gradient cast back to the
-    logits' dtype as autograd does for an upcast."""
+    """What plain fp32 arithmetic gives on the same inputs: the formula (softcap and logit scale included) in
+    float32, gradient cast back to the logits' dtype as autograd does for an upcast."""
     def upcast_reference(z, y, **kw):
-        z32 = z.float()
+        z32 = kw.get("logit_scale", 1.0) * z.float()
+        softcap = kw.get("softcap")
+        if softcap is not None:
+            z32 = softcap * torch.tanh(z32 / softcap)
         vocab_size = z32.shape[-1]
         valid = y != kw.get("ignore_index", -100)
         safe_y = torch.where(valid, y, torch.zeros_like(y)).long()
