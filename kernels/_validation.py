@@ -48,14 +48,19 @@ def check_smoothing(smoothing: float) -> float:
     return smoothing
 
 
+def check_positive_finite(name: str, value: float, meaning: str, expected: str = "a real number") -> float:
+    """A finite real number > 0 (as a float); ``meaning`` says what it is in the error message."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0.0:
+        raise ValueError(f"{name} must be finite and > 0 ({meaning}), got {value}")
+    return value
+
+
 def check_logit_scale(logit_scale: float) -> float:
     """a in z = softcap(a * x): a finite real number > 0 (an inverse temperature)."""
-    if isinstance(logit_scale, bool) or not isinstance(logit_scale, Real):
-        raise TypeError(f"logit_scale must be a real number, got {type(logit_scale).__name__}")
-    logit_scale = float(logit_scale)
-    if not math.isfinite(logit_scale) or logit_scale <= 0.0:
-        raise ValueError(f"logit_scale must be finite and > 0 (z = logit_scale * logits), got {logit_scale}")
-    return logit_scale
+    return check_positive_finite("logit_scale", logit_scale, "z = logit_scale * logits")
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:

@@ -14,7 +14,6 @@ from typing import Optional
 import torch
 
 from . import _compiled_rows
-from ._memory import advise_huge_pages
 
 # 512K elements: 2 MB of float32 temporaries per chunk. Measured on a 2-core Xeon (N = 2048, V = 32000 and
 # N = 1024, V = 128256): chunks of 256K to 4M elements all run within 10% of each other, 64K ones 20% slower.
@@ -73,8 +72,6 @@ def rows_forward(
     row_loss = torch.empty(num_rows, dtype=acc_dtype, device=logits.device)
     if num_rows == 0:
         return row_loss
-    if grad_buffer is not None and grad_buffer.data_ptr() != logits.data_ptr():
-        advise_huge_pages(grad_buffer)  # before its first write: a fresh buffer faults in 2 MB pages, not 4 KB ones
     terms = _row_terms(labels, weights, grad_norm, sign, ignore_index, logit_scale, acc_dtype)
     start = 0
     if _compiled_rows.use_compiled(logits, grad_buffer):
