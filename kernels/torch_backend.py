@@ -92,8 +92,10 @@ def _compiled_forward(logits, terms, grad_buffer, row_loss, smoothing, softcap, 
         rows = logits[start:stop]
         chunk = [t[start:stop] for t in (terms.safe_labels, terms.valid, terms.coef, terms.grad_coef)]
         try:
-            # the in-place case passes one tensor twice: the compiled kernel reads and overwrites it in one sweep
-            row_loss[start:stop] = function(rows, *chunk, *scalars, rows if in_place else grad_buffer[start:stop])
+            # the in-place case passes one tensor twice: the compiled kernel reads and overwrites it in one sweep;
+            # no_grad: one graph whether or not the caller records autograd (dynamo guards on the grad mode)
+            with torch.no_grad():
+                row_loss[start:stop] = function(rows, *chunk, *scalars, rows if in_place else grad_buffer[start:stop])
         except Exception as error:  # no C++ compiler, dynamo unsupported here, ...: eager from this chunk on
             _compiled_rows.disable(f"{type(error).__name__}: {error}".splitlines()[0])
             return start
