@@ -3,13 +3,13 @@
 Eager PyTorch runs the chunk math as about ten separate passes over each [R, V] chunk; inductor fuses the
 function below into three sweeps per row (max and sum; sum of exp; the gradient, written straight into the
 gradient buffer in its dtype), with the float32 upcast, the logit scale and the softcap inside the sweeps.
-Measured on a 2-core Xeon VM: bench/NOTES.md, "CPU v3".
+Measured on a 2-core VM: bench/NOTES.md, "CPU v3".
 
 Compilation costs a few seconds once per process and variant: one function with and one without softcap, each
 compiled for the input dtype (float32 / bfloat16 / float16) and for the in-place case (gradient buffer = logits)
-at most, with dynamic R and V (V > 4096). ``torch_backend`` uses it only at or above ``COMPILE_MIN_ELEMENTS`` and runs eager
-PyTorch when compilation is unavailable (no C++ compiler, dynamo disabled): the first failure is reported once
-as a warning and the eager path is used from then on.
+at most, with dynamic R and V (V > 4096). ``torch_backend`` uses it only at or above ``COMPILE_MIN_ELEMENTS`` and
+runs its eager loop when compilation fails (no C++ compiler, ...): the first failure is reported once as a
+warning and the eager loop is used from then on.
 """
 from __future__ import annotations
 

@@ -87,7 +87,8 @@ def _compiled_forward(logits, terms, grad_buffer, row_loss, smoothing, softcap, 
     in_place = grad_buffer.data_ptr() == logits.data_ptr()
     function = _compiled_rows.compiled_chunk_function(softcap is not None)
     # 0-dim tensors, not Python floats: no recompile per value
-    scalars = [torch.tensor(value, dtype=torch.float32) for value in (smoothing, logit_scale, softcap) if value is not None]
+    values = (smoothing, logit_scale) if softcap is None else (smoothing, logit_scale, softcap)
+    scalars = [torch.tensor(value, dtype=torch.float32) for value in values]
     for start, stop in _compiled_rows.chunk_bounds(*logits.shape):
         rows = logits[start:stop]
         chunk = [t[start:stop] for t in (terms.safe_labels, terms.valid, terms.coef, terms.grad_coef)]
