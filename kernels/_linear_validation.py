@@ -6,13 +6,12 @@ ValueError / TypeError whose message names the offending argument.
 """
 from __future__ import annotations
 
-import math
-from numbers import Integral, Real
+from numbers import Integral
 from typing import Optional
 
 import torch
 
-from ._validation import FLOAT_DTYPES, check_token_tensors
+from ._validation import FLOAT_DTYPES, check_positive_finite, check_token_tensors
 
 
 def _check_tensor(name: str, value: object) -> torch.Tensor:
@@ -81,12 +80,7 @@ def check_softcap(softcap: Optional[float]) -> Optional[float]:
     """None (no cap) or a finite c > 0 for softcap(x) = c * tanh(x / c)."""
     if softcap is None:
         return None
-    if isinstance(softcap, bool) or not isinstance(softcap, Real):
-        raise TypeError(f"softcap must be a real number or None, got {type(softcap).__name__}")
-    softcap = float(softcap)
-    if not math.isfinite(softcap) or softcap <= 0.0:
-        raise ValueError(f"softcap must be finite and > 0 (c in c * tanh(x / c)), got {softcap}")
-    return softcap
+    return check_positive_finite("softcap", softcap, "c in c * tanh(x / c)", expected="a real number or None")
 
 
 def check_chunk_size(chunk_size: Optional[int]) -> Optional[int]:

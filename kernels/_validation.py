@@ -24,7 +24,8 @@ BACKENDS = ("auto", "triton", "torch")
 class LossConfig:
     """The scalar parameters of one smoothed-GA loss call, passed through the autograd Function as one object.
 
-    sign is -1.0 for ascent and +1.0 for descent; backend is already resolved ("triton" or "torch").
+    sign is -1.0 for ascent and +1.0 for descent; backend is already resolved ("triton" or "torch"); the loss
+    sees z = softcap(logit_scale * x) (no cap when softcap is None).
     """
 
     smoothing: float
@@ -33,6 +34,8 @@ class LossConfig:
     reduction: str
     backend: str
     inplace_backward: bool
+    softcap: Optional[float] = None
+    logit_scale: float = 1.0
 
 
 def check_smoothing(smoothing: float) -> float:
@@ -45,6 +48,21 @@ def check_smoothing(smoothing: float) -> float:
     if smoothing > 1.0:
         raise ValueError(f"smoothing must be <= 1 (eps/V on every class), got {smoothing}")
     return smoothing
+
+
+def check_positive_finite(name: str, value: float, meaning: str, expected: str = "a real number") -> float:
+    """A finite real number > 0 (as a float); ``meaning`` says what it is in the error message."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0.0:
+        raise ValueError(f"{name} must be finite and > 0 ({meaning}), got {value}")
+    return value
+
+
+def check_logit_scale(logit_scale: float) -> float:
+    """a in z = softcap(a * x): a finite real number > 0 (an inverse temperature)."""
+    return check_positive_finite("logit_scale", logit_scale, "z = logit_scale * logits")
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:

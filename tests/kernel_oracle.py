@@ -34,10 +34,13 @@ def truth(logits, labels, grad_output=None, **kwargs):
 
 
 def fp32_eager(logits, labels, grad_output=None, **kwargs):
-    """What plain fp32 arithmetic gives on the same inputs: the formula in float32, gradient cast back to the
-    logits' dtype as autograd does for an upcast."""
+    """What plain fp32 arithmetic gives on the same inputs: the formula (softcap and logit scale included) in
+    float32, gradient cast back to the logits' dtype as autograd does for an upcast."""
     def upcast_reference(z, y, **kw):
-        z32 = z.float()
+        z32 = kw.get("logit_scale", 1.0) * z.float()
+        softcap = kw.get("softcap")
+        if softcap is not None:
+            z32 = softcap * torch.tanh(z32 / softcap)
         vocab_size = z32.shape[-1]
         valid = y != kw.get("ignore_index", -100)
         safe_y = torch.where(valid, y, torch.zeros_like(y)).long()
@@ -69,3 +72,13 @@ def assert_no_worse_than_fp32(ours, baseline, exact, *, rtol=1e-5, what=""):
     scale = exact.double().abs().max().item() if exact.numel() else 0.0
     allowed = baseline_error + rtol * max(scale, 1.0)
     assert ours_error <= allowed, f"{what}: error {ours_error:.3e} > fp32 baseline {baseline_error:.3e} + tol"
+
+
+def assert_low_precision_rule(loss, grad, logits, labels, **options):
+    """DESIGN.md 4 for a run on low-precision logits: the gradient keeps their dtype, and loss and gradient err
+    against the float64 truth no more than fp32 arithmetic does on the same inputs."""
+    exact_loss, exact_grad = truth(logits, labels, **options)
+    base_loss, base_grad = fp32_eager(logits, labels, **options)
+    assert grad.dtype == logits.dtype
+    assert_no_worse_than_fp32(loss, base_loss, exact_loss, what="loss")
+    assert_no_worse_than_fp32(grad, base_grad, exact_grad, what="gradient")
