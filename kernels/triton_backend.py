@@ -74,8 +74,11 @@ def _softcapped(x, softcap, logit_scale, HAS_SOFTCAP: tl.constexpr):
         tanh_magnitude = tl.where(magnitude < 0.125, small, (1.0 - t) / (1.0 + t))
         tanh = tl.where(a < 0, -tanh_magnitude, tanh_magnitude)
         dz_du = tl.where(magnitude < 0.125, 1.0 - small * small, 4.0 * t / ((1.0 + t) * (1.0 + t)))
-        return softcap * tanh, dz_du
-    return x, 1.0
+        w = softcap * tanh
+    else:
+        w = x
+        dz_du = tl.full(x.shape, 1.0, x.dtype)
+    return w, dz_du
 
 
 @triton.jit

@@ -69,3 +69,27 @@ def assert_no_worse_than_fp32(ours, baseline, exact, *, rtol=1e-5, what=""):
     scale = exact.double().abs().max().item() if exact.numel() else 0.0
     allowed = baseline_error + rtol * max(scale, 1.0)
     assert ours_error <= allowed, f"{what}: error {ours_error:.3e} > fp32 baseline {baseline_error:.3e} + tol"
+
+
+def rows_truth(logits, labels, weights, grad_norm, *, smoothing, sign, softcap=None, logit_scale=1.0, ignore_index=-100):
+    """float64 truth of the row kernel's contract on raw logits x: z = softcap(logit_scale * x), per-row loss
+    s * w * l(z) and dL/dx * grad_norm; plus the size of the terms behind each value (for relative bounds):
+    |c| (|lse| + |z_y| + |eps| mean|z|) per row and |c| scale dz/du (p_v + |eps| / V + [v == y]) per element."""
+    x = logits.double().requires_grad_(True)
+    u = logit_scale * x
+    z = u if softcap is None else softcap * torch.tanh(u / softcap)
+    row_loss = smoothed_ga_loss_reference(z, labels, smoothing=smoothing, ascent=sign < 0, token_weights=weights,
+                                          ignore_index=ignore_index, reduction="none")
+    (row_loss * grad_norm.double()).sum().backward()
+    with torch.no_grad():
+        valid = labels != ignore_index
+        coef = (weights.double() if weights is not None else torch.ones(len(labels), dtype=torch.float64)) * valid
+        safe = labels.clamp_min(0)[:, None]
+        onehot = torch.zeros_like(z).scatter_(1, safe, 1.0)
+        terms = torch.logsumexp(z, -1).abs() + z.gather(1, safe).squeeze(1).abs() + abs(smoothing) * z.abs().mean(-1)
+        loss_scale = coef.abs() * terms + 1e-30
+        dz_du = torch.ones_like(z) if softcap is None else 1 - torch.tanh(u / softcap) ** 2
+        probs = torch.softmax(z, -1)
+        grad_scale = (coef * grad_norm.double()).abs()[:, None] * logit_scale * dz_du
+        grad_scale = grad_scale * (probs + abs(smoothing) / z.shape[-1] + onehot) + 1e-300
+    return row_loss.detach(), x.grad, loss_scale, grad_scale
