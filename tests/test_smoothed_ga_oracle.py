@@ -84,3 +84,15 @@ def test_the_kernel_with_a_halved_gradient_fails_the_oracle_suite():
     assert result.returncode == 1, result.stdout[-2000:]
     summary = result.stdout.strip().splitlines()[-1]
     assert "failed" in summary and "passed" not in summary, summary  # every selected test caught it
+
+
+def test_the_sweep_refuses_a_variant_that_disagrees():
+    """bench/gpu_sweep.py never picks a wrong variant: its check fails a halved, an all-zero or a NaN gradient."""
+    sys.path.insert(0, str(TESTS.parent / "bench"))
+    from gpu_sweep import agrees
+
+    loss, grad = torch.randn(8).double(), torch.randn(8, 50) * 1e-6
+    assert agrees(loss, grad, loss, grad)[0]
+    for wrong in (grad * 0.5, torch.zeros_like(grad), torch.full_like(grad, float("nan"))):
+        assert not agrees(loss, wrong, loss, grad)[0]
+    assert not agrees(loss * 1.001, grad, loss, grad)[0]
