@@ -68,10 +68,13 @@ def flag_variants():
 
 
 def sweep_variants():
-    """Every variant bench/gpu_sweep.py times, bf16 and fp32, sm_90 (the sweep's shapes, softcap off and on)."""
+    """Every variant bench/gpu_sweep.py times, bf16 and fp32, sm_90 (the sweep's shapes); the softcap path too for
+    the first of each kind (it is independent of the block, warp and cache switches)."""
     for dtype, vocab_size in itertools.product(("bfloat16", "float32"), (128256, 32000)):
-        for config in tuning.sweep_variants(vocab_size, ELEMENT_SIZE[dtype]):
-            for softcap in (False, True):
+        configs = list(tuning.sweep_variants(vocab_size, ELEMENT_SIZE[dtype]))
+        with_softcap = {configs[0], next((c for c in configs if c.single_block), configs[0])}
+        for config in configs:
+            for softcap in (False, True) if config in with_softcap else (False,):
                 constexprs = rows_constexprs(dtype, config, HAS_SOFTCAP=softcap)
                 name = f"sweep {dtype} V={vocab_size} {config.name()} softcap={softcap}"
                 yield name, (SM90,), triton_backend._smoothed_ga_rows_kernel, rows_signature(dtype), constexprs, config.num_warps
@@ -97,25 +100,31 @@ def resource_usage(cubin: bytes) -> str:
     return f"registers={usage.group(1)} stack={usage.group(2)}" if usage else "registers=? (cuobjdump failed)"
 
 
+def all_kernels(quick: bool = False) -> list[tuple]:
+    """(name, targets, kernel, signature, constexprs, num_warps) of every distinct kernel to compile."""
+    groups = [flag_variants(), scale_kernel_variants()] + ([] if quick else [sweep_variants()])
+    distinct = {}
+    for name, targets, kernel, signature, constexprs, num_warps in itertools.chain(*groups):
+        key = (id(kernel), tuple(signature.items()), tuple((k, str(v)) for k, v in constexprs.items()), num_warps,
+               targets)
+        distinct.setdefault(key, (name, targets, kernel, signature, constexprs, num_warps))
+    return list(distinct.values())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="flag variants and the scale kernel only")
     parser.add_argument("--report", action="store_true", help="print registers and spills of each kernel")
     args = parser.parse_args()
-    groups = [flag_variants(), scale_kernel_variants()] + ([] if args.quick else [sweep_variants()])
-    seen = set()
-    for name, targets, kernel, signature, constexprs, num_warps in itertools.chain(*groups):
-        key = (kernel.__name__ if hasattr(kernel, "__name__") else str(kernel), tuple(sorted(signature.items())),
-               tuple(sorted((k, str(v)) for k, v in constexprs.items())), num_warps, targets)
-        if key in seen:
-            continue
-        seen.add(key)
+    kernels = all_kernels(args.quick)
+    for name, targets, kernel, signature, constexprs, num_warps in kernels:
         for target in targets:
             compiled = compile_for(kernel, signature, constexprs, target, num_warps)
             assert compiled.asm.get("cubin"), f"{name}: no cubin for sm_{target.arch}"
             if args.report and target is SM90:
                 print(f"   sm_90 {resource_usage(compiled.asm['cubin'])} shared={compiled.metadata.shared}")
-        print(f"ok {name}")
+        print(f"ok {name}", flush=True)
+    print(f"compiled {len(kernels)} kernels")
 
 
 if __name__ == "__main__":
