@@ -22,7 +22,8 @@ BACKENDS = ("auto", "triton", "torch")
 class LossConfig:
     """The scalar parameters of one smoothed-GA loss call, passed through the autograd Function as one object.
 
-    sign is -1.0 for ascent and +1.0 for descent; backend is already resolved ("triton" or "torch").
+    sign is -1.0 for ascent and +1.0 for descent; backend is already resolved ("triton" or "torch"); the loss
+    sees z = softcap(logit_scale * x) (no cap when softcap is None).
     """
 
     smoothing: float
@@ -31,6 +32,8 @@ class LossConfig:
     reduction: str
     backend: str
     inplace_backward: bool
+    softcap: Optional[float] = None
+    logit_scale: float = 1.0
 
 
 def check_smoothing(smoothing: float) -> float:
@@ -43,6 +46,16 @@ def check_smoothing(smoothing: float) -> float:
     if smoothing > 1.0:
         raise ValueError(f"smoothing must be <= 1 (eps/V on every class), got {smoothing}")
     return smoothing
+
+
+def check_logit_scale(logit_scale: float) -> float:
+    """a in z = softcap(a * x): a finite real number > 0 (an inverse temperature)."""
+    if isinstance(logit_scale, bool) or not isinstance(logit_scale, Real):
+        raise TypeError(f"logit_scale must be a real number, got {type(logit_scale).__name__}")
+    logit_scale = float(logit_scale)
+    if not math.isfinite(logit_scale) or logit_scale <= 0.0:
+        raise ValueError(f"logit_scale must be finite and > 0 (z = logit_scale * logits), got {logit_scale}")
+    return logit_scale
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:

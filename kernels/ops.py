@@ -23,19 +23,26 @@ def smoothed_ga_rows(
     sign: float,
     ignore_index: int,
     backend: str,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Per-token signed loss of a [N, V] logits matrix; writes the gradient into grad_buffer when given."""
+    """Per-token signed loss of a [N, V] matrix of raw logits x; writes dL/dx into grad_buffer when given.
+
+    The loss sees z = softcap(logit_scale * x), softcap(u) = c * tanh(u / c) (no cap when softcap is None).
+    """
+    args = (logits, labels, weights, grad_norm, grad_buffer, smoothing, sign, ignore_index)
     if backend == "triton":
         from . import triton_backend
 
-        return triton_backend.rows_forward(
-            logits, labels, weights, grad_norm, grad_buffer, smoothing, sign, ignore_index
-        )
-    return torch_backend.rows_forward(logits, labels, weights, grad_norm, grad_buffer, smoothing, sign, ignore_index)
+        # the transform keywords only when used, so a Triton backend without them still runs the plain loss
+        transform = {} if softcap is None and logit_scale == 1.0 else dict(softcap=softcap, logit_scale=logit_scale)
+        return triton_backend.rows_forward(*args, **transform)
+    return torch_backend.rows_forward(*args, softcap=softcap, logit_scale=logit_scale)
 
 
 @smoothed_ga_rows.register_fake
-def _(logits, labels, weights, grad_norm, grad_buffer, smoothing, sign, ignore_index, backend):
+def _(logits, labels, weights, grad_norm, grad_buffer, smoothing, sign, ignore_index, backend, softcap=None,
+      logit_scale=1.0):
     acc_dtype = torch_backend.compute_dtype_for(logits.dtype)
     return logits.new_empty((logits.shape[0],), dtype=acc_dtype)
 

@@ -20,12 +20,17 @@ def smoothed_ga_loss_reference(
     ignore_index: int = -100,
     reduction: str = "mean",
     normalizer: Union[None, float, torch.Tensor] = None,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
 ) -> torch.Tensor:
     """Float64 smoothed-GA loss; same arguments and meaning as :func:`sga.kernels.smoothed_ga_loss`.
 
+    z = softcap(a * x), softcap(u) = c * tanh(u / c) (u when softcap is None) for raw logits x and a = logit_scale;
     l = lse(z) - (1 - eps) * z_y - (eps / V) * sum_v z_v ;  L = s * w * l  (s = -1 for ascent)
     """
-    z = logits.double().reshape(-1, logits.shape[-1])
+    z = logit_scale * logits.double().reshape(-1, logits.shape[-1])
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
     y = labels.reshape(-1).long()
     vocab_size = z.shape[-1]
     valid = y != ignore_index

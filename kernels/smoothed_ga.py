@@ -16,12 +16,14 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import ops
+from ._linear_validation import check_softcap
 from .torch_backend import compute_dtype_for
 from ._validation import (
     REDUCTIONS,
     LossConfig,
     check_choice,
     check_labels_in_range,
+    check_logit_scale,
     check_logits_and_labels,
     check_loss_options,
     check_normalizer,
@@ -65,6 +67,8 @@ class SmoothedGALossFunction(torch.autograd.Function):
             config.sign,
             config.ignore_index,
             config.backend,
+            config.softcap,
+            config.logit_scale,
         )
         ctx.backend = config.backend
         ctx.backward_done = False
@@ -101,11 +105,14 @@ def smoothed_ga_loss(
     inplace_backward: bool = False,
     backend: str = "auto",
     validate: bool = True,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
 ) -> torch.Tensor:
     """Smoothed gradient-ascent loss of logits ``[..., V]`` against ``labels [...]``.
 
     Args:
-        logits: float16 / bfloat16 / float32 (float64 for gradcheck) logits, any leading shape.
+        logits: float16 / bfloat16 / float32 (float64 for gradcheck) raw logits x, any leading shape; the loss
+            sees z = softcap(logit_scale * x).
         labels: int32 / int64 class ids with the logits' leading shape; ``ignore_index`` marks skipped tokens.
         smoothing: eps, any finite value <= 1 (PyTorch's convention: eps / V on every class; eps < 0 is
             negative label smoothing).
@@ -120,14 +127,20 @@ def smoothed_ga_loss(
         backend: "triton", "torch" (chunked PyTorch, no [N, V] float32 temporary) or "auto" (triton on CUDA).
         validate: check that every label is ignore_index or in [0, V) (one host sync on CUDA); set False only
             when the labels are known to be valid.
+        softcap: c of a final logit softcap z = c * tanh(u / c) (Gemma 2's ``final_logit_softcapping``), fused
+            into the kernel's sweep (tanh and its chain rule); None for no cap. Pass the raw, uncapped logits.
+        logit_scale: a > 0 multiplying the logits before the cap (u = a * x; 1 / temperature).
 
     Returns:
         float32 loss (float64 for float64 logits): a scalar, or per token for reduction "none".
 
     l = lse(z) - (1 - eps) z_y - (eps / V) sum_v z_v ;  L = s * w * l ;  dL/dz = s w (softmax(z) - (1-eps) 1_y - eps/V) / D
+    dL/dx = a * dL/dz * (1 - tanh^2(a x / c))   (without softcap: a * dL/dz)
     """
     check_logits_and_labels(logits, labels, token_weights, ignore_index)
     smoothing = check_loss_options(smoothing, reduction, ascent, normalizer)
+    softcap = check_softcap(softcap)
+    logit_scale = check_logit_scale(logit_scale)
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
     resolved_backend = resolve_backend(backend, logits.device)
@@ -149,6 +162,8 @@ def smoothed_ga_loss(
         reduction=reduction,
         backend=resolved_backend,
         inplace_backward=inplace_backward,
+        softcap=softcap,
+        logit_scale=logit_scale,
     )
     loss = SmoothedGALossFunction.apply(
         logits_2d, labels.reshape(-1).contiguous(), weights_1d, normalizer_tensor, config
@@ -159,7 +174,9 @@ def smoothed_ga_loss(
 
 
 class SmoothedGALoss(torch.nn.Module):
-    """nn.Module form of :func:`smoothed_ga_loss`; the constructor takes the fixed options."""
+    """nn.Module form of :func:`smoothed_ga_loss`; the constructor takes the fixed options.
+
+    ``SmoothedGALoss(softcap=30.0)`` on raw logits is a drop-in for Gemma-2-style capped logits."""
 
     def __init__(
         self,
@@ -170,9 +187,13 @@ class SmoothedGALoss(torch.nn.Module):
         reduction: str = "mean",
         inplace_backward: bool = False,
         backend: str = "auto",
+        softcap: Optional[float] = None,
+        logit_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.smoothing = check_smoothing(smoothing)
+        self.softcap = check_softcap(softcap)
+        self.logit_scale = check_logit_scale(logit_scale)
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
         self.backend = backend
         self.ascent = ascent
@@ -197,10 +218,13 @@ class SmoothedGALoss(torch.nn.Module):
             normalizer=normalizer,
             inplace_backward=self.inplace_backward,
             backend=self.backend,
+            softcap=self.softcap,
+            logit_scale=self.logit_scale,
         )
 
     def extra_repr(self) -> str:
         return (
             f"smoothing={self.smoothing}, ascent={self.ascent}, ignore_index={self.ignore_index}, "
-            f"reduction={self.reduction!r}, backend={self.backend!r}"
+            f"reduction={self.reduction!r}, backend={self.backend!r}, softcap={self.softcap}, "
+            f"logit_scale={self.logit_scale}"
         )
