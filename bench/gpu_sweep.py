@@ -2,7 +2,7 @@
 
     python bench/gpu_sweep.py --out DIR [--budget-s 240] [--smoke]
 
-On a GPU: N = 16384, V in {128256, 32000, 151936, 262144}, bf16 then fp32 (the goal's case first), forward with
+On a GPU: N = 16384, V in {128256, 32000, 151936, 262144}, bf16 and fp32 (the goal's case first), forward with
 the gradient (the whole forward+backward: backward is a no-op scale for grad_output = 1), beside the copy floor
 measured in the same process. Each variant's compile time is counted against the budget; when the budget runs
 out the sweep stops cleanly after the variant in flight and writes what it has. Each variant's results on the
@@ -25,7 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-CASES = [(16384, v, dtype) for dtype in ("bfloat16", "float32") for v in (128256, 32000, 151936, 262144)]
+# the goal's vocabulary first for both dtypes: a sweep stopped by its budget still has the cases that matter most
+CASES = [(16384, v, dtype) for v in (128256, 32000, 151936, 262144) for dtype in ("bfloat16", "float32")]
 SMOKE_CASES = [(3, 100, "bfloat16"), (3, 70, "float32")]
 SMOOTHING, SIGN, CHECK_ROWS = 0.1, -1.0, 64
 

@@ -317,8 +317,7 @@ def launch_config(vocab_size: int, dtype: torch.dtype, device: torch.device) -> 
     """The tuning table's choice for this case (the interpreter's own on the CPU)."""
     if _INTERPRETED:
         return interpreter_config(vocab_size)
-    element_size = torch.empty((), dtype=dtype).element_size()
-    return config_for(architecture(device), str(dtype).removeprefix("torch."), vocab_size, element_size)
+    return config_for(architecture(device), str(dtype).removeprefix("torch."), vocab_size, dtype.itemsize)
 
 
 def _multiprocessors(device: torch.device) -> int:
