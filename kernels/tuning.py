@@ -58,12 +58,13 @@ def fits_single_block(vocab_size: int) -> bool:
 
 def default_config(vocab_size: int, element_size: int) -> KernelConfig:
     """The untuned choice (bench/NOTES.md's predictions): the row in registers when it fits (each logit read from
-    HBM once), else 16 KB blocks, 8 warps, sweep 1 pipelined two deep, two programs per SM, sweep 2 reversed."""
+    HBM once), else 16 KB blocks, 16 warps, sweep 1 pipelined two deep, sweep 2 reversed, one program per SM (at
+    8 warps Triton 3.6 gives the kernel 254 registers a thread: one program fills an SM's register file anyway)."""
     if fits_single_block(vocab_size):
         return KernelConfig(block_v=next_power_of_2(vocab_size), num_warps=32 if vocab_size > 8192 else 8,
                             programs_per_sm=1, single_block=True)
     block = 16384 // element_size
-    return KernelConfig(block_v=block, num_warps=8, num_stages=2, programs_per_sm=2, reverse_sweep2=True)
+    return KernelConfig(block_v=block, num_warps=16, num_stages=2, programs_per_sm=1, reverse_sweep2=True)
 
 
 def interpreter_config(vocab_size: int) -> KernelConfig:
@@ -111,11 +112,11 @@ def sweep_variants(vocab_size: int, element_size: int) -> Iterator[KernelConfig]
                 yield from once(replace(base, block_v=block, num_warps=warps))
     for stages in (1, 3, 4):
         yield from once(replace(base, num_stages=stages))
-    for programs in (1, 4):
+    for programs in (2, 4):
         yield from once(replace(base, programs_per_sm=programs))
     yield from once(replace(base, reverse_sweep2=False))
     yield from once(replace(base, cache_hints=True))
-    yield from once(replace(base, cache_hints=True, programs_per_sm=1))
+    yield from once(replace(base, cache_hints=True, programs_per_sm=2))
     yield from once(replace(base, ftz_exp2=True))
     if fits_single_block(vocab_size):
         block = next_power_of_2(vocab_size)
