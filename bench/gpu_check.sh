@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session's checks in one short run (limits 90 + 45 + 230 + 60 + 60 s: 8 minutes at most, ~6 expected):
+# One GPU session's checks in one short run (limits 120 + 45 + 200 + 60 + 60 s: 8 minutes at most, ~6 expected):
 #   1. the CUDA tests, named by file;
 #   2. the same CUDA logits tests once more with SGA_PLANTED_DEFECT=halve_gradient: they must fail;
 #   3. bench/gpu_sweep.py: every variant of the logits kernel beside the copy floor, and the tuning table;
@@ -33,7 +33,7 @@ else
     fi
     python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$WORK/install.log" 2>&1 \
         || cat "$WORK/install.log"
-    SWEEP_ARGS="--budget-s ${SGA_SWEEP_BUDGET_S:-180}"
+    SWEEP_ARGS="--budget-s ${SGA_SWEEP_BUDGET_S:-150}"
 fi
 limit() { echo $(( $1 * TIME_SCALE )); }
 last_line() { grep -v '^\s*$' "$1" | tail -1; }
@@ -43,7 +43,7 @@ last_line() { grep -v '^\s*$' "$1" | tail -1; }
     torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')"; } > "$WORK/device.txt" 2>&1
 cat "$WORK/device.txt"
 
-timeout $(limit 90) python3 -m pytest -q -m cuda $CUDA_TESTS > "$WORK/cuda_tests.log" 2>&1
+timeout $(limit 120) python3 -m pytest -q -m cuda $CUDA_TESTS > "$WORK/cuda_tests.log" 2>&1
 CUDA_STATUS=$?
 echo "CUDA tests (exit $CUDA_STATUS): $(last_line "$WORK/cuda_tests.log")"
 
@@ -60,7 +60,7 @@ else
 fi
 echo "CUDA tests against a halved gradient: $PLANTED"
 
-timeout $(limit 230) python3 bench/gpu_sweep.py --out "$WORK" $SWEEP_ARGS > "$WORK/sweep.log" 2>&1
+timeout $(limit 200) python3 bench/gpu_sweep.py --out "$WORK" $SWEEP_ARGS > "$WORK/sweep.log" 2>&1
 SWEEP_STATUS=$?
 tail -15 "$WORK/sweep.log"
 
