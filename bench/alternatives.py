@@ -52,12 +52,13 @@ def _cuda_only(device: str, module: str, name: str) -> Optional[Any]:
 
 
 def liger(device: str) -> Optional[Callable]:
-    """Liger-Kernel's cross-entropy (CUDA only; it writes its gradient into the logits in forward)."""
-    loss_class = _cuda_only(device, "liger_kernel.transformers", "LigerCrossEntropyLoss")
-    if loss_class is None:
+    """Liger-Kernel's cross-entropy Function (CUDA only; it writes its gradient into the logits in forward), from
+    liger_kernel.ops (no transformers import), with the argument list of the version bench/fetch_wheels.sh pins."""
+    function = _cuda_only(device, "liger_kernel.ops", "LigerCrossEntropyFunction")
+    if function is None:
         return None
-    module = loss_class(label_smoothing=SMOOTHING)
-    return lambda logits, labels: -module(logits, labels)
+    # (input, target, weight, ignore_index, lse_square_scale, label_smoothing, reduction) -> (loss, z_loss, ...)
+    return lambda logits, labels: -function.apply(logits, labels, None, -100, 0.0, SMOOTHING, "mean")[0]
 
 
 LOGITS_IMPLEMENTATIONS = {
@@ -83,25 +84,29 @@ _compiled_eager_linear_loss = torch.compile(eager_linear_loss, dynamic=True)
 
 
 def liger_fused_linear(device: str) -> Optional[Callable]:
-    """Liger-Kernel's fused linear cross-entropy (CUDA only), ascent sign applied outside."""
-    loss_class = _cuda_only(device, "liger_kernel.transformers", "LigerFusedLinearCrossEntropyLoss")
-    if loss_class is None:
+    """Liger-Kernel's fused linear cross-entropy Function (CUDA only) from liger_kernel.ops, ascent sign applied
+    outside."""
+    function = _cuda_only(device, "liger_kernel.ops", "LigerFusedLinearCrossEntropyFunction")
+    if function is None:
         return None
 
     def loss(hidden, weight, labels, softcap):
-        module = loss_class(label_smoothing=SMOOTHING, softcap=softcap)
-        return -module(weight, hidden, labels)
+        # (input, weight, target, bias, ce_weight, ignore_index, lse_square_scale, label_smoothing, reduction, softcap)
+        return -function.apply(hidden, weight, labels, None, None, -100, 0.0, SMOOTHING, "mean", softcap)[0]
 
     return loss
 
 
 def cut_cross_entropy(device: str) -> Optional[Callable]:
-    """Cut Cross-Entropy's linear_cross_entropy (CUDA only). It has no label smoothing: it runs with eps = 0,
+    """Cut Cross-Entropy's linear_cross_entropy (CUDA only), gradient filtering off (filter_eps=None: on random
+    logits the filter skips most tiles, which is not comparable). It has no label smoothing: it runs with eps = 0,
     so it does less work than the others."""
     linear_cross_entropy = _cuda_only(device, "cut_cross_entropy", "linear_cross_entropy")
     if linear_cross_entropy is None:
         return None
-    return lambda hidden, weight, labels, softcap: -linear_cross_entropy(hidden, weight, labels, softcap=softcap)
+    return lambda hidden, weight, labels, softcap: -linear_cross_entropy(
+        hidden, weight, labels, softcap=softcap, filter_eps=None
+    )
 
 
 LINEAR_ALTERNATIVES = {

@@ -1,24 +1,40 @@
 """The Triton kernels of the smoothed-GA loss over logits, and their launchers.
 
-One program per token row. Sweep 1 streams the row once and keeps, in fp32 registers, the online max m,
-the rescaled sum of exponentials s and the sum of logits; the target logit is one scalar load. Sweep 2
-re-reads the row (from L2 when rows are scheduled well) and writes the gradient, because the per-token
-weights are known at forward time. Backward is only a scale by grad_output, skipped on the device when
-grad_output == 1 (no host sync).
+A persistent grid of programs, each taking rows p, p + P, p + 2P, ... (P = programs_per_sm x SMs, so only P rows
+are in flight and sweep 2 of a row finds it in L2). Per row:
+
+- ignored rows (label == ignore_index) read no logits; their gradient row is written as zeros (or not at all
+  when the caller's buffer is already zero);
+- sweep 1 streams the row once (software-pipelined) and keeps, in fp32 registers, the online max m, the sum of
+  exponentials over v != y (so that the target's p_y - 1 = -sum_{v != y} p_v has no cancellation when p_y ~ 1)
+  and, only with smoothing, the sum of logits; exponentials are exp2 of one FMA, log2(e) folded in;
+- sweep 2 re-reads the row (optionally last block first, the one still in L2) and writes
+  c * (p_v - eps / V) for every column; the target column is then fixed up by one scalar store, computed in fp32
+  from the live max and sum (never a read-modify-write of the rounded value);
+- a single-block variant keeps the whole row in registers (V <= 2**15), so each logit is read from HBM once.
+
+Raw logits x become z = softcap(logit_scale * x), softcap(u) = c tanh(u / c), inside the kernel; the gradient
+written is dL/dx = logit_scale * dL/dz * (1 - tanh^2). Backward is only a scale by grad_output, skipped on the
+device when grad_output == 1 (no host sync). The launch configurations live in ``tuning``.
 """
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
+from .tuning import KernelConfig, config_for, interpreter_config
 
-def interpreter_enabled() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 at import time)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+# bench/gpu_check.sh runs the CUDA tests once with this set, to show that they fail on a wrong gradient
+PLANTED_DEFECT_ENV = "SGA_PLANTED_DEFECT"
 
 
 @triton.jit
@@ -31,6 +47,78 @@ def _round_for_store(x, out_dtype: tl.constexpr, EXPLICIT_BF16_RTNE: tl.constexp
         bits += 0x7FFF + ((bits >> 16) & 1)
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     return x.to(out_dtype)
+
+
+@triton.jit
+def _exp2(x, FTZ: tl.constexpr):
+    """2**x; FTZ: the bare MUFU.EX2 (flush-to-zero, no denormal fix-up instructions)."""
+    if FTZ:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    return tl.exp2(x)
+
+
+@triton.jit
+def _softcapped(x, softcap, logit_scale, HAS_SOFTCAP: tl.constexpr):
+    """(w, dz/du): without softcap w = x (logit_scale is folded into the exp2 factor and the final sums) and
+    dz/du = 1; with it w = z = c tanh(u / c), u = logit_scale * x, and dz/du = 1 - tanh^2(u / c).
+
+    tanh(a) = (1 - t) / (1 + t), t = exp(-2|a|), and 1 - tanh^2 = 4t / (1 + t)^2 (no cancellation as |a| grows);
+    for |a| < 1/8 the odd Taylor series a - a^3/3 + 2a^5/15 - 17a^7/315 (1 - t would cancel there)."""
+    if HAS_SOFTCAP:
+        a = x * (logit_scale / softcap)
+        magnitude = tl.abs(a)
+        t = tl.exp2(magnitude * (-2.0 * 1.4426950408889634))
+        a2 = a * a
+        small = magnitude * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0))))
+        tanh_magnitude = tl.where(magnitude < 0.125, small, (1.0 - t) / (1.0 + t))
+        tanh = tl.where(a < 0, -tanh_magnitude, tanh_magnitude)
+        dz_du = tl.where(magnitude < 0.125, 1.0 - small * small, 4.0 * t / ((1.0 + t) * (1.0 + t)))
+        w = softcap * tanh
+    else:
+        w = x
+        dz_du = tl.full(x.shape, 1.0, x.dtype)
+    return w, dz_du
+
+
+@triton.jit
+def _sweep1_block(x, is_target, in_vocab, running_max, sum_exp_others, sum_w, exp2_factor, softcap, logit_scale,
+                  HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, MASKED: tl.constexpr, FTZ: tl.constexpr):
+    """Online update of (m, sum_{v != y} 2^(K (w_v - m)), sum_v w_v) by one block of raw logits x."""
+    w, _ = _softcapped(x, softcap, logit_scale, HAS_SOFTCAP)
+    if MASKED:
+        w = tl.where(in_vocab, w, float("-inf"))  # after the softcap: a masked lane is -inf, never -softcap
+    new_max = tl.maximum(running_max, tl.max(w, 0))
+    # a block (or prefix) of only -inf must not give 2^(-inf - -inf) = NaN: shift by 0 instead
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max) * exp2_factor
+    exps = tl.where(is_target, 0.0, _exp2(w * exp2_factor - shift, FTZ))
+    sum_exp_others = sum_exp_others * _exp2(running_max * exp2_factor - shift, FTZ) + tl.sum(exps, 0)
+    if HAS_SMOOTHING:
+        if MASKED:
+            w = tl.where(in_vocab, w, 0.0)
+        sum_w += tl.sum(w, 0)
+    return new_max, sum_exp_others, sum_w
+
+
+@triton.jit
+def _sweep2_block(logits_row, grad_row, offsets, in_vocab, lse2, exp2_factor, grad_coef, grad_shift, softcap,
+                  logit_scale, out_dtype: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MASKED: tl.constexpr,
+                  FTZ: tl.constexpr, EVICT: tl.constexpr, STORE_CACHE: tl.constexpr,
+                  EXPLICIT_BF16_RTNE: tl.constexpr):
+    """dL/dx_v = c' (p_v - eps / V) [* dz/du] for one block, p_v = 2^(K w_v - lse2); c' = s w grad_norm scale."""
+    if MASKED:
+        x = tl.load(logits_row + offsets, mask=in_vocab, other=0.0, eviction_policy=EVICT).to(grad_coef.dtype)
+    else:
+        x = tl.load(logits_row + offsets, eviction_policy=EVICT).to(grad_coef.dtype)
+    w, dz_du = _softcapped(x, softcap, logit_scale, HAS_SOFTCAP)
+    grad = _exp2(w * exp2_factor - lse2, FTZ) * grad_coef - grad_shift
+    if HAS_SOFTCAP:
+        grad = grad * dz_du
+    grad = _round_for_store(grad, out_dtype, EXPLICIT_BF16_RTNE)
+    if MASKED:
+        tl.store(grad_row + offsets, grad, mask=in_vocab, cache_modifier=STORE_CACHE)
+    else:
+        tl.store(grad_row + offsets, grad, cache_modifier=STORE_CACHE)
 
 
 @triton.jit
@@ -48,66 +136,128 @@ def _smoothed_ga_rows_kernel(
     smoothing,
     sign,
     ignore_index,
+    softcap,
+    logit_scale,
+    grad_multiplier,
     HAS_WEIGHTS: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
+    ZERO_IGNORED_ROWS: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    REVERSE_SWEEP2: tl.constexpr,
+    CACHE_HINTS: tl.constexpr,
+    FTZ_EXP2: tl.constexpr,
     EXPLICIT_BF16_RTNE: tl.constexpr,
 ):
-    """Loss and gradient of token rows. Persistent grid: program p takes rows p, p + P, p + 2P, ... so that only
-    P rows are in flight and the second sweep of each row finds it in L2."""
+    """Loss (and gradient) of token rows; see the module docstring for the sweeps."""
+    EVICT_KEEP: tl.constexpr = "evict_last" if CACHE_HINTS else ""
+    EVICT_DROP: tl.constexpr = "evict_first" if CACHE_HINTS else ""
+    STORE_CACHE: tl.constexpr = ".cs" if CACHE_HINTS else ""
+    out_dtype: tl.constexpr = grad_ptr.dtype.element_ty
     grad_norm = tl.load(grad_norm_ptr).to(ACC_DTYPE)
+    # 2^(K w) = e^z: K = log2(e) * logit_scale without softcap (w = x), log2(e) with it (w = z); z = scale_w * w
+    if HAS_SOFTCAP:
+        exp2_factor = tl.full((), 1.4426950408889634, ACC_DTYPE)
+        scale_w = tl.full((), 1.0, ACC_DTYPE)
+    else:
+        exp2_factor = tl.cast(logit_scale, ACC_DTYPE) * 1.4426950408889634
+        scale_w = tl.cast(logit_scale, ACC_DTYPE)
+    smoothing_per_class = tl.cast(smoothing, ACC_DTYPE) / vocab_size
+    cols = tl.arange(0, BLOCK_V)
+    full_end = (vocab_size // BLOCK_V) * BLOCK_V  # blocks before full_end need no mask: the tail is peeled
     for row_index in range(tl.program_id(0), num_rows, tl.num_programs(0)):
         row = tl.cast(row_index, tl.int64)  # int64 row offsets: N * V may exceed 2**31
         logits_row = logits_ptr + row * logits_row_stride
-        label = tl.load(labels_ptr + row).to(tl.int64)
-        valid = label != ignore_index
-        safe_label = tl.where(valid, label, 0)
-        cols = tl.arange(0, BLOCK_V)
-
-        # Sweep 1: m = running max, sum_exp = sum exp(z - m), sum_z = sum z, all in ACC_DTYPE.
-        running_max = tl.full((), float("-inf"), ACC_DTYPE)
-        sum_exp = tl.zeros((), ACC_DTYPE)
-        sum_z = tl.zeros((), ACC_DTYPE)
-        for start in range(0, vocab_size, BLOCK_V):
-            offsets = start + cols
-            in_vocab = offsets < vocab_size
-            z = tl.load(logits_row + offsets, mask=in_vocab, other=float("-inf")).to(ACC_DTYPE)
-            new_max = tl.maximum(running_max, tl.max(z, 0))
-            # a block (or prefix) of only -inf must not give exp(-inf - -inf) = NaN: shift by 0 instead
-            shift = tl.where(new_max == float("-inf"), 0.0, new_max).to(ACC_DTYPE)
-            sum_exp = sum_exp * tl.exp(running_max - shift) + tl.sum(tl.exp(z - shift), 0)
-            sum_z += tl.sum(tl.where(in_vocab, z, 0.0), 0)
-            running_max = new_max
-        lse = running_max + tl.log(sum_exp)
-
-        # l = lse - (1 - eps) z_y - (eps / V) sum_v z_v; a term with a zero factor is dropped, never 0 * inf.
-        target_logit = tl.load(logits_row + safe_label).to(ACC_DTYPE)
-        smoothing_per_class = smoothing / vocab_size
-        loss = lse
-        loss -= tl.where(smoothing != 1.0, (1.0 - smoothing) * target_logit, 0.0)
-        loss -= tl.where(smoothing != 0.0, smoothing_per_class * sum_z, 0.0)
-        weight = 1.0
-        if HAS_WEIGHTS:
-            weight = tl.load(weights_ptr + row).to(ACC_DTYPE)
-        coef = sign * weight
-        tl.store(row_loss_ptr + row, tl.where(valid, coef * loss, 0.0))
-
-        if WRITE_GRAD:
-            # Sweep 2 (soon after sweep 1 of the same row, so mostly from L2): dL/dz_v =
-            # s * w * grad_norm * (p_v - (1 - eps) [v == y] - eps / V), computed in ACC_DTYPE (the target column
-            # too) and rounded once to the buffer's dtype.
-            grad_coef = tl.where(valid, coef * grad_norm, 0.0)
-            grad_row = grad_ptr + row * grad_row_stride
-            for start in range(0, vocab_size, BLOCK_V):
-                offsets = start + cols
-                in_vocab = offsets < vocab_size
-                z = tl.load(logits_row + offsets, mask=in_vocab, other=0.0).to(ACC_DTYPE)
-                grad = tl.exp(z - lse) - smoothing_per_class
-                grad = tl.where(offsets == safe_label, grad - (1.0 - smoothing), grad)
-                grad = tl.where(valid, grad * grad_coef, 0.0)
-                grad = _round_for_store(grad, grad_ptr.dtype.element_ty, EXPLICIT_BF16_RTNE)
-                tl.store(grad_row + offsets, grad, mask=in_vocab)
+        grad_row = grad_ptr + row * grad_row_stride
+        label = tl.load(labels_ptr + row).to(tl.int32)
+        loss = tl.zeros((), ACC_DTYPE)
+        if label != ignore_index:
+            # the target logit is read before any program's barrier below, so an in-place gradient store can
+            # never overwrite it before every warp has read it
+            target_w, target_dz_du = _softcapped(tl.load(logits_row + label).to(ACC_DTYPE), softcap, logit_scale,
+                                                 HAS_SOFTCAP)
+            running_max = tl.full((), float("-inf"), ACC_DTYPE)
+            sum_exp_others = tl.zeros((), ACC_DTYPE)
+            sum_w = tl.zeros((), ACC_DTYPE)
+            if SINGLE_BLOCK:
+                in_vocab = cols < vocab_size
+                x_row = tl.load(logits_row + cols, mask=in_vocab, other=0.0).to(ACC_DTYPE)
+                running_max, sum_exp_others, sum_w = _sweep1_block(
+                    x_row, cols == label, in_vocab, running_max, sum_exp_others, sum_w, exp2_factor, softcap,
+                    logit_scale, HAS_SOFTCAP, HAS_SMOOTHING, True, FTZ_EXP2)
+            else:
+                for start in tl.range(0, full_end, BLOCK_V, num_stages=NUM_STAGES):
+                    x = tl.load(logits_row + start + cols, eviction_policy=EVICT_KEEP).to(ACC_DTYPE)
+                    running_max, sum_exp_others, sum_w = _sweep1_block(
+                        x, cols == label - start, cols < BLOCK_V, running_max, sum_exp_others, sum_w, exp2_factor,
+                        softcap, logit_scale, HAS_SOFTCAP, HAS_SMOOTHING, False, FTZ_EXP2)
+                if full_end < vocab_size:
+                    in_vocab = full_end + cols < vocab_size
+                    x = tl.load(logits_row + full_end + cols, mask=in_vocab, other=0.0,
+                                eviction_policy=EVICT_KEEP).to(ACC_DTYPE)
+                    running_max, sum_exp_others, sum_w = _sweep1_block(
+                        x, cols == label - full_end, in_vocab, running_max, sum_exp_others, sum_w, exp2_factor,
+                        softcap, logit_scale, HAS_SOFTCAP, HAS_SMOOTHING, True, FTZ_EXP2)
+            # S = sum_{v != y} + the target's own term, an addition of positives (no cancellation)
+            shift = tl.where(running_max == float("-inf"), 0.0, running_max) * exp2_factor
+            sum_exp = sum_exp_others + _exp2(target_w * exp2_factor - shift, FTZ_EXP2)
+            lse2 = shift + tl.log2(sum_exp)  # log2 sum 2^(K w) = lse / ln 2
+            # l = lse - (1 - eps) z_y - (eps / V) sum_v z_v; a term with a zero factor is dropped, never 0 * inf
+            loss = lse2 * 0.6931471805599453
+            loss -= tl.where(smoothing != 1.0, (1.0 - smoothing) * (scale_w * target_w), 0.0)
+            if HAS_SMOOTHING:
+                loss -= smoothing_per_class * (scale_w * sum_w)
+            weight = 1.0
+            if HAS_WEIGHTS:
+                weight = tl.load(weights_ptr + row).to(ACC_DTYPE)
+            coef = sign * weight
+            loss = coef * loss
+            if WRITE_GRAD:
+                # dL/dx_v = c (p_v - eps / V - (1 - eps) [v == y]) * logit_scale [* dz/du], c = s w grad_norm;
+                # the target column: p_y - 1 = -sum_{v != y} p_v, so its value is -S_others / S + eps - eps / V
+                grad_coef = coef * grad_norm * logit_scale * grad_multiplier
+                grad_shift = grad_coef * smoothing_per_class
+                target_grad = (grad_coef * (smoothing - smoothing_per_class - sum_exp_others / sum_exp)
+                               * target_dz_du)
+                tl.debug_barrier()  # every warp has read its logits (the target's too) before any store
+                if SINGLE_BLOCK:
+                    w, dz_du = _softcapped(x_row, softcap, logit_scale, HAS_SOFTCAP)
+                    grad = _exp2(w * exp2_factor - lse2, FTZ_EXP2) * grad_coef - grad_shift
+                    if HAS_SOFTCAP:
+                        grad = grad * dz_du
+                    grad = tl.where(cols == label, target_grad, grad)
+                    tl.store(grad_row + cols, _round_for_store(grad, out_dtype, EXPLICIT_BF16_RTNE), mask=in_vocab)
+                else:
+                    num_full = vocab_size // BLOCK_V
+                    if REVERSE_SWEEP2:  # the tail and the last blocks are the most recently read ones
+                        if full_end < vocab_size:
+                            _sweep2_block(logits_row, grad_row, full_end + cols, full_end + cols < vocab_size, lse2,
+                                          exp2_factor, grad_coef, grad_shift, softcap, logit_scale, out_dtype,
+                                          HAS_SOFTCAP, True, FTZ_EXP2, EVICT_DROP, STORE_CACHE, EXPLICIT_BF16_RTNE)
+                    for block in range(0, num_full):
+                        start = block * BLOCK_V
+                        if REVERSE_SWEEP2:
+                            start = (num_full - 1 - block) * BLOCK_V
+                        _sweep2_block(logits_row, grad_row, start + cols, cols < BLOCK_V, lse2, exp2_factor,
+                                      grad_coef, grad_shift, softcap, logit_scale, out_dtype, HAS_SOFTCAP, False,
+                                      FTZ_EXP2, EVICT_DROP, STORE_CACHE, EXPLICIT_BF16_RTNE)
+                    if not REVERSE_SWEEP2:
+                        if full_end < vocab_size:
+                            _sweep2_block(logits_row, grad_row, full_end + cols, full_end + cols < vocab_size, lse2,
+                                          exp2_factor, grad_coef, grad_shift, softcap, logit_scale, out_dtype,
+                                          HAS_SOFTCAP, True, FTZ_EXP2, EVICT_DROP, STORE_CACHE, EXPLICIT_BF16_RTNE)
+                    tl.debug_barrier()  # the target column's store lands after the block store that covered it
+                    tl.store(grad_row + label, _round_for_store(target_grad, out_dtype, EXPLICIT_BF16_RTNE))
+        elif WRITE_GRAD:
+            if ZERO_IGNORED_ROWS:  # no logits read; zeros written (skipped when the caller's buffer is zero)
+                zeros = tl.zeros((BLOCK_V,), out_dtype)
+                for start in range(0, vocab_size, BLOCK_V):
+                    tl.store(grad_row + start + cols, zeros, mask=start + cols < vocab_size)
+        tl.store(row_loss_ptr + row, loss)
 
 
 @triton.jit
@@ -137,27 +287,50 @@ def _scale_rows_kernel(
             tl.store(grad_row + offsets, scaled, mask=in_vocab)
 
 
+# Triton's own setting, read once: the jit decorator made interpreted functions (TRITON_INTERPRET=1 at import)
+_INTERPRETED = isinstance(_smoothed_ga_rows_kernel, InterpretedFunction)
 _ACC_DTYPES = {torch.float64: tl.float64}
 
 
-PROGRAMS_PER_SM = 2  # rows in flight per SM in the persistent grid (bench/NOTES.md: to be tuned on a GPU)
+def interpreter_enabled() -> bool:
+    """True when Triton runs these kernels in its CPU interpreter (decided when this module was imported)."""
+    return _INTERPRETED
 
 
-def _launch_config(vocab_size: int, element_size: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps): 16 KB of logits per block on a GPU; in the interpreter, bigger blocks mean fewer
-    Python-level iterations, so take the whole row up to 2**15 elements."""
-    if interpreter_enabled():
-        return min(triton.next_power_of_2(vocab_size), 1 << 15), 1
-    block = min(triton.next_power_of_2(vocab_size), 16384 // element_size)
-    return block, 8 if block >= 4096 else 4
+def _planted_gradient_multiplier() -> float:
+    """1, or 0.5 when SGA_PLANTED_DEFECT=halve_gradient (bench/gpu_check.sh's proof that the CUDA tests fail)."""
+    defect = os.environ.get(PLANTED_DEFECT_ENV, "")
+    if defect not in ("", "halve_gradient"):
+        raise ValueError(f"{PLANTED_DEFECT_ENV}={defect!r}: the only planted defect is 'halve_gradient'")
+    return 0.5 if defect == "halve_gradient" else 1.0
 
 
-def _persistent_programs(num_rows: int, device: torch.device) -> int:
-    """How many programs the persistent grid launches: a few per SM on a GPU; every row its own program in
-    the interpreter, where nothing runs concurrently anyway."""
+def architecture(device: torch.device) -> str:
+    """'sm90' for an H100 / H200; 'cpu' off CUDA."""
     if device.type != "cuda":
-        return num_rows
-    return min(num_rows, torch.cuda.get_device_properties(device).multi_processor_count * PROGRAMS_PER_SM)
+        return "cpu"
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm{major}{minor}"
+
+
+def launch_config(vocab_size: int, dtype: torch.dtype, device: torch.device) -> KernelConfig:
+    """The tuning table's choice for this case (the interpreter's own on the CPU)."""
+    if _INTERPRETED:
+        return interpreter_config(vocab_size)
+    return config_for(architecture(device), str(dtype).removeprefix("torch."), vocab_size, dtype.itemsize)
+
+
+def _multiprocessors(device: torch.device) -> int:
+    """SMs of a CUDA device; the interpreter runs programs one after another, so count the CPU as one."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _check_transform(softcap: Optional[float], logit_scale: float) -> None:
+    for name, value in (("softcap", softcap), ("logit_scale", logit_scale)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
 
 def rows_forward(
@@ -169,38 +342,64 @@ def rows_forward(
     smoothing: float,
     sign: float,
     ignore_index: int,
+    *,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    grad_buffer_zeroed: bool = False,
+    config: Optional[KernelConfig] = None,
 ) -> torch.Tensor:
     """Triton launch with the contract of :func:`sga.kernels.torch_backend.rows_forward`.
 
-    logits [N, V] with unit stride along V; grad_buffer [N, V] with unit stride along V (it may be logits).
+    logits [N, V] raw logits x with unit stride along V; the loss is taken on z = softcap(logit_scale * x)
+    (softcap(u) = c tanh(u / c), identity when softcap is None) and the gradient written into grad_buffer
+    ([N, V], unit stride along V, may be logits) is dL/dx = logit_scale * dL/dz * (1 - tanh^2).
+    grad_buffer_zeroed: the caller's buffer already holds zeros, so ignored rows are not written.
+    config: a launch configuration from ``tuning`` (default: the tuning table's choice).
     """
+    _check_transform(softcap, logit_scale)
     num_rows, vocab_size = logits.shape
     acc_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     row_loss = torch.empty(num_rows, dtype=acc_dtype, device=logits.device)
     if num_rows == 0:
         return row_loss
-    block_v, num_warps = _launch_config(vocab_size, logits.element_size())
-    _smoothed_ga_rows_kernel[(_persistent_programs(num_rows, logits.device),)](
-        logits,
-        logits.stride(0),
-        labels,
-        weights if weights is not None else row_loss,  # never read when HAS_WEIGHTS is False
-        grad_norm,
-        grad_buffer if grad_buffer is not None else logits,  # never written when WRITE_GRAD is False
-        grad_buffer.stride(0) if grad_buffer is not None else 0,
-        row_loss,
-        num_rows,
-        vocab_size,
-        float(smoothing),
-        float(sign),
-        int(ignore_index),
-        HAS_WEIGHTS=weights is not None,
-        WRITE_GRAD=grad_buffer is not None,
-        ACC_DTYPE=_ACC_DTYPES.get(logits.dtype, tl.float32),
-        BLOCK_V=block_v,
-        EXPLICIT_BF16_RTNE=interpreter_enabled(),
-        num_warps=num_warps,
-    )
+    if config is None:
+        config = launch_config(vocab_size, logits.dtype, logits.device)
+    if config.single_block and config.block_v < vocab_size:
+        raise ValueError(f"single-block config with block_v={config.block_v} cannot hold a row of V={vocab_size}")
+    num_programs = min(num_rows, config.programs_per_sm * _multiprocessors(logits.device))
+    with torch.cuda.device(logits.device) if logits.device.type == "cuda" else contextlib.nullcontext():
+        _smoothed_ga_rows_kernel[(num_programs,)](
+            logits,
+            logits.stride(0),
+            labels,
+            weights if weights is not None else row_loss,  # never read when HAS_WEIGHTS is False
+            grad_norm,
+            grad_buffer if grad_buffer is not None else logits,  # never written when WRITE_GRAD is False
+            grad_buffer.stride(0) if grad_buffer is not None else 0,
+            row_loss,
+            num_rows,
+            vocab_size,
+            float(smoothing),
+            float(sign),
+            int(ignore_index),
+            float(softcap) if softcap is not None else 1.0,
+            float(logit_scale),
+            _planted_gradient_multiplier(),
+            HAS_WEIGHTS=weights is not None,
+            WRITE_GRAD=grad_buffer is not None,
+            ZERO_IGNORED_ROWS=not grad_buffer_zeroed,
+            HAS_SMOOTHING=smoothing != 0.0,
+            HAS_SOFTCAP=softcap is not None,
+            ACC_DTYPE=_ACC_DTYPES.get(logits.dtype, tl.float32),
+            BLOCK_V=config.block_v,
+            SINGLE_BLOCK=config.single_block,
+            NUM_STAGES=config.num_stages,
+            REVERSE_SWEEP2=config.reverse_sweep2,
+            CACHE_HINTS=config.cache_hints,
+            FTZ_EXP2=config.ftz_exp2 and not _INTERPRETED and logits.dtype != torch.float64,
+            EXPLICIT_BF16_RTNE=_INTERPRETED,
+            num_warps=config.num_warps,
+        )
     return row_loss
 
 
@@ -209,15 +408,17 @@ def scale_rows_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
     num_rows, vocab_size = grad.shape
     if num_rows == 0:
         return
-    block_v, num_warps = _launch_config(vocab_size, grad.element_size())
-    _scale_rows_kernel[(num_rows,)](
-        grad,
-        grad.stride(0),
-        grad_output.contiguous(),
-        vocab_size,
-        PER_ROW=grad_output.dim() != 0,
-        ACC_DTYPE=_ACC_DTYPES.get(grad.dtype, tl.float32),
-        BLOCK_V=block_v,
-        EXPLICIT_BF16_RTNE=interpreter_enabled(),
-        num_warps=num_warps,
-    )
+    config = launch_config(vocab_size, grad.dtype, grad.device)
+    block_v = min(config.block_v, 16384 // grad.element_size()) if not _INTERPRETED else config.block_v
+    with torch.cuda.device(grad.device) if grad.device.type == "cuda" else contextlib.nullcontext():
+        _scale_rows_kernel[(num_rows,)](
+            grad,
+            grad.stride(0),
+            grad_output.contiguous(),
+            vocab_size,
+            PER_ROW=grad_output.dim() != 0,
+            ACC_DTYPE=_ACC_DTYPES.get(grad.dtype, tl.float32),
+            BLOCK_V=block_v,
+            EXPLICIT_BF16_RTNE=_INTERPRETED,
+            num_warps=min(config.num_warps, 8),
+        )

@@ -539,6 +539,7 @@ def test_real_heads_bf16_on_gpu(num_tokens, hidden_size, vocab_size, softcap):
     def plain(h, w, y, *, bias=None, **kwargs):
         return smoothed_ga_loss_reference(reference_logits(h, w, None, softcap).float(), y, **kwargs).float()
 
+    (hidden[:8, :8] @ weight[:8, :8].t()).sum().item()  # cuBLAS's ~32 MiB workspace is not ours: allocate it first
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
     loss, grads = ours(hidden, weight, None, labels, **options)
@@ -551,9 +552,9 @@ def test_real_heads_bf16_on_gpu(num_tokens, hidden_size, vocab_size, softcap):
     assert peak - 2 * (weight.numel() + hidden.numel()) * 2 <= budget
     plain_loss, plain_grads = grads_of(plain, hidden, weight, None, labels, smoothing=0.1)
     exact_loss, exact_grads = truth(hidden, weight, None, labels, **options)
-    assert_no_worse_than_fp32(loss, plain_loss, exact_loss, rtol=1e-2, what="loss")
+    assert_no_worse_than_fp32(loss, plain_loss, exact_loss, rtol=5e-3, what="loss")
     for name, grad, plain_grad, exact_grad in zip("HW", grads, plain_grads, exact_grads):
-        assert_no_worse_than_fp32(grad, plain_grad, exact_grad, rtol=1e-2, what=f"d{name}")
+        assert_no_worse_than_fp32(grad, plain_grad, exact_grad, rtol=5e-3, what=f"d{name}")
 
 
 @pytest.mark.cuda

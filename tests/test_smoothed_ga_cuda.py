@@ -58,7 +58,11 @@ def test_triton_matches_torch_backend_on_gpu():
         (loss * 0.5).backward()
         results[backend] = (loss, leaf.grad)
     torch.testing.assert_close(results["triton"][0], results["torch"][0], atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(results["triton"][1].float(), results["torch"][1].float(), atol=1e-6, rtol=2e-2)
+    # gradients here are ~1e-7 (a mean over 257 tokens): the absolute slack is relative to their size, so an
+    # all-zero or halved gradient fails; 2e-2 covers the two backends' bf16 roundings of c (p - eps / V)
+    expected_grad = results["torch"][1].float()
+    torch.testing.assert_close(results["triton"][1].float(), expected_grad, atol=1e-3 * expected_grad.abs().max().item(),
+                               rtol=2e-2)
 
 
 def test_cuda_graph_capture_has_no_host_sync():
