@@ -187,17 +187,31 @@ def weighted_sequence_loss(
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """L = (1 / normalizer) * sum_p c_p * sum_{x under prefix p} l(x), and the detached l(x) of every sequence.
 
-    coefficients: (prefix, c_p) pairs, c_p != 0. One forward and ONE fused call with per-token weights
-    c_p / n_seq, reduction "mean" over the normalizer: the gradient is built in the forward pass. l(x) is read
-    back from the same call's per-token losses, sum_t (c_p / n_seq) l_t = c_p l(x). validate=False: the labels
-    were checked when the data was built (``UnlearningData.check_labels``).
+    coefficients: (prefix, c_p) pairs, at least one c_p != 0. One forward and ONE fused call with per-token
+    weights c_p / n_seq, reduction "mean" over the normalizer: the gradient is built in the forward pass. l(x)
+    is read back from the same call's per-token losses, sum_t (c_p / n_seq) l_t = c_p l(x). A prefix with
+    c_p = 0 has no gradient and nothing to read back: its l(x), for the log, comes from a separate no-grad
+    call. validate=False: the labels were checked when the data was built (``UnlearningData.check_labels``).
     """
+    active = [(prefix, c) for prefix, c in coefficients if c != 0.0]
+    if not active:
+        raise ValueError(f"at least one coefficient must be non-zero, got {list(coefficients)}")
+    loss, active_nll = _linear_sequence_loss(model, batch, active, normalizer, smoothing, backend, validate)
+    by_prefix = dict(zip([prefix for prefix, _ in active], active_nll))
+    for prefix, c in coefficients:
+        if c == 0.0:
+            with torch.no_grad():
+                (by_prefix[prefix],) = joint_sequence_nll(
+                    model, batch, (prefix,), smoothing=smoothing, backend=backend, validate=validate
+                )
+    return loss, [by_prefix[prefix] for prefix, _ in coefficients]
+
+
+def _linear_sequence_loss(model, batch, coefficients, normalizer, smoothing, backend, validate):
+    """:func:`weighted_sequence_loss` for non-zero coefficients: the one fused call."""
     from .hf import causal_lm_loss
 
-    prefixes = [prefix for prefix, _ in coefficients]
-    if any(c == 0.0 for _, c in coefficients):
-        raise ValueError(f"every coefficient must be non-zero (drop the prefix instead), got {list(coefficients)}")
-    rows = joint_rows(batch, prefixes)
+    rows = joint_rows(batch, [prefix for prefix, _ in coefficients])
     device = rows.labels.device
     row_coefficient = torch.cat([
         torch.full((size,), c, dtype=torch.float32, device=device) for size, (_, c) in zip(rows.sizes, coefficients)
@@ -396,14 +410,12 @@ class GradientDifference(Objective):
 
     def compute(self, model, batch, num_forget):
         per_forget = batch["normal_input_ids"].shape[0] // batch["forget_input_ids"].shape[0]
-        if self.retain_loss == "nll" and self.retain_weight != 0.0:
+        if self.retain_loss == "nll":
             # linear in the NLLs: one fused call, c_f = -1 and c_n = alpha / (K - 1)
             coefficients = [("forget", -1.0), ("normal", self.retain_weight / per_forget)]
             loss, (forget, normal) = weighted_sequence_loss(model, batch, coefficients, num_forget, backend=self.backend)
             return ObjectiveOutput(loss=loss, forget_nll=forget, normal_nll=normal)
         loss, (forget,) = weighted_sequence_loss(model, batch, [("forget", -1.0)], num_forget, backend=self.backend)
-        if self.retain_loss == "nll":  # alpha = 0: the normal sequences carry no weight and are not run
-            return ObjectiveOutput(loss=loss, forget_nll=forget)
         loss = loss + self.retain_weight * self._retain_kl(model, batch).sum() / (per_forget * num_forget)
         return ObjectiveOutput(loss=loss, forget_nll=forget)
 
