@@ -423,3 +423,37 @@ def test_training_steps_make_no_cuda_sync(tmp_path, monkeypatch):
     result = UnlearningTrainer(memorized_model(), tok, data, config).train()
     assert result.status == "completed" and len(calls) == 3
     assert math.isfinite(result.history[-1]["loss"])
+
+
+def test_accelerate_backward_path_gives_the_same_gradient(tmp_path, monkeypatch):
+    """Where the step must go through accelerate's backward (GradScaler, DeepSpeed: it divides the loss by the
+    accumulation steps), the normalizer absorbs that division: the run equals the direct loss.backward() one,
+    gradient norm included."""
+    def run(output_dir):
+        tok = tokenizer()
+        config = make_config(
+            output_dir, "sga", max_steps=2, batch_size=2, grad_accum=3, rate=0.5, num_classes=3, max_grad_norm=1e6
+        )
+        model = memorized_model()
+        result = UnlearningTrainer(model, tok, unlearning_data(tok, 3), config).train()
+        return model, result
+
+    direct_model, direct = run(tmp_path / "direct")
+    monkeypatch.setattr(UnlearningTrainer, "_backward_divisor", lambda self: self.config.train.grad_accum)
+    calls = []
+    import accelerate
+
+    original = accelerate.Accelerator.backward
+
+    def counted(self, loss, **kwargs):
+        calls.append(1)
+        return original(self, loss, **kwargs)
+
+    monkeypatch.setattr(accelerate.Accelerator, "backward", counted)
+    via_model, via = run(tmp_path / "via_accelerate")
+    assert len(calls) == 2 * 3
+    assert [h["loss"] for h in via.history] == pytest.approx([h["loss"] for h in direct.history], rel=1e-6)
+    # the gradient's scale (AdamW's update would hide a wrong one): its norm, logged before clipping
+    assert [h["grad_norm"] for h in via.history] == pytest.approx([h["grad_norm"] for h in direct.history], rel=1e-5)
+    for (name, p), (_, q) in zip(direct_model.named_parameters(), via_model.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
