@@ -337,10 +337,15 @@ def _reduce(row_loss: torch.Tensor, inverse_divisor: Optional[torch.Tensor], red
     return row_loss.sum() * inverse_divisor
 
 
+def is_cpu_unit(grad_output: torch.Tensor) -> bool:
+    """grad_output is a CPU scalar equal to 1. Reading a CPU tensor is no host sync; on CUDA it would be one, so
+    there this is False without looking."""
+    return grad_output.device.type == "cpu" and grad_output.dim() == 0 and grad_output.item() == 1.0
+
+
 def _scale_by_grad_output(grads: Grads, grad_output: torch.Tensor, backend: str) -> None:
-    """grads *= grad_output in place; nothing when grad_output is a CPU scalar equal to 1 (reading a CPU tensor is
-    no host sync; on CUDA the check would be one, so the scale runs there)."""
-    if grad_output.device.type == "cpu" and grad_output.dim() == 0 and torch.equal(grad_output, torch.ones_like(grad_output)):
+    """grads *= grad_output in place; nothing when grad_output is a CPU scalar equal to 1."""
+    if is_cpu_unit(grad_output):
         return
     for grad in grads:
         if grad is not None:

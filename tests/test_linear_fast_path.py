@@ -344,13 +344,16 @@ def test_training_step_reads_nothing_from_the_device(tmp_path, monkeypatch, meth
     """Forward and backward of every micro-batch, the accumulation of the logged statistics and the gradient
     clipping read no tensor value on the host. Allowed, each named: building the window's batches (host data),
     the step's one read of its log record at the end, the optimizer step (AdamW's step counter is a CPU tensor
-    even on CUDA) and transformers' own causal-mask construction (it inspects the padding mask: the model's
-    code, not the loss's)."""
+    even on CUDA), transformers' own causal-mask construction (it inspects the padding mask: the model's
+    code, not the loss's) and the fused loss's check of a CPU grad_output for 1 (``is_cpu_unit``: on CUDA it
+    reads nothing)."""
     import transformers.models.llama.modeling_llama as llama
+
+    import sga.kernels.linear as linear
 
     reads = HostReads(monkeypatch)
     for owner, name in ((UnlearningTrainer, "_window"), (UnlearningTrainer, "_step_record"),
-                        (torch.optim.AdamW, "step"), (llama, "create_causal_mask")):
+                        (torch.optim.AdamW, "step"), (llama, "create_causal_mask"), (linear, "is_cpu_unit")):
         reads.allow_in(monkeypatch, owner, name)
     original_step = UnlearningTrainer._step
 
