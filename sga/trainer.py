@@ -377,22 +377,25 @@ class UnlearningTrainer:
 
         return tqdm(total=self.total_steps, initial=step, desc=f"training ({self.objective.name})", dynamic_ncols=True)
 
-    def _backward_divisor(self) -> int:
-        """What the backward pass divides the loss by: 1 where :meth:`_backward` calls ``loss.backward()``
-        itself, else accelerate's division by the accumulation steps."""
+    def _needs_accelerate_backward(self) -> bool:
+        """A GradScaler (fp16) or DeepSpeed / Megatron must see the backward pass; otherwise accelerate's backward
+        would only divide the loss by the accumulation steps, and the step calls ``loss.backward()`` itself."""
         from accelerate.utils import DistributedType
 
         acc = self.accelerator
-        accelerate_only = acc.scaler is not None or acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
-        return self.config.train.grad_accum if accelerate_only else 1
+        return acc.scaler is not None or acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
+
+    def _backward_divisor(self) -> int:
+        """What the backward pass divides the loss by: accelerate's accumulation steps, or 1 for ``loss.backward()``."""
+        return self.config.train.grad_accum if self._needs_accelerate_backward() else 1
 
     def _backward(self, loss: torch.Tensor) -> None:
-        """``loss.backward()`` (grad_output exactly 1) where accelerate's backward would only divide the loss by
-        the accumulation steps; accelerate's backward (GradScaler, DeepSpeed) otherwise."""
-        if self._backward_divisor() == 1:
-            loss.backward()
-        else:
+        """``loss.backward()`` (grad_output exactly 1, so the fused loss hands its gradient over untouched), or
+        accelerate's backward where it must run (:meth:`_needs_accelerate_backward`)."""
+        if self._needs_accelerate_backward():
             self.accelerator.backward(loss)
+        else:
+            loss.backward()
 
     def _step(self, step: int, module, optimizer, scheduler, interrupt: _InterruptFlag) -> dict[str, Any]:
         acc = self.accelerator

@@ -442,7 +442,7 @@ def test_accelerate_backward_path_gives_the_same_gradient(tmp_path, monkeypatch)
         return model, result
 
     direct_model, direct = run(tmp_path / "direct")
-    monkeypatch.setattr(UnlearningTrainer, "_backward_divisor", lambda self: self.config.train.grad_accum)
+    monkeypatch.setattr(UnlearningTrainer, "_needs_accelerate_backward", lambda self: True)
     calls = []
     import accelerate
 
