@@ -77,26 +77,26 @@ def check_linear_inputs(
     return compute_dtype
 
 
+def _positive_real(name: str, value: float, meaning: str) -> float:
+    """A finite real number > 0 (not a bool), returned as a float; the error names the argument and its role."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0.0:
+        raise ValueError(f"{name} must be finite and > 0 ({meaning}), got {value}")
+    return value
+
+
 def check_softcap(softcap: Optional[float]) -> Optional[float]:
     """None (no cap) or a finite c > 0 for softcap(x) = c * tanh(x / c)."""
     if softcap is None:
         return None
-    if isinstance(softcap, bool) or not isinstance(softcap, Real):
-        raise TypeError(f"softcap must be a real number or None, got {type(softcap).__name__}")
-    softcap = float(softcap)
-    if not math.isfinite(softcap) or softcap <= 0.0:
-        raise ValueError(f"softcap must be finite and > 0 (c in c * tanh(x / c)), got {softcap}")
-    return softcap
+    return _positive_real("softcap", softcap, "c in c * tanh(x / c)")
 
 
 def check_logit_scale(logit_scale: float) -> float:
     """a of z = softcap(a * (h W^T + b)): a finite real number > 0."""
-    if isinstance(logit_scale, bool) or not isinstance(logit_scale, Real):
-        raise TypeError(f"logit_scale must be a real number, got {type(logit_scale).__name__}")
-    logit_scale = float(logit_scale)
-    if not math.isfinite(logit_scale) or logit_scale <= 0.0:
-        raise ValueError(f"logit_scale must be finite and > 0 (a in softcap(a * (h W^T + b))), got {logit_scale}")
-    return logit_scale
+    return _positive_real("logit_scale", logit_scale, "a in softcap(a * (h W^T + b))")
 
 
 def _positive_int_or_none(name: str, value: Optional[int], what: str) -> Optional[int]:
