@@ -5,6 +5,9 @@ Importing this package needs only torch, triton and numpy.
 from .linear import LinearSmoothedGALossFunction, linear_smoothed_ga_loss
 from .reference import smoothed_ga_loss_reference
 from .smoothed_ga import SmoothedGALoss, SmoothedGALossFunction, smoothed_ga_loss
+from .token_loss import TokenLossFunction, token_loss
+from .token_reference import token_loss_reference
+from .token_rules import TOKEN_RULES, TokenRule
 
 __all__ = [
     "LinearSmoothedGALossFunction",
@@ -13,4 +16,9 @@ __all__ = [
     "linear_smoothed_ga_loss",
     "smoothed_ga_loss",
     "smoothed_ga_loss_reference",
+    "TOKEN_RULES",
+    "TokenLossFunction",
+    "TokenRule",
+    "token_loss",
+    "token_loss_reference",
 ]
