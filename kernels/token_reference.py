@@ -2,7 +2,7 @@
 statistics the kernels use), differentiable by autograd: the oracle of the tests, never for training.
 
     wga:    L = -sg(p_y)^beta * (-log p_y)
-    satimp: L = -sg(p_y)^beta1 * sg(1 - p_y)^beta2 * (-log p_y)
+    satimp: L = -sg(p_y)^beta1 * sg(1 - p_y)^beta2 * (-log p_y),  1 - p_y = sum_{v != y} p_v
     ce_u:   L = -sum_v sg(q)_v log p_v,  q = softmax(z with z_y = -inf)
     ihl:    L = 1 + p_y - max_{v != y} p_v
     pdu:    L = (max_v z_v - mean_v z_v)^2
@@ -26,10 +26,11 @@ def _rule_losses(z: torch.Tensor, y: torch.Tensor, rule: str, param0: float, par
     if rule == "wga":
         return -(p_y.detach() ** param0) * (-log_p_y)
     if rule == "satimp":
-        return -(p_y.detach() ** param0) * ((1.0 - p_y).detach() ** param1) * (-log_p_y)
+        not_y = log_p.exp().masked_fill(is_target, 0.0).sum(dim=-1)  # 1 - p_y, exact also when p_y ~ 1
+        return -(p_y.detach() ** param0) * (not_y.detach() ** param1) * (-log_p_y)
     if rule == "ce_u":
         target = F.softmax(z.detach().masked_fill(is_target, float("-inf")), dim=-1)
-        return -(target * log_p).sum(dim=-1)
+        return -torch.where(target > 0, target * log_p, torch.zeros_like(log_p)).sum(dim=-1)  # 0 log 0 = 0
     if rule == "ihl":
         return 1.0 + p_y - log_p.exp().masked_fill(is_target, float("-inf")).amax(dim=-1)
     if rule == "pdu":
