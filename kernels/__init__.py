@@ -2,7 +2,7 @@
 
 Importing this package needs only torch, triton and numpy.
 """
-from .linear import LinearSmoothedGALossFunction, linear_smoothed_ga_loss
+from .linear import FusedLinearFunction, linear_smoothed_ga_loss
 from .reference import smoothed_ga_loss_reference
 from .smoothed_ga import SmoothedGALoss, SmoothedGALossFunction, smoothed_ga_loss
 from .token_loss import TokenLossFunction, token_loss
@@ -10,7 +10,7 @@ from .token_reference import token_loss_reference
 from .token_rules import TOKEN_RULES, TokenRule
 
 __all__ = [
-    "LinearSmoothedGALossFunction",
+    "FusedLinearFunction",
     "SmoothedGALoss",
     "SmoothedGALossFunction",
     "linear_smoothed_ga_loss",
