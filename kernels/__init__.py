@@ -5,7 +5,7 @@ Importing this package needs only torch, triton and numpy.
 from .linear import FusedLinearFunction, linear_smoothed_ga_loss
 from .reference import smoothed_ga_loss_reference
 from .smoothed_ga import SmoothedGALoss, SmoothedGALossFunction, smoothed_ga_loss
-from .token_loss import TokenLossFunction, token_loss
+from .token_loss import TokenLossFunction, linear_token_loss, token_loss
 from .token_reference import token_loss_reference
 from .token_rules import TOKEN_RULES, TokenRule
 
@@ -19,6 +19,7 @@ __all__ = [
     "TOKEN_RULES",
     "TokenLossFunction",
     "TokenRule",
+    "linear_token_loss",
     "token_loss",
     "token_loss_reference",
 ]

@@ -4,6 +4,9 @@ Per token (z the logits row, y the label, w the optional token weight, L_rule fr
 
     loss_t = w * L_rule(z, y)      ;  dL/dz_v = w (A p_v + B [v == y] + C [v == k] + E q_v + F) / D
 
+:func:`linear_token_loss` computes the same losses from hidden states and an LM head, never holding the
+logits (the chunk loop of ``linear.fused_linear_rows`` with this kernel as its row kernel).
+
 Rules: ``wga`` (beta), ``satimp`` (beta1, beta2), ``ce_u``, ``ihl``, ``pdu`` (see ``token_rules`` for the
 formulas). Ignored tokens (label == ignore_index) give 0 and a zero gradient; reduction "mean" divides by
 D = the non-ignored token count or the caller's ``normalizer`` (D = 0 gives 0). As in ``smoothed_ga``, the
@@ -11,12 +14,14 @@ gradient is computed in the forward launch and backward only scales it by grad_o
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from . import ops, token_loss_torch
+from .linear import fused_linear_rows
 from ._validation import (
     REDUCTIONS,
     check_choice,
@@ -166,3 +171,70 @@ def token_loss(
     if reduction == "none":
         return loss.reshape(labels.shape)
     return loss
+
+
+@dataclass(frozen=True)
+class TokenRuleRowKernel:
+    """A token rule as the row kernel of :func:`sga.kernels.linear.fused_linear_rows`: per-chunk losses w * L
+    and, in place, w * dL/dz (grad_norm = 1: the chunk loop applies 1 / D). backend is resolved."""
+
+    rule: str
+    param0: float
+    param1: float
+    ignore_index: int
+    backend: str
+
+    def __call__(
+        self, logits: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor], write_grad: bool
+    ) -> torch.Tensor:
+        unit_norm = torch.ones((), dtype=compute_dtype_for(logits.dtype), device=logits.device)
+        return token_rule_rows(
+            logits, labels, weights, unit_norm, logits if write_grad else None, self.rule, self.param0, self.param1,
+            self.ignore_index, self.backend,
+        )
+
+
+def linear_token_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    rule: str = "wga",
+    *,
+    bias: Optional[torch.Tensor] = None,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    token_weights: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    normalizer: Union[None, float, torch.Tensor] = None,
+    backend: str = "auto",
+    kept_rows: Optional[torch.Tensor] = None,
+    skip_ignored: bool = True,
+    chunk_size: Optional[int] = None,
+    chunk_budget_bytes: Optional[int] = None,
+    accumulate_in_float32: bool = True,
+    validate: bool = True,
+    return_token_losses: bool = False,
+    **rule_params: float,
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """The token rule ``rule`` of the logits ``softcap(logit_scale * (hidden @ weight.T + bias))``, never holding
+    the [N, V] logits: the chunk loop of :func:`sga.kernels.linear.fused_linear_rows` with the token-rule kernel.
+
+    Args:
+        rule, **rule_params: as in :func:`token_loss`.
+        everything else: as in :func:`sga.kernels.linear_smoothed_ga_loss` (return_token_losses gives the
+            per-token w * L of the same pass).
+    """
+    spec = get_rule(rule)
+    param0, param1 = spec.resolve(rule_params)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        check_vocab_for_rules(weight.shape[0])
+    device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
+    row_kernel = TokenRuleRowKernel(spec.name, param0, param1, ignore_index, resolve_backend(backend, device))
+    return fused_linear_rows(
+        hidden, weight, labels, row_kernel=row_kernel, bias=bias, softcap=softcap, logit_scale=logit_scale,
+        token_weights=token_weights, ignore_index=ignore_index, reduction=reduction, normalizer=normalizer,
+        kept_rows=kept_rows, skip_ignored=skip_ignored, chunk_size=chunk_size, chunk_budget_bytes=chunk_budget_bytes,
+        accumulate_in_float32=accumulate_in_float32, backend=backend, validate=validate,
+        return_token_losses=return_token_losses,
+    )

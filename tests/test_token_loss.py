@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sga.kernels import TOKEN_RULES, token_loss, token_loss_reference
+from sga.kernels import TOKEN_RULES, linear_token_loss, token_loss, token_loss_reference
 from sga.kernels import token_loss_triton
 
 BACKENDS = ("torch", "triton")
@@ -229,6 +229,60 @@ def test_bad_tensors():
         token_loss(logits[:, :1], torch.zeros_like(labels), "wga")
     with pytest.raises(TypeError, match="int32 or int64"):
         token_loss(logits, labels.float(), "wga")
+
+
+def _linear_case(dtype, seed=12):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(2, 5, 8, generator=generator, dtype=torch.float64).to(dtype)
+    weight = torch.randn(21, 8, generator=generator, dtype=torch.float64).to(dtype)
+    bias = torch.randn(21, generator=generator, dtype=torch.float64).to(dtype)
+    labels = torch.randint(0, 21, (2, 5), generator=generator)
+    labels[0, 1] = labels[1, 4] = -100
+    weights = torch.randn(2, 5, generator=generator)
+    return hidden, weight, bias, labels, weights
+
+
+def _linear_grads(fn, hidden, weight, bias, reduction):
+    params = [t.detach().clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    loss = fn(*params)
+    grad_output = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+    (loss * grad_output).sum().backward()
+    return loss.detach(), [p.grad for p in params]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rule,params", RULE_PARAMS[::2] + [("pdu", {})])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_token_loss_matches_reference(backend, rule, params, reduction):
+    """The fused linear path (chunks of 3 rows, softcap, bias, token weights; "none" re-runs the pass in
+    backward) against the float64 reference on the materialized logits."""
+    hidden, weight, bias, labels, weights = _linear_case(torch.float32)
+    kwargs = dict(token_weights=weights, reduction=reduction, **params)
+
+    def fused(h, w, b):
+        return linear_token_loss(h, w, labels, rule, bias=b, softcap=4.0, backend=backend, chunk_size=3, **kwargs)
+
+    def reference(h, w, b):
+        return token_loss_reference(4.0 * torch.tanh((h @ w.T + b) / 4.0), labels, rule, **kwargs)
+
+    loss, grads = _linear_grads(fused, hidden, weight, bias, reduction)
+    ref_loss, ref_grads = _linear_grads(reference, hidden.double(), weight.double(), bias.double(), reduction)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
+    for grad, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(grad.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_linear_token_loss_float64_is_exact_and_returns_token_losses():
+    hidden, weight, bias, labels, _ = _linear_case(torch.float64, seed=13)
+    for rule in TOKEN_RULES:
+        loss, token_losses = linear_token_loss(hidden, weight, labels, rule, bias=bias, backend="torch",
+                                               return_token_losses=True)
+        logits = hidden @ weight.T + bias
+        torch.testing.assert_close(loss, token_loss_reference(logits, labels, rule), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(token_losses, token_loss_reference(logits, labels, rule, reduction="none"),
+                                   rtol=1e-12, atol=1e-12)
+    with pytest.raises(TypeError, match="accepts: beta"):
+        linear_token_loss(hidden, weight, labels, "wga", gamma=1.0)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernel compiles and runs in the tests above")
