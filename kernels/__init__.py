@@ -1,4 +1,5 @@
-"""sga.kernels: fused smoothed gradient-ascent losses (Triton kernels, PyTorch fallbacks, autograd Functions).
+"""sga.kernels: fused smoothed gradient-ascent and token-rule unlearning losses (Triton kernels, PyTorch fallbacks,
+autograd Functions).
 
 Importing this package needs only torch, triton and numpy.
 """

@@ -131,7 +131,7 @@ class MethodConfig:
     name: str = _opt("sga", "unlearning method (sft: plain fine-tuning, to teach a model what it later forgets)", "--method", choices=METHODS)
     rate: float = _opt(0.5, "smoothing rate r (sga, sga_gls; vocabulary eps for sga_token)")
     num_classes: int = _opt(2, "K for the sga methods and grad_diff: each forget sample gets K-1 normal samples", "--K")
-    beta: Optional[float] = _opt(None, "inverse temperature beta; none: 0.1 for npo, 2.5 for simnpo")
+    beta: Optional[float] = _opt(None, "inverse temperature beta; none: 0.1 for npo, dpo and idk_dpo, 2.5 for simnpo, 1 for wga (its exponent), 10 for undial (its target shift)")
     gamma: float = _opt(0.0, "simnpo reward margin gamma")
     retain_weight: float = _opt(1.0, "grad_diff weight of the retain term")
     retain_loss: str = _opt("nll", "grad_diff retain term: nll, or kl to the frozen initial model", choices=RETAIN_LOSSES)
