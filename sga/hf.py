@@ -43,12 +43,15 @@ VERIFIED_MODEL_TYPES = frozenset(
 
 @dataclasses.dataclass(frozen=True)
 class _Head:
-    """What the fused loss needs from a model: the module producing the head's input, and the head itself."""
+    """What the fused loss needs from a model: the module producing the head's input, and the head itself.
+
+    The logits are softcap(logit_scale * (h @ weight^T + bias))."""
 
     decoder: torch.nn.Module
     weight: torch.Tensor
     bias: Optional[torch.Tensor]
     softcap: Optional[float]
+    logit_scale: float = 1.0
 
 
 def _is_plain_linear(module: Any) -> bool:
@@ -105,12 +108,16 @@ def _loss_from_hidden(
     backend: str,
     validate: bool = True,
     accumulate_in_float32: bool = True,
-) -> torch.Tensor:
+    kept_rows: Optional[torch.Tensor] = None,
+    skip_ignored: bool = True,
+    return_token_losses: bool = False,
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """The fused loss of hidden [B, T, D] against labels [B, T].
 
     shift=True: position t is scored against labels[:, t + 1] (the labels and weights move left by one, the last
-    position gets ignore_index), so no slice of hidden is copied; reduction "none" returns [B, T - 1].
-    shift=False: labels are already aligned with the positions (HF's ``shift_labels``).
+    position gets ignore_index), so no slice of hidden is copied; reduction "none" (and the token losses of
+    return_token_losses) come back as [B, T - 1]. shift=False: labels are already aligned with the positions
+    (HF's ``shift_labels``). kept_rows index the flattened [B * T] positions (after the shift).
     """
     labels = labels.to(hidden.device)
     if token_weights is not None:
@@ -134,10 +141,20 @@ def _loss_from_hidden(
         backend=backend,
         validate=validate,
         accumulate_in_float32=accumulate_in_float32,
+        logit_scale=head.logit_scale,
+        kept_rows=None if kept_rows is None else kept_rows.to(hidden.device),
+        skip_ignored=skip_ignored,
+        return_token_losses=return_token_losses,
     )
-    if reduction == "none" and shift:
-        return loss[:, :-1]
-    return loss
+    token_losses = None
+    if return_token_losses:
+        loss, token_losses = loss
+    if shift:
+        if reduction == "none":
+            loss = loss[:, :-1]
+        if token_losses is not None:
+            token_losses = token_losses[:, :-1]
+    return loss if token_losses is None else (loss, token_losses)
 
 
 def causal_lm_loss(
@@ -154,8 +171,11 @@ def causal_lm_loss(
     backend: str = "auto",
     validate: bool = True,
     accumulate_in_float32: bool = True,
+    kept_rows: Optional[torch.Tensor] = None,
+    skip_ignored: bool = True,
+    return_token_losses: bool = False,
     **model_kwargs: Any,
-) -> torch.Tensor:
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Smoothed-GA loss of a Hugging Face causal LM on (input_ids, labels), without computing its logits.
 
     Args:
@@ -171,11 +191,18 @@ def causal_lm_loss(
             training loop whose labels come from the tokenizer.
         accumulate_in_float32: as in :func:`sga.kernels.linear_smoothed_ga_loss` (matters for a bf16 / fp16
             head only; a float32 head under autocast always accumulates in its float32 gradient).
+        kept_rows: int64 indices into the flattened [B * T] positions that include every position whose shifted
+            label (labels[:, t + 1]) is not -100, each once (row * T + t of ``sga.data.answer_positions``, built on
+            the host with the batch): only those positions go through the head's GEMMs. None: computed with one ``nonzero`` (a host
+            sync on CUDA), or not at all with ``skip_ignored=False``.
+        return_token_losses: also return the detached per-token losses of the same pass, [B, T - 1] aligned with
+            labels[:, 1:] (0 on ignored positions): ``(loss, token_losses)``.
         **model_kwargs: passed to the decoder (position_ids, inputs_embeds, token_type_ids, ...); use_cache
             defaults to False.
 
     Returns:
-        The loss: a float32 scalar, or [B, T - 1] per-token losses aligned with labels[:, 1:] for "none".
+        The loss: a float32 scalar, or [B, T - 1] per-token losses aligned with labels[:, 1:] for "none"; with
+        return_token_losses, ``(loss, token_losses)``.
     """
     head = _resolve_head(model)
     _check_labels(labels, token_weights)
@@ -195,6 +222,9 @@ def causal_lm_loss(
         backend=backend,
         validate=validate,
         accumulate_in_float32=accumulate_in_float32,
+        kept_rows=kept_rows,
+        skip_ignored=skip_ignored,
+        return_token_losses=return_token_losses,
     )
 
 
