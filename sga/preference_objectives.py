@@ -105,6 +105,11 @@ class PreferenceData(UnlearningData):
         if len(self.preferred) != len(self.forget):
             raise ValueError(f"{len(self.preferred)} preferred sequences for {len(self.forget)} forget samples")
 
+    def check_labels(self, vocab_size: int) -> None:
+        """The base check, and every preferred sequence's scored labels in [0, vocab_size)."""
+        super().check_labels(vocab_size)
+        UnlearningData(self.preferred, []).check_labels(vocab_size)
+
     @property
     def reference_examples(self) -> list[EncodedExample]:
         return self.forget + self.preferred
@@ -151,7 +156,7 @@ class DirectPreferenceOptimization(RetainRegularized):
         return PreferenceData(data.forget, data.normal, data.pairs, data.reference_nll, preferred)
 
     def forget_term(self, model, batch):
-        lose, win = joint_sequence_nll(model, batch, ("forget", "preferred"), smoothing=0.0, backend=self.backend)
+        lose, win = joint_sequence_nll(model, batch, ("forget", "preferred"), smoothing=0.0, backend=self.backend, validate=False)
         summed_lose = lose * answer_token_counts(batch["forget_labels"]).to(lose.dtype)
         summed_win = win * answer_token_counts(batch["preferred_labels"]).to(win.dtype)
         margin = (batch["preferred_reference_nll"].to(win.dtype) - summed_win) - (batch["forget_reference_nll"].to(lose.dtype) - summed_lose)

@@ -23,7 +23,7 @@ import torch
 from .hf import IGNORE_INDEX, _resolve_head
 from .objectives import register
 from .retain_terms import RetainRegularized
-from .token_objectives import answer_nll_from_hidden, token_means
+from .token_objectives import answer_nll_from_hidden, kept_positions, token_means
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -111,7 +111,8 @@ class RepresentationMisdirection(RetainRegularized):
             self._control = control_vector(activations.shape[-1], self.steering_coeff, self.steering_seed)
         labels = batch["forget_labels"]
         losses = masked_mse(activations, self._control.to(activations.device), labels)
-        return losses, token_means(answer_nll_from_hidden(_resolve_head(model), hidden, labels, self.backend), labels)
+        nll = answer_nll_from_hidden(_resolve_head(model), hidden, labels, self.backend, kept_positions(batch, "forget"))
+        return losses, token_means(nll, labels)
 
     def retain_term(self, model, batch):
         if not self.uses_normal:

@@ -78,7 +78,7 @@ class RetainRegularized(Objective):
         per_forget = batch["normal_input_ids"].shape[0] // batch["forget_input_ids"].shape[0]
         if self.retain_loss == "kl":
             return GradientDifference._retain_kl(self, model, batch).sum() / per_forget, None
-        (normal,) = joint_sequence_nll(model, batch, ("normal",), smoothing=0.0, backend=self.backend)
+        (normal,) = joint_sequence_nll(model, batch, ("normal",), smoothing=0.0, backend=self.backend, validate=False)
         return normal.sum() / per_forget, normal.detach()
 
     def compute(self, model, batch, num_forget):

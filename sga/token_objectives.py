@@ -84,10 +84,12 @@ def causal_lm_token_loss(
 
 
 def _token_losses(model, input_ids, labels, attention_mask, rule, *, token_weights=None, rule_labels=None,
-                  reduction="none", normalizer=None, backend="auto", validate=True, with_nll=False, rule_params=None):
+                  reduction="none", normalizer=None, backend="auto", validate=True, kept_rows=None, with_nll=False,
+                  rule_params=None):
     """(rule loss, per-token NLL [B, T - 1] under no_grad or None) from one decoder forward.
 
-    rule_labels (default labels) are the tokens the rule scores; the NLL is always of ``labels``."""
+    rule_labels (default labels) are the tokens the rule scores; the NLL is always of ``labels``. kept_rows: as
+    in :func:`sga.kernels.linear_token_loss` (flattened positions that include every scored one)."""
     head = _resolve_head(model)
     _check_labels(labels, token_weights)
     outputs = head.decoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, use_cache=False)
@@ -97,14 +99,16 @@ def _token_losses(model, input_ids, labels, attention_mask, rule, *, token_weigh
                               None if token_weights is None else token_weights.to(hidden.device))
     loss = linear_token_loss(hidden, head.weight, shifted, rule, token_weights=weights, reduction=reduction,
                              normalizer=normalizer, backend=backend, validate=validate, ignore_index=IGNORE_INDEX,
-                             **head_args, **(rule_params or {}))
+                             kept_rows=kept_rows, **head_args, **(rule_params or {}))
     if reduction == "none":
         loss = loss[:, :-1]
-    nll = answer_nll_from_hidden(head, hidden, labels, backend) if with_nll else None
+    nll = answer_nll_from_hidden(head, hidden, labels, backend, kept_rows) if with_nll else None
     return loss, nll
 
 
-def answer_nll_from_hidden(head, hidden: torch.Tensor, labels: torch.Tensor, backend: str) -> torch.Tensor:
+def answer_nll_from_hidden(
+    head, hidden: torch.Tensor, labels: torch.Tensor, backend: str, kept_rows: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Per-token NLL [B, T - 1] (no gradient) of labels [B, T] from the decoder's last hidden state and the
     resolved head (``sga.hf``): one forward GEMM pass of the fused linear loss, for logging."""
     shifted, _ = _shift(labels.to(hidden.device), None)
@@ -112,8 +116,17 @@ def answer_nll_from_hidden(head, hidden: torch.Tensor, labels: torch.Tensor, bac
         return linear_smoothed_ga_loss(
             hidden.detach(), head.weight.detach(), shifted, bias=None if head.bias is None else head.bias.detach(),
             softcap=head.softcap, logit_scale=getattr(head, "logit_scale", 1.0), smoothing=0.0, ascent=False,
-            reduction="none", backend=backend, validate=False,
+            reduction="none", backend=backend, kept_rows=kept_rows, validate=False,
         )[:, :-1]
+
+
+def kept_positions(batch: dict[str, torch.Tensor], prefix: str) -> Optional[torch.Tensor]:
+    """The flattened row * T + t positions of the batch's ``{prefix}_answer_positions`` (built on the host with
+    the batch: no device count in the step), or None when the batch has none."""
+    positions = batch.get(f"{prefix}_answer_positions")
+    if positions is None:
+        return None
+    return positions[:, 0] * batch[f"{prefix}_input_ids"].shape[1] + positions[:, 1]
 
 
 def token_means(per_token: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -132,17 +145,20 @@ def sequence_token_losses(
     *,
     rule_labels: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    kept_rows: Optional[torch.Tensor] = None,
+    validate: bool = True,
     **rule_params: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row [B]: the token mean of the rule loss over the scored tokens of ``rule_labels`` (default
     ``labels``; differentiable; weights 1 / n_seq in one fused call) and the token-mean NLL of ``labels``
-    (detached, from the same forward)."""
+    (detached, from the same forward). kept_rows / validate: as in :func:`sga.kernels.linear_token_loss`."""
     scored = labels if rule_labels is None else rule_labels
     counts = answer_token_counts(scored).float()
     inverse = torch.where(counts > 0, 1.0 / counts.clamp(min=1.0), torch.zeros_like(counts))
     weights = inverse.unsqueeze(1).expand(scored.shape)
     per_token, nll = _token_losses(model, input_ids, labels, attention_mask, rule, token_weights=weights,
-                                   rule_labels=scored, backend=backend, with_nll=True, rule_params=rule_params)
+                                   rule_labels=scored, backend=backend, validate=validate, kept_rows=kept_rows,
+                                   with_nll=True, rule_params=rule_params)
     return per_token.sum(dim=1), token_means(nll, labels)
 
 
@@ -161,7 +177,8 @@ class TokenRuleMethod(RetainRegularized):
     def forget_term(self, model, batch):
         losses, nll = sequence_token_losses(
             model, batch["forget_input_ids"], batch["forget_labels"], batch["forget_attention_mask"], self.rule,
-            rule_labels=self.rule_labels(batch["forget_labels"]), backend=self.backend, **self.rule_params(),
+            rule_labels=self.rule_labels(batch["forget_labels"]), backend=self.backend,
+            kept_rows=kept_positions(batch, "forget"), validate=False, **self.rule_params(),
         )
         return losses, nll.detach()
 
