@@ -55,6 +55,15 @@ IDK_ANSWERS: tuple[str, ...] = (
 )
 
 
+def dpo_loss(
+    win_nll_sum: torch.Tensor, lose_nll_sum: torch.Tensor, win_reference: torch.Tensor, lose_reference: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """Per pair: (2/beta) softplus(-beta * m) = -(2/beta) log sigmoid(beta * m), with the margin
+    m = (S_ref(win) - S(win)) - (S_ref(lose) - S(lose)) of summed answer NLLs S (policy) and S_ref (reference)."""
+    margin = (win_reference.to(win_nll_sum.dtype) - win_nll_sum) - (lose_reference.to(lose_nll_sum.dtype) - lose_nll_sum)
+    return (2.0 / beta) * F.softplus(-beta * margin)
+
+
 def read_answers_file(path: str) -> list[str]:
     """The non-empty lines of a UTF-8 text file (one answer per line)."""
     file = Path(path)
@@ -159,8 +168,8 @@ class DirectPreferenceOptimization(RetainRegularized):
         lose, win = joint_sequence_nll(model, batch, ("forget", "preferred"), smoothing=0.0, backend=self.backend, validate=False)
         summed_lose = lose * answer_token_counts(batch["forget_labels"]).to(lose.dtype)
         summed_win = win * answer_token_counts(batch["preferred_labels"]).to(win.dtype)
-        margin = (batch["preferred_reference_nll"].to(win.dtype) - summed_win) - (batch["forget_reference_nll"].to(lose.dtype) - summed_lose)
-        return (2.0 / self.beta) * F.softplus(-self.beta * margin), lose.detach()
+        losses = dpo_loss(summed_win, summed_lose, batch["preferred_reference_nll"], batch["forget_reference_nll"], self.beta)
+        return losses, lose.detach()
 
     def describe(self):
         return {**super().describe(), "beta": self.beta, "num_answers": len(self.answers)}

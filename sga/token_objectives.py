@@ -276,6 +276,11 @@ class InvertedHingeLoss(TokenRuleMethod):
         return cls(backend=backend, **cls.retain_options(config))
 
 
+def dual_update(dual: float, retain_loss: float, eps: float, step_size: float) -> float:
+    """PDU's projected dual ascent on the constraint retain_loss <= eps: max(0, lambda + step (retain - eps))."""
+    return max(0.0, dual + step_size * (retain_loss - eps))
+
+
 @register
 class PrimalDualUnlearning(TokenRuleMethod):
     """``pdu``: L = gamma * (1/n) sum_t (max_v z_v - mean_v z_v)^2 + lambda * (R - eps), with the dual update
@@ -322,7 +327,7 @@ class PrimalDualUnlearning(TokenRuleMethod):
     def after_step(self, record: dict, epochs_done: float) -> dict:
         """The dual update after an optimizer step (record: the step's all-reduced metrics); returns what to log."""
         if self.primal_dual and epochs_done >= self.dual_warmup_epochs and "normal_nll" in record:
-            self.dual = max(0.0, self.dual + self.dual_step_size * (record["normal_nll"] - self.retain_eps))
+            self.dual = dual_update(self.dual, record["normal_nll"], self.retain_eps, self.dual_step_size)
         return {"dual": self.dual}
 
     def checkpoint_state(self) -> dict:
