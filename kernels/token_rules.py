@@ -19,8 +19,10 @@ that define its gradient, written by the second sweep:
     dL/dz_v = A p_v + B [v == y] + C [v == k] + E q_v + F
 
 This form covers every rule below exactly (derivations beside each rule). Coefficients that are always zero
-are returned as None by the torch form (the backend skips their passes); the Triton form returns 0.0, and
-``uses_q`` tells the kernel whether E q_v needs computing. Token weights w and the 1 / D of reduction "mean"
+are returned as None by the torch form (the backend skips their passes); the Triton form returns 0.0. A rule
+declares the statistics beyond z_y, lse and lse_u that it reads: ``uses_q`` (mean_q_z and an E q_v term),
+``needs_top`` (z_k and k), ``needs_sum_z``; the torch backend computes only those (the others reach the torch
+form as None), the Triton kernel keeps all of them in registers anyway and skips only the q_v term. Token weights w and the 1 / D of reduction "mean"
 multiply L and the gradient outside the rule.
 
 To add a rule: write its torch form and its ``@triton.jit`` form (same arguments, same outputs), its float64
@@ -143,8 +145,8 @@ def _pdu_triton(z_y, lse, lse_u, z_k, mean_q_z, sum_z, vocab_size, unused0, unus
 
 @dataclass(frozen=True)
 class TokenRule:
-    """One token-level loss: its parameters (name, default, lower bound), its torch and Triton forms, and
-    whether its gradient has an E q_v term."""
+    """One token-level loss: its parameters (name, default, lower bound), its torch and Triton forms, and the
+    optional statistics it reads (see the module docstring)."""
 
     name: str
     formula: str
@@ -152,6 +154,8 @@ class TokenRule:
     torch_form: Callable
     triton_form: triton.JITFunction
     uses_q: bool = False
+    needs_top: bool = False
+    needs_sum_z: bool = False
 
     def resolve(self, values: dict) -> tuple[float, float]:
         """The rule's two scalar parameters (unused ones 0.0), defaults filled in, each checked."""
@@ -185,8 +189,8 @@ TOKEN_RULES: dict[str, TokenRule] = {
             _satimp_triton,
         ),
         TokenRule("ce_u", "L = -sum_{v != y} q_v log p_v, q = softmax without the target, detached", (), _ce_u_torch, _ce_u_triton, uses_q=True),
-        TokenRule("ihl", "L = 1 + p_y - max_{v != y} p_v", (), _ihl_torch, _ihl_triton),
-        TokenRule("pdu", "L = (max_v z_v - mean_v z_v)^2", (), _pdu_torch, _pdu_triton),
+        TokenRule("ihl", "L = 1 + p_y - max_{v != y} p_v", (), _ihl_torch, _ihl_triton, needs_top=True),
+        TokenRule("pdu", "L = (max_v z_v - mean_v z_v)^2", (), _pdu_torch, _pdu_triton, needs_top=True, needs_sum_z=True),
     )
 }
 
