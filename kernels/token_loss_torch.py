@@ -5,8 +5,10 @@ dL/dz = w * grad_norm * (A p + B [v == y] + C [v == k] + E q + F) written into a
 (``token_rules`` defines the statistics and the rules). Only ``chunk_rows`` rows are processed at a time, so
 the float32 temporaries stay bounded whatever N is, and only the statistics the rule declares are computed.
 
-Per chunk, with s the shift (z_k for rules that need the top non-target logit, else the row max):
-    e_v = exp(z_v - s) for v != y, e_y = 0        one pass, into the gradient buffer when it can hold it
+Per chunk, with s the shift: z_k for rules that read q or the top non-target logit (q_v = e_v / sum e then
+stays exact however confident the target), else the row max (the non-target mass then underflows only where
+the target leads by more than ~87 nats in float32, where 1 - p_y < 1e-38 anyway):
+    e_v = exp(z_v - s) for v != y, e_y = 0        one pass (two with z_k), into the gradient buffer when it can
     lse_u = s + log sum e,  lse = logaddexp(lse_u, z_y),  mean_q_z = (e . z) / sum e   (ce_u only)
 and the gradient reuses e: for v != y, p_v = e_v exp(s - lse) and q_v = e_v / sum e, so
     g_v = e_v * c (A exp(s - lse) + E / sum e) + c F (+ c C at k),   g_y = c (A p_y + B + F)
@@ -70,15 +72,18 @@ def rows_forward(
         # Sweep 1: the statistics the rule reads
         z_y = rows.gather(1, safe_y).squeeze(1)
         top = top_index = sum_z = mean_q_z = None
-        if rule.needs_top:
-            top, top_index = rows.scatter(1, safe_y, float("-inf")).max(dim=1)
-            shift = _finite_or_zero(top)
-        else:
-            shift = _finite_or_zero(rows.amax(dim=1))
         if rule.needs_sum_z:
             sum_z = rows.sum(dim=1)
-        exp_other = torch.sub(rows, shift[:, None], out=_exp_buffer(rows, chunk_logits, grad_chunk, rule)).exp_()
-        exp_other.scatter_(1, safe_y, 0.0)  # e_y = 0: the non-target mass, exact also when p_y ~ 1
+        buffer = _exp_buffer(rows, chunk_logits, grad_chunk, rule)
+        if rule.needs_top or rule.uses_q:
+            masked = (buffer if buffer is rows else buffer.copy_(rows)).scatter_(1, safe_y, float("-inf"))
+            if rule.needs_top:
+                top, top_index = masked.max(dim=1)
+            shift = _finite_or_zero(top if top is not None else masked.amax(dim=1))
+            exp_other = masked.sub_(shift[:, None]).exp_()  # e_y = exp(-inf) = 0
+        else:
+            shift = _finite_or_zero(rows.amax(dim=1))
+            exp_other = torch.sub(rows, shift[:, None], out=buffer).exp_().scatter_(1, safe_y, 0.0)
         sum_exp = exp_other.sum(dim=1)
         lse_u = shift + sum_exp.log()
         lse = torch.logaddexp(lse_u, z_y)
