@@ -309,3 +309,25 @@ def test_ce_u_target_distribution_exact_beyond_float32_underflow(backend):
     torch.testing.assert_close(loss.double(), ref_loss)
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-6, atol=1e-7)
     assert grad[0, 0].item() == pytest.approx(-0.5 / 7.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_token_loss_bfloat16(backend):
+    """bf16 hidden and head: the loss equals the float64 rule on the bf16 logits of the same GEMM (the row
+    kernel works in float32); dH and dW within bf16 rounding of the float64 reference."""
+    hidden, weight, bias, labels, weights = _linear_case(torch.bfloat16, seed=14)
+    for rule in TOKEN_RULES:
+        loss, grads = _linear_grads(
+            lambda h, w, b: linear_token_loss(h, w, labels, rule, bias=b, token_weights=weights, backend=backend, chunk_size=4),
+            hidden, weight, bias, "mean",
+        )
+        logits = torch.addmm(bias, hidden.reshape(-1, 8), weight.T).reshape(2, 5, 21)  # the bf16 GEMM of the chunks
+        torch.testing.assert_close(loss.double(), token_loss_reference(logits, labels, rule, token_weights=weights),
+                                   rtol=1e-5, atol=1e-5)
+        _, ref_grads = _linear_grads(
+            lambda h, w, b: token_loss_reference(h @ w.T + b, labels, rule, token_weights=weights),
+            hidden.double(), weight.double(), bias.double(), "mean",
+        )
+        for grad, ref in zip(grads, ref_grads):
+            assert grad.dtype == torch.bfloat16
+            torch.testing.assert_close(grad.double(), ref, rtol=3e-2, atol=3e-2 * ref.abs().max().item())
