@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from .config import ConfigError
 from .hf import IGNORE_INDEX, _check_labels, _resolve_head
 from .kernels import linear_smoothed_ga_loss, linear_token_loss
-from .objectives import answer_token_counts, register
+from .objectives import ObjectiveOutput, answer_token_counts, register
 from .retain_terms import RetainRegularized, resolved_beta
 
 
@@ -136,51 +136,36 @@ def token_means(per_token: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.where(keep, per_token, torch.zeros_like(per_token)).sum(dim=1) / counts.clamp(min=1.0)
 
 
-def sequence_token_losses(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    labels: torch.Tensor,
-    attention_mask: Optional[torch.Tensor],
-    rule: str,
-    *,
-    rule_labels: Optional[torch.Tensor] = None,
-    backend: str = "auto",
-    kept_rows: Optional[torch.Tensor] = None,
-    validate: bool = True,
-    **rule_params: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row [B]: the token mean of the rule loss over the scored tokens of ``rule_labels`` (default
-    ``labels``; differentiable; weights 1 / n_seq in one fused call) and the token-mean NLL of ``labels``
-    (detached, from the same forward). kept_rows / validate: as in :func:`sga.kernels.linear_token_loss`."""
-    scored = labels if rule_labels is None else rule_labels
-    counts = answer_token_counts(scored).float()
-    inverse = torch.where(counts > 0, 1.0 / counts.clamp(min=1.0), torch.zeros_like(counts))
-    weights = inverse.unsqueeze(1).expand(scored.shape)
-    per_token, nll = _token_losses(model, input_ids, labels, attention_mask, rule, token_weights=weights,
-                                   rule_labels=scored, backend=backend, validate=validate, kept_rows=kept_rows,
-                                   with_nll=True, rule_params=rule_params)
-    return per_token.sum(dim=1), token_means(nll, labels)
-
-
 class TokenRuleMethod(RetainRegularized):
-    """A method whose forget term is the token-mean of a fused token rule over the forget answers."""
+    """A method whose forget term is the token mean of a fused token rule over each forget answer.
+
+    The forget term goes through ONE fused call with token weights gamma / n_seq and reduction "mean" over the
+    window normalizer, so its gradient is built in the forward pass (3 GEMMs per token, as the linear
+    objectives of ``sga.objectives``); the logged NLL comes from a no-grad pass over the same hidden states."""
 
     rule: ClassVar[str]
 
     def rule_params(self) -> dict[str, float]:
         return {}
 
-    def rule_labels(self, labels: torch.Tensor) -> Optional[torch.Tensor]:
-        """The forget labels the rule scores (None: all answer tokens)."""
-        return None
+    def rule_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """The forget labels the rule scores (default: every answer token)."""
+        return labels
 
-    def forget_term(self, model, batch):
-        losses, nll = sequence_token_losses(
-            model, batch["forget_input_ids"], batch["forget_labels"], batch["forget_attention_mask"], self.rule,
-            rule_labels=self.rule_labels(batch["forget_labels"]), backend=self.backend,
-            kept_rows=kept_positions(batch, "forget"), validate=False, **self.rule_params(),
+    def compute(self, model, batch, num_forget):
+        labels = batch["forget_labels"]
+        scored = self.rule_labels(labels)
+        counts = answer_token_counts(scored).float()
+        inverse = torch.where(counts > 0, 1.0 / counts.clamp(min=1.0), torch.zeros_like(counts))
+        weights = (self.forget_weight * inverse).unsqueeze(1).expand(scored.shape)
+        forget, nll = _token_losses(
+            model, batch["forget_input_ids"], labels, batch["forget_attention_mask"], self.rule, token_weights=weights,
+            rule_labels=scored, reduction="mean", normalizer=num_forget, backend=self.backend, validate=False,
+            kept_rows=kept_positions(batch, "forget"), with_nll=True, rule_params=self.rule_params(),
         )
-        return losses, nll.detach()
+        retain, normal_nll = self.retain_term(model, batch)
+        loss = forget + self.retain_weight * retain.to(forget.device) / num_forget
+        return ObjectiveOutput(loss=loss, forget_nll=token_means(nll, labels), normal_nll=normal_nll)
 
     def describe(self):
         return {**super().describe(), **self.rule_params()}
