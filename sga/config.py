@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-METHODS = ("ga", "sga", "sga_gls", "sga_token", "grad_diff", "npo", "simnpo", "sft")
+METHODS = ("ga", "sga", "sga_gls", "sga_token", "grad_diff", "npo", "simnpo", "sft",
+           "dpo", "idk_dpo", "wga", "satimp", "ce_u", "ihl", "undial", "pdu", "rmu")
 PAIRING_METHODS = ("auto", "embedding", "tfidf", "file")
 DATASETS = ("tofu", "json")
 TOFU_FORGET_SPLITS = ("forget01", "forget05", "forget10")
@@ -155,7 +156,7 @@ class MethodConfig:
     name: str = _opt("sga", "unlearning method (sft: plain fine-tuning, to teach a model what it later forgets)", "--method", choices=METHODS)
     rate: float = _opt(0.5, "smoothing rate r (sga, sga_gls; vocabulary eps for sga_token)")
     num_classes: int = _opt(2, "K for the sga methods and grad_diff: each forget sample gets K-1 normal samples", "--K")
-    beta: Optional[float] = _opt(None, "inverse temperature beta; none: 0.1 for npo, 2.5 for simnpo")
+    beta: Optional[float] = _opt(None, "inverse temperature beta; none: 0.1 for npo, dpo and idk_dpo, 2.5 for simnpo, 1 for wga (its exponent), 10 for undial (its target shift)")
     gamma: float = _opt(0.0, "simnpo reward margin gamma")
     retain_weight: float = _opt(1.0, "grad_diff weight of the retain term")
     retain_loss: str = _opt("nll", "grad_diff retain term: nll, or kl to the frozen initial model", choices=RETAIN_LOSSES)
@@ -163,6 +164,20 @@ class MethodConfig:
     rate_min: float = _opt(-1.0, "lower clip of the adaptive rate")
     rate_max: float = _opt(1.0, "upper clip of the adaptive rate")
     rate_batches: int = _opt(4, "batches of forget + normal data per rate estimate")
+    # open-unlearning's methods (sga.token_objectives, sga.preference_objectives, sga.representation_objectives)
+    alpha: Optional[float] = _opt(None, "weight of the retain term added to the forget loss (open-unlearning's alpha; pdu: the initial dual variable); none: the method's default (1 for dpo, idk_dpo, wga, satimp, pdu, rmu; 0 for npo, simnpo, ce_u, ihl, undial)")
+    forget_weight: Optional[float] = _opt(None, "weight of the forget term (open-unlearning's gamma); none: 1, or 0.1 for satimp")
+    beta1: float = _opt(5.0, "satimp: exponent of p_y in the token weight")
+    beta2: float = _opt(1.0, "satimp: exponent of 1 - p_y in the token weight")
+    preferred_answers_file: Optional[str] = _opt(None, "dpo: text file of preferred answers, one per line (forget sample i gets line i mod count); idk_dpo: replaces the built-in I-don't-know answers")
+    ignore_first_answer_tokens: int = _opt(1, "ce_u: leave the first N answer tokens of each forget answer unscored")
+    steering_coeff: float = _opt(2.0, "rmu: length c of the control vector c * u that forget activations are pushed to")
+    rmu_layer: int = _opt(7, "rmu: index of the decoder layer whose output activations are steered")
+    steering_seed: int = _opt(0, "rmu: seed of the random direction u")
+    retain_eps: Optional[float] = _opt(None, "pdu: bound eps of the retain constraint retain NLL <= eps (required for pdu)")
+    primal_dual: bool = _opt(True, "pdu: update the dual variable lambda after every step (off: lambda stays alpha)")
+    dual_step_size: float = _opt(1.0, "pdu: lambda <- max(0, lambda + dual_step_size * (retain NLL - eps))")
+    dual_warmup_epochs: float = _opt(5.0, "pdu: epochs of training before lambda starts to move")
     allow_positive_forget_weight: bool = _opt(
         False, "allow sga / sga_gls rates r >= K/(K-1), whose forget weight -(1 - r + r/K) is >= 0 (the run then LEARNS the forget set)",
         trajectory=False,

@@ -543,3 +543,4 @@ def reference_sequence_nll(model: torch.nn.Module, examples: Sequence[EncodedExa
     """S_ref = -log pi_ref(y|x) of every example: l(x) times its answer-token count (for ``npo``)."""
     counts = torch.tensor([sum(1 for label in e.labels[1:] if label != IGNORE_INDEX) for e in examples], dtype=torch.float32)
     return examples_nll(model, examples, **kwargs) * counts
+from . import preference_objectives, representation_objectives, token_objectives  # noqa: E402,F401  (registers dpo, idk_dpo, wga, satimp, ce_u, ihl, undial, pdu, rmu)

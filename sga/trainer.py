@@ -178,6 +178,8 @@ class UnlearningTrainer:
         self.tokenizer = tokenizer
         self.data = data
         self.objective = objective or build_objective(config.method, backend=config.train.backend)
+        if hasattr(self.objective, "prepare_data"):  # e.g. dpo adds each forget sample's preferred answer
+            self.data = data = self.objective.prepare_data(data, tokenizer, config.data)
         self.accelerator = accelerator or make_accelerator(config)
         self.output_dir = Path(config.train.output_dir)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -343,7 +345,7 @@ class UnlearningTrainer:
             self.objective.reference_model = reference.to(acc.device)
         if self.objective.uses_reference_nll and resume_path is None:
             self.data.reference_nll = reference_sequence_nll(
-                self.model.to(acc.device), self.data.forget, pad_token_id=self.pad_token_id, batch_size=train_cfg.batch_size, backend=train_cfg.backend
+                self.model.to(acc.device), getattr(self.data, "reference_examples", self.data.forget), pad_token_id=self.pad_token_id, batch_size=train_cfg.batch_size, backend=train_cfg.backend
             )
 
         model = self._prepare_model()
@@ -358,6 +360,8 @@ class UnlearningTrainer:
             step = int(resume_state["step"])
             if "rate" in resume_state:
                 self.objective.rate = float(resume_state["rate"])
+            if "objective_state" in resume_state:  # e.g. pdu's dual variable
+                self.objective.restore_checkpoint_state(resume_state["objective_state"])
             if "reference_nll" in tensors:
                 self.data.reference_nll = tensors["reference_nll"]
 
@@ -379,6 +383,9 @@ class UnlearningTrainer:
                         self._log(record, metrics_file, history)
                     record = self._step(step, module, optimizer, scheduler, interrupt)
                     step += 1
+                    if hasattr(self.objective, "after_step"):  # e.g. pdu's dual update, on the all-reduced record
+                        epochs_done = step * train_cfg.batch_size * train_cfg.grad_accum / len(self.data)
+                        record.update(self.objective.after_step(record, epochs_done))
                     record.update(step=step, time_s=round(time.monotonic() - start, 3))
                     self._log(record, metrics_file, history)
                     if progress is not None:
@@ -589,5 +596,7 @@ class UnlearningTrainer:
         state: dict[str, Any] = {"fingerprint": self._fingerprint()}
         if hasattr(self.objective, "rate"):
             state["rate"] = self.objective.rate
+        if hasattr(self.objective, "checkpoint_state"):
+            state["objective_state"] = self.objective.checkpoint_state()
         tensors = {"reference_nll": self.data.reference_nll} if self.data.reference_nll is not None else {}
         return checkpoint.save_checkpoint(self.accelerator, self.output_dir, step, state, tensors, keep=self.config.train.save_total_limit)

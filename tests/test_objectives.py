@@ -115,7 +115,8 @@ def test_loss_matches_formula(setup, name, params):
 
 
 def test_registry_and_bad_parameters():
-    assert set(OBJECTIVES) == {"ga", "sga", "sga_gls", "sga_token", "grad_diff", "npo", "simnpo", "sft"}
+    assert set(OBJECTIVES) == {"ga", "sga", "sga_gls", "sga_token", "grad_diff", "npo", "simnpo", "sft",
+                               "dpo", "idk_dpo", "wga", "satimp", "ce_u", "ihl", "undial", "pdu", "rmu"}
     with pytest.raises(ValueError, match="unknown method"):
         build_objective(MethodConfig(name="nope"))
     with pytest.raises(ValueError, match="K"):
