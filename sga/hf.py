@@ -13,7 +13,12 @@ labels[:, t + 1]), -100 is ignored, and reduction "mean" divides by the number o
 Only architectures whose logits are exactly ``softcap(lm_head(last_hidden_state))`` are accepted, each checked
 by the tests against the model's own loss and gradients (``VERIFIED_MODEL_TYPES``); the head must be a plain
 ``nn.Linear`` (no quantized, LoRA-wrapped or hooked head). Anything else raises NotImplementedError rather than
-return a silently different loss.
+return a silently different loss; the message names the escape hatch (:func:`register_model_type`, or logits and
+:func:`sga.kernels.smoothed_ga_loss`).
+
+Mixture-of-experts models: :func:`causal_lm_loss` is the token loss only (the likelihood the unlearning objectives
+are built on); the router load-balancing loss that such a model adds to its own loss when it returns router
+logits (``output_router_logits``) is added by the :func:`fused_causal_lm_loss` patch, as the model does.
 """
 from __future__ import annotations
 
@@ -30,15 +35,67 @@ from sga.kernels._validation import BACKENDS, check_choice, check_smoothing
 
 IGNORE_INDEX = -100
 
-# model_type -> where the head's input comes from; every entry is checked in tests/test_hf.py.
+@dataclasses.dataclass(frozen=True)
+class LogitRule:
+    """How a family's logits come from its head: z = softcap(h @ W^T + b), h = ``model.get_decoder()(...)``'s
+    ``last_hidden_state``, with the cap c * tanh(x / c) read from the config attribute ``softcap_attribute``
+    (None: no cap, or the attribute is None)."""
+
+    softcap_attribute: Optional[str] = None
+
+    def softcap(self, config: Any) -> Optional[float]:
+        return None if self.softcap_attribute is None else getattr(config, self.softcap_attribute, None)
+
+
+_PLAIN = LogitRule()
+_FINAL_SOFTCAP = LogitRule(softcap_attribute="final_logit_softcapping")
+
+# model_type -> how its logits are made; every entry is checked against the model's own loss and gradients in
+# tests/test_hf.py (the first block) or tests/test_hf_families.py (the rest), each read from transformers'
+# modeling code (the *ForCausalLM forward: logits = lm_head(last_hidden_state), then the rule's cap if any).
 # llama, qwen2, qwen3, mistral, phi3: model.get_decoder() is the base model, which ends with its final norm.
 # gemma, gemma2: the same; gemma2 adds config.final_logit_softcapping (tanh cap) on the logits.
 # phi: the base model ends with final_layernorm; the head has a bias.
 # opt: get_decoder() is model.decoder, which applies final_layer_norm and project_out itself.
 # gpt2: get_decoder() is the transformer, which applies ln_f; the head is tied to the token embedding.
-VERIFIED_MODEL_TYPES = frozenset(
-    {"llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma2", "phi", "opt", "gpt2"}
-)
+# gemma3_text (Gemma3ForCausalLM): final_logit_softcapping when set (None in Gemma 3's released configs); the
+#   embedding scale sqrt(D) and query_pre_attn_scalar act inside the decoder, not on the logits.
+# Mixture-of-experts families (mixtral, qwen2_moe, qwen3_moe, olmoe, phimoe, gpt_oss): a plain head; the router
+#   load-balancing loss is not part of causal_lm_loss (see its docstring); fused_causal_lm_loss adds it as the
+#   model does.
+MODEL_FAMILIES: dict[str, LogitRule] = {
+    **dict.fromkeys(("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "phi", "opt", "gpt2"), _PLAIN),
+    "gemma2": _FINAL_SOFTCAP,
+    "gemma3_text": _FINAL_SOFTCAP,
+    **dict.fromkeys(
+        (
+            "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "gpt_oss",
+            "olmo", "olmo2", "olmo3", "smollm3", "ministral", "starcoder2", "stablelm", "gpt_neox", "glm", "glm4",
+            "helium", "exaone4", "seed_oss", "ernie4_5", "arcee", "apertus", "nemotron",
+        ),
+        _PLAIN,
+    ),
+}
+VERIFIED_MODEL_TYPES = frozenset(MODEL_FAMILIES)
+
+# model types a user declared with register_model_type (not verified by us)
+_USER_FAMILIES: dict[str, LogitRule] = {}
+
+
+def register_model_type(model_type: str, *, softcap_attribute: Optional[str] = None) -> None:
+    """Declare, on your own responsibility, that ``model_type``'s logits are ``softcap(lm_head(h))`` with h the
+    ``last_hidden_state`` of ``model.get_decoder()`` and the cap read from ``config.<softcap_attribute>``.
+
+    This is the escape hatch for a family that is not in :data:`VERIFIED_MODEL_TYPES` (including remote-code
+    models): check it first, e.g. ``causal_lm_loss(model, ids, labels, ascent=False)`` against
+    ``model(ids, labels=labels).loss`` on a few batches. A family whose logits are anything else (a scale, an
+    extra projection) must not be registered: compute its logits and use :func:`sga.kernels.smoothed_ga_loss`.
+    """
+    if not isinstance(model_type, str) or not model_type:
+        raise ValueError(f"model_type must be a non-empty string, got {model_type!r}")
+    if softcap_attribute is not None and not isinstance(softcap_attribute, str):
+        raise TypeError(f"softcap_attribute must be a config attribute name or None, got {softcap_attribute!r}")
+    _USER_FAMILIES[model_type] = LogitRule(softcap_attribute=softcap_attribute)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,22 +119,58 @@ def _is_plain_linear(module: Any) -> bool:
     )
 
 
-def _resolve_head(model: torch.nn.Module) -> _Head:
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in VERIFIED_MODEL_TYPES:
+_ESCAPE_HATCH = (
+    "compute the logits and use sga.kernels.smoothed_ga_loss, or, once you have checked that its logits are "
+    "softcap(lm_head(last_hidden_state)), declare it with sga.hf.register_model_type"
+)
+
+
+def _logit_rule(model: torch.nn.Module) -> LogitRule:
+    """The family's rule; refuses unverified types and remote-code classes that reuse a verified type's name."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in _USER_FAMILIES:
+        return _USER_FAMILIES[model_type]
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a peft wrapper
+    if model_type not in MODEL_FAMILIES:
         raise NotImplementedError(
             f"the fused causal-LM loss is verified only for model types {sorted(VERIFIED_MODEL_TYPES)}, "
-            f"got {model_type!r}: compute the logits and use sga.kernels.smoothed_ga_loss instead"
+            f"got {model_type!r}: {_ESCAPE_HATCH}"
         )
+    if not type(base).__module__.startswith("transformers."):
+        raise NotImplementedError(
+            f"{type(base).__module__}.{type(base).__qualname__} is not transformers' own {model_type!r} class "
+            f"(remote code?), so its verification does not apply: {_ESCAPE_HATCH}"
+        )
+    return MODEL_FAMILIES[model_type]
+
+
+def _resolve_head(model: torch.nn.Module) -> _Head:
+    rule = _logit_rule(model)
     head = model.get_output_embeddings()
     if not _is_plain_linear(head):
         raise NotImplementedError(
             f"the LM head must be a plain torch.nn.Linear without hooks (got {type(head).__module__}."
             f"{type(head).__qualname__}); a wrapped, quantized or hooked head does not compute h @ W^T + b"
         )
-    softcap = getattr(config, "final_logit_softcapping", None)
-    return _Head(decoder=model.get_decoder(), weight=head.weight, bias=head.bias, softcap=softcap)
+    return _Head(decoder=model.get_decoder(), weight=head.weight, bias=head.bias, softcap=rule.softcap(model.config))
+
+
+def router_aux_loss(
+    model: torch.nn.Module, router_logits: tuple[torch.Tensor, ...], attention_mask: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """The router load-balancing loss of a mixture-of-experts model, exactly as its *ForCausalLM computes it:
+    its modeling module's ``load_balancing_loss_func(router_logits, num_experts, num_experts_per_tok, mask)``
+    (the loss the model adds, times ``router_aux_loss_coef``, when it returns router logits and gets labels)."""
+    import sys
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    function = getattr(sys.modules[type(base).__module__], "load_balancing_loss_func", None)
+    if function is None or not hasattr(base, "router_aux_loss_coef"):
+        raise NotImplementedError(
+            f"{type(base).__qualname__} returned router logits but has no load_balancing_loss_func / "
+            "router_aux_loss_coef to turn them into its auxiliary loss; set output_router_logits=False"
+        )
+    return function(router_logits, base.num_experts, base.num_experts_per_tok, attention_mask)
 
 
 def _check_labels(labels: torch.Tensor, token_weights: Optional[torch.Tensor]) -> None:
@@ -259,10 +352,16 @@ class FusedLossPatch:
             normalizer=normalizer,
             backend=self.backend,
         )
-        from transformers.modeling_outputs import CausalLMOutputWithPast
+        from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
-        fields = {field.name for field in dataclasses.fields(CausalLMOutputWithPast)} - {"loss", "logits"}
-        result = CausalLMOutputWithPast(loss=loss, logits=None, **{k: v for k, v in outputs.items() if k in fields})
+        output_class, extra = CausalLMOutputWithPast, {}
+        if outputs.get("router_logits") is not None:
+            # what a mixture-of-experts *ForCausalLM adds when it returns router logits and gets labels
+            aux_loss = router_aux_loss(self.model, outputs.router_logits, arguments.get("attention_mask"))
+            loss = loss + self.model.router_aux_loss_coef * aux_loss.to(loss.device)
+            output_class, extra = MoeCausalLMOutputWithPast, {"aux_loss": aux_loss}
+        fields = {field.name for field in dataclasses.fields(output_class)} - {"loss", "logits", "aux_loss"}
+        result = output_class(loss=loss, logits=None, **extra, **{k: v for k, v in outputs.items() if k in fields})
         return result if return_dict else result.to_tuple()
 
     def remove(self) -> None:
