@@ -317,6 +317,9 @@ class FusedLossPatch:
             return self._forward(*args, **kwargs)
 
         forward.sga_fused_loss_patch = self
+        # the class forward's signature: HF's Trainer reads the argument names from it (remove_unused_columns keeps
+        # only the columns it names; **kwargs in it means the model accepts num_items_in_batch)
+        forward.__signature__ = inspect.signature(type(model).forward)
         # a bound method, so that wrappers that re-bind forward.__func__ (accelerate's autocast) keep working
         self._patched = types.MethodType(forward, model)
         model.forward = self._patched
