@@ -104,9 +104,25 @@ def cut_cross_entropy(device: str) -> Optional[Callable]:
     return lambda hidden, weight, labels, softcap: -linear_cross_entropy(hidden, weight, labels, softcap=softcap)
 
 
+def torch_linear_cross_entropy(device: str) -> Optional[Callable]:
+    """PyTorch's own ``torch.nn.functional.linear_cross_entropy`` (chunked, label smoothing; torch >= 2.13), ascent
+    sign applied outside; None where this torch has none. It has no softcap: the loss refuses one."""
+    linear_cross_entropy = getattr(F, "linear_cross_entropy", None)
+    if linear_cross_entropy is None:
+        return None
+
+    def loss(hidden, weight, labels, softcap):
+        if softcap is not None:
+            raise NotImplementedError("torch.nn.functional.linear_cross_entropy has no logit softcap")
+        return -linear_cross_entropy(hidden, weight, labels, label_smoothing=SMOOTHING, ignore_index=-100)
+
+    return loss
+
+
 LINEAR_ALTERNATIVES = {
     "torch_eager": lambda device: eager_linear_loss,
     "torch_compile": lambda device: _compiled_eager_linear_loss,
+    "torch_linear_cross_entropy": torch_linear_cross_entropy,
     "liger_fused_linear": liger_fused_linear,
     "cut_cross_entropy": cut_cross_entropy,
 }

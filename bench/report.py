@@ -14,6 +14,8 @@ from pathlib import Path
 def _shape_key(row: dict) -> tuple:
     size = row.get("hidden_size")
     shape = f"N={row['num_tokens']} V={row['vocab_size']}" + (f" D={size}" if size else "")
+    if row.get("ignored_fraction"):
+        shape += f" ign={row['ignored_fraction']:g}"
     return row["op"], shape, row["dtype"], row["phase"]
 
 

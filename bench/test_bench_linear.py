@@ -4,7 +4,8 @@ extra memory (forward+backward).
     cd bench && python -m pytest test_bench_linear.py --benchmark-only
 
 Implementations, each from hidden [N, D] and head weight [V, D] (both requiring grad) to dH and dW:
-- ours: linear_smoothed_ga_loss with its defaults (chunks of N / 16 rows; dW of a bf16 head accumulated in a
+- ours: linear_smoothed_ga_loss with its defaults (kept rows counted by the loss: ignored tokens never reach the
+  GEMMs; chunks of 1/16 of the kept rows' logits, multiples of 128 rows; dW of a bf16 head accumulated in a
   float32 [V, D] buffer);
 - ours_low_memory: chunks of N / 32 rows and accumulate_in_float32=False (dW summed in the head's dtype, one
   rounding per chunk): the configuration for the "extra memory under 5% of the bf16 logits" goal;
@@ -12,8 +13,13 @@ Implementations, each from hidden [N, D] and head weight [V, D] (both requiring 
   (its gradient overwrites the logits: the cheapest way to use the logits kernel);
 - torch_eager / torch_compile: logits = hidden @ W^T, upcast to float32, F.cross_entropy with label smoothing,
   sign applied (eager, and torch.compile of the same);
+- torch_linear_cross_entropy: PyTorch's torch.nn.functional.linear_cross_entropy where this torch has it (2.13;
+  no softcap, so not at the softcap shapes);
 - liger_fused_linear, cut_cross_entropy: the fused linear losses of Liger-Kernel and Cut Cross-Entropy when
   installed (CUDA only; Cut Cross-Entropy has no label smoothing and runs with eps = 0).
+
+Every shape runs with no token ignored and with half of them ignored (each 128-token sequence's first 64
+positions, as a prompt would be): the alternatives still compute every row, ours only the kept ones.
 
 Ours computes the gradients in the forward pass (the loss is a scalar, so they are known up to grad_output):
 its "forward" is nearly all of its forward+backward, its "backward" a scaling. Compare forward+backward.
@@ -41,17 +47,22 @@ from sga.kernels.linear import default_chunk_rows
 
 # ours last: its row gets the ratios against the ones measured before it
 IMPLEMENTATIONS = (*LINEAR_ALTERNATIVES, "materialized_kernel", "ours_low_memory", "ours")
+# (N, D, V, dtype, softcap, ignored fraction)
 SHAPES = {
     "cpu": {
-        "cpu_N2048_D512_V128256": (2048, 512, 128256, "float32", None),
-        "cpu_llama3_ratios_bf16": (4096, 2048, 64128, "bfloat16", None),
+        "cpu_N2048_D512_V128256": (2048, 512, 128256, "float32", None, 0.0),
+        "cpu_N2048_D512_V128256_half_ignored": (2048, 512, 128256, "float32", None, 0.5),
+        "cpu_llama3_ratios_bf16": (4096, 2048, 64128, "bfloat16", None, 0.0),
+        "cpu_llama3_ratios_bf16_half_ignored": (4096, 2048, 64128, "bfloat16", None, 0.5),
     },
-    "smoke": {"smoke_bf16_softcap": (48, 16, 700, "bfloat16", 30.0)},
+    "smoke": {"smoke_bf16_softcap_half_ignored": (48, 16, 700, "bfloat16", 30.0, 0.5)},
     "cuda": {
-        "llama3_8b_head": (8192, 4096, 128256, "bfloat16", None),
-        "gemma2_2b_head": (8192, 2304, 256000, "bfloat16", 30.0),
+        "llama3_8b_head": (8192, 4096, 128256, "bfloat16", None, 0.0),
+        "llama3_8b_head_half_ignored": (8192, 4096, 128256, "bfloat16", None, 0.5),
+        "gemma2_2b_head": (8192, 2304, 256000, "bfloat16", 30.0, 0.0),
     },
 }
+SEQUENCE = 128  # the ignored fraction is a prompt prefix of every SEQUENCE-token block
 PHASES = ("forward+backward", "forward", "backward")  # the goals' phase first (a device run may be cut short)
 ROUNDS = {"cpu": 3, "cuda": 5}
 MAX_EXTRA_OVER_LOGITS = 0.10  # issue 3: ours at most 10% of the full float32 logits beyond inputs, outputs, grads
@@ -63,11 +74,13 @@ def low_memory_chunk_rows(num_tokens: int) -> int:
     return math.ceil(num_tokens / 32)
 
 
-def make_case(implementation, num_tokens, hidden_size, vocab_size, dtype_name, softcap, device):
+def make_case(implementation, num_tokens, hidden_size, vocab_size, dtype_name, softcap, ignored, device):
     """Inputs and a fwd+bwd closure for one implementation; returns (run, bytes of the gradients dH and dW).
 
     Module level: the CPU memory measurement pickles it into a fresh process."""
-    forward, backward, grad_bytes = make_phases(implementation, num_tokens, hidden_size, vocab_size, dtype_name, softcap, device)
+    forward, backward, grad_bytes = make_phases(
+        implementation, num_tokens, hidden_size, vocab_size, dtype_name, softcap, ignored, device
+    )
 
     def run():
         backward(forward())
@@ -75,13 +88,21 @@ def make_case(implementation, num_tokens, hidden_size, vocab_size, dtype_name, s
     return run, grad_bytes
 
 
-def make_phases(implementation, num_tokens, hidden_size, vocab_size, dtype_name, softcap, device):
+def make_labels(num_tokens: int, vocab_size: int, ignored: float, device) -> torch.Tensor:
+    """Random labels; the first ``ignored`` fraction of every SEQUENCE-token block set to -100 (a prompt)."""
+    labels = torch.randint(0, vocab_size, (num_tokens,), device=device)
+    sequence = min(SEQUENCE, num_tokens)
+    prompt = (torch.arange(num_tokens, device=device) % sequence) < round(ignored * sequence)
+    return labels.masked_fill(prompt, -100)
+
+
+def make_phases(implementation, num_tokens, hidden_size, vocab_size, dtype_name, softcap, ignored, device):
     """(forward, backward, bytes of dH and dW): forward() -> loss clears the gradients first; backward(loss)."""
     torch.manual_seed(0)
     dtype = getattr(torch, dtype_name)
     hidden = torch.randn(num_tokens, hidden_size, device=device, dtype=dtype).requires_grad_(True)
     weight = (torch.randn(vocab_size, hidden_size, device=device, dtype=dtype) / hidden_size**0.5).requires_grad_(True)
-    labels = torch.randint(0, vocab_size, (num_tokens,), device=device)
+    labels = make_labels(num_tokens, vocab_size, ignored, device)
 
     def ours():
         return linear_smoothed_ga_loss(hidden, weight, labels, softcap=softcap, smoothing=SMOOTHING, validate=False)
@@ -128,8 +149,10 @@ def make_phases(implementation, num_tokens, hidden_size, vocab_size, dtype_name,
 def _measure(benchmark, floors: dict, implementation: str, shape_name: str, shape: tuple, phase: str) -> dict:
     if implementation in LINEAR_ALTERNATIVES and LINEAR_ALTERNATIVES[implementation](DEVICE) is None:
         pytest.skip(f"{implementation} is not installed or does not run on {DEVICE}")
-    num_tokens, hidden_size, vocab_size, dtype_name, softcap = shape
-    case_args = (implementation, num_tokens, hidden_size, vocab_size, dtype_name, softcap, DEVICE)
+    num_tokens, hidden_size, vocab_size, dtype_name, softcap, ignored = shape
+    if implementation == "torch_linear_cross_entropy" and softcap is not None:
+        pytest.skip("torch.nn.functional.linear_cross_entropy has no logit softcap")
+    case_args = (implementation, num_tokens, hidden_size, vocab_size, dtype_name, softcap, ignored, DEVICE)
     benchmark.group = f"fused linear {phase} {shape_name}"
     try:
         forward, backward, grad_bytes = make_phases(*case_args)
@@ -138,6 +161,7 @@ def _measure(benchmark, floors: dict, implementation: str, shape_name: str, shap
         pytest.skip(f"{implementation} ran out of memory at {shape_name}")
     finally:
         forward = backward = None
+    kept = num_tokens - round(ignored * min(SEQUENCE, num_tokens)) * (num_tokens // min(SEQUENCE, num_tokens))
     logits_bytes = num_tokens * vocab_size * torch.empty((), dtype=getattr(torch, dtype_name)).element_size()
     row = {
         "op": "linear",
@@ -148,15 +172,18 @@ def _measure(benchmark, floors: dict, implementation: str, shape_name: str, shap
         "vocab_size": vocab_size,
         "dtype": dtype_name,
         "softcap": softcap,
+        "ignored_fraction": ignored,
         "phase": phase,
         "median_ms": benchmark.stats.stats.median * 1e3,
         "logits_bytes": logits_bytes,
         "floor_ms": 6 * num_tokens * hidden_size * vocab_size / floors["matmul_flops_per_s"][dtype_name] * 1e3,
+        # the 3 GEMMs of the non-ignored rows only: what a loss that skips ignored rows can reach
+        "kept_floor_ms": 6 * kept * hidden_size * vocab_size / floors["matmul_flops_per_s"][dtype_name] * 1e3,
         "matmul_TFLOPs": floors["matmul_flops_per_s"][dtype_name] / 1e12,  # the floor: 3 GEMMs at this rate
         **environment(DEVICE),
     }
     if phase == "forward+backward":
-        warmup_args = (implementation, 8, 16, 1000, dtype_name, softcap, DEVICE)
+        warmup_args = (implementation, 8, 16, 1000, dtype_name, softcap, ignored, DEVICE)
         extra = peak_extra_bytes(make_case, case_args, warmup_args, DEVICE) - grad_bytes
         row["peak_extra_bytes"] = extra
         row["peak_extra_over_logits"] = extra / logits_bytes
@@ -173,7 +200,7 @@ def _measure(benchmark, floors: dict, implementation: str, shape_name: str, shap
 
 def _check_memory_bounds(row: dict, shape: tuple) -> None:
     """The memory each of ours is designed to stay within (a broken chunking shows here at once)."""
-    num_tokens, hidden_size, vocab_size, dtype_name, softcap = shape
+    num_tokens, hidden_size, vocab_size, dtype_name, softcap, ignored = shape
     if row["implementation"] == "ours_low_memory":
         # the goal is stated for the GPU (allocator-exact); on the CPU the RSS high-water mark also holds
         # glibc's and oneDNN's scratch (measured: 4.6% at the bf16 shape, of which the chunk is 3.1%)
@@ -185,7 +212,8 @@ def _check_memory_bounds(row: dict, shape: tuple) -> None:
         # the float32 [V, D] dW accumulator (DESIGN.md 3) and each chunk's bf16 dW product, which goes through
         # a temporary of at most one chunk's size, on top of the chunk buffers; 2% for the row kernel and slack
         num_buffers = 1 if softcap is None else 2
-        chunk_bytes = default_chunk_rows(num_tokens, num_buffers) * vocab_size * 2
+        kept = num_tokens - round(ignored * num_tokens)
+        chunk_bytes = default_chunk_rows(kept, num_buffers) * vocab_size * 2
         budget = 4 * vocab_size * hidden_size + (num_buffers + 1) * chunk_bytes + 0.02 * row["logits_bytes"]
         assert row["peak_extra_bytes"] <= budget, row
 

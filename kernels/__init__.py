@@ -2,12 +2,12 @@
 
 Importing this package needs only torch, triton and numpy.
 """
-from .linear import LinearSmoothedGALossFunction, linear_smoothed_ga_loss
+from .linear import FusedLinearFunction, linear_smoothed_ga_loss
 from .reference import smoothed_ga_loss_reference
 from .smoothed_ga import SmoothedGALoss, SmoothedGALossFunction, smoothed_ga_loss
 
 __all__ = [
-    "LinearSmoothedGALossFunction",
+    "FusedLinearFunction",
     "SmoothedGALoss",
     "SmoothedGALossFunction",
     "linear_smoothed_ga_loss",

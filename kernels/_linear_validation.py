@@ -89,12 +89,62 @@ def check_softcap(softcap: Optional[float]) -> Optional[float]:
     return softcap
 
 
-def check_chunk_size(chunk_size: Optional[int]) -> Optional[int]:
-    """None (the default rule) or a positive number of token rows per chunk."""
-    if chunk_size is None:
+def check_logit_scale(logit_scale: float) -> float:
+    """a of z = softcap(a * (h W^T + b)): a finite real number > 0."""
+    if isinstance(logit_scale, bool) or not isinstance(logit_scale, Real):
+        raise TypeError(f"logit_scale must be a real number, got {type(logit_scale).__name__}")
+    logit_scale = float(logit_scale)
+    if not math.isfinite(logit_scale) or logit_scale <= 0.0:
+        raise ValueError(f"logit_scale must be finite and > 0 (a in softcap(a * (h W^T + b))), got {logit_scale}")
+    return logit_scale
+
+
+def _positive_int_or_none(name: str, value: Optional[int], what: str) -> Optional[int]:
+    if value is None:
         return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, Integral):
-        raise TypeError(f"chunk_size must be a positive int or None, got {type(chunk_size).__name__}")
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive number of token rows, got {chunk_size}")
-    return int(chunk_size)
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be a positive int or None, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive number of {what}, got {value}")
+    return int(value)
+
+
+def check_chunk_options(chunk_size: Optional[int], chunk_budget_bytes: Optional[int]) -> tuple[Optional[int], Optional[int]]:
+    """chunk_size: None (the budget rule) or positive token rows per chunk; chunk_budget_bytes: None (the
+    default budget) or positive bytes."""
+    return (
+        _positive_int_or_none("chunk_size", chunk_size, "token rows"),
+        _positive_int_or_none("chunk_budget_bytes", chunk_budget_bytes, "bytes"),
+    )
+
+
+def check_kept_rows(kept_rows: torch.Tensor, num_rows: int, device: torch.device) -> torch.Tensor:
+    """A 1-D int32 / int64 index tensor on the hidden states' device with at most num_rows entries; returned as
+    int64. Its values are checked by :func:`check_kept_rows_cover_scored_tokens` (a host sync)."""
+    _check_tensor("kept_rows", kept_rows)
+    if kept_rows.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"kept_rows must be an int32 or int64 index tensor, got {kept_rows.dtype}")
+    if kept_rows.dim() != 1:
+        raise ValueError(f"kept_rows must be 1-D (indices into the flattened tokens), got shape {tuple(kept_rows.shape)}")
+    if kept_rows.shape[0] > num_rows:
+        raise ValueError(f"kept_rows has {kept_rows.shape[0]} indices for {num_rows} tokens; give each kept row once")
+    if kept_rows.device != device:
+        raise ValueError(f"kept_rows are on {kept_rows.device} but hidden on {device}")
+    return kept_rows.long()
+
+
+def check_kept_rows_cover_scored_tokens(kept_rows: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> None:
+    """kept_rows lies in [0, N), holds each index once and every token whose label is not ignore_index
+    (labels flattened [N]). One host sync."""
+    if kept_rows.numel():
+        low, high = int(kept_rows.min()), int(kept_rows.max())
+        if low < 0 or high >= labels.shape[0]:
+            raise IndexError(f"kept_rows must lie in [0, {labels.shape[0]}), found {low if low < 0 else high}")
+        if bool((kept_rows.sort().values.diff() == 0).any()):
+            raise ValueError("kept_rows holds an index twice; give each kept token row once")
+    scored = labels != ignore_index
+    if int(scored.sum()) != int(scored[kept_rows].sum()):
+        raise ValueError(
+            "kept_rows misses a token whose label is not ignore_index; include every scored token "
+            "(or pass kept_rows=None to have them computed)"
+        )

@@ -1,49 +1,77 @@
-"""The smoothed-GA loss straight from hidden states and an LM head, never holding the [N, V] logits.
+"""Token-level losses straight from hidden states and an LM head, never holding the [N, V] logits.
 
-    z = softcap(h @ W^T + b),  softcap(x) = c * tanh(x / c)      (Gemma 2; no cap when softcap is None)
-    l = lse(z) - (1 - eps) z_y - (eps / V) sum_v z_v ;  L = s * w * l          (DESIGN.md 2.1)
+    z = softcap(logit_scale * (h @ W^T + b)),  softcap(x) = c * tanh(x / c)    (no cap when softcap is None)
+    L_r = row_kernel(z_r, y_r, w_r)                                            e.g. s * w * l (DESIGN.md 2.1)
 
-Chunked algorithm (the only one; every backend): the N token rows go through in chunks of R rows. Per chunk
-    Z    = H_c @ W^T + b               one GEMM into an [R, V] buffer (one chunk's at a time)
+Two entry points:
+- :func:`linear_smoothed_ga_loss`, the public loss: the smoothed-GA row kernel ``sga::smoothed_ga_rows``;
+- :func:`fused_linear_rows`, the same chunk loop with any row kernel (a :data:`RowKernel`), the internal entry
+  for other token-level losses.
+
+Chunked algorithm (every backend): the M kept token rows (labels != ignore_index, see "Ignored rows") go
+through in chunks of R rows. Per chunk
+    Z    = a * (H_c @ W^T + b)         one GEMM into an [R, V] buffer (a = logit_scale; one chunk at a time)
     t    = tanh(Z / c), Zc = c * t      (softcap only: t stays in the first buffer, Zc goes to a second one)
-    G    = dL/dZc                       the row kernel ``sga::smoothed_ga_rows``, in place over Zc
+    G    = dL/dZc                       the row kernel, in place over Zc (unnormalized, token weight applied)
     G   *= 1 - t^2                      (softcap only) chain rule: dL/dZ = dL/dZc * (1 - tanh^2(Z / c))
-    dH_c = G @ W                        rows of dH, each written once
-    dW  += G^T @ H_c,  db += sum_r G    accumulated in float32 (float64 for float64 input) across chunks
-The row kernel runs with grad_norm = 1, so G = s w (softmax(z) - (1 - eps) 1_y - eps / V) is not divided by D
-(no underflow of p / D in a float16 buffer); dH, dW and db are multiplied by 1 / D once, after the loop.
+    dH_c = G @ W                        rows of dH, each written once (scattered to the kept rows' places)
+    dW  += G^T @ H_c,  db += sum_r G    one GEMM accumulating straight into float32 (float64 for float64 input)
+dH, dW and db are multiplied once, after the loop, by a / D (D the "mean" divisor, 1 for "sum"); with "sum" and
+a = 1 that multiplication is skipped (it would be a full pass over dW).
+
+Ignored rows never reach the GEMMs: only the rows in ``kept_rows`` (an index tensor) are gathered, chunk by
+chunk; dH is zero elsewhere. The row count M decides the GEMM shapes and so must be known on the host: pass
+``kept_rows`` (the engine builds it with each batch, on the host), or let the loss compute it with one
+``nonzero`` (a host sync on CUDA), or opt out with ``skip_ignored=False`` (all N rows go through; no sync).
+
+Chunk rows R (:func:`default_chunk_rows`). The dW update of a chunk reads and writes the float32 [V, D]
+accumulator (8 V D bytes) for 2 R V D flops: R / 4 flop per byte, so it is memory bound unless R is about
+4x the device's flop-per-byte ridge (~260 on an H100: R ~ 1024). R is therefore as large as the memory budget
+of the [R, V] chunk buffers allows (``chunk_budget_bytes``, default 1/16 of the M-row logits, at least 128
+rows), rounded down to a multiple of 128 and capped at 1024 rows; ``chunk_size`` sets R directly.
 
 Precision. The GEMMs and the chunk buffers use the compute dtype: the inputs' dtype, or the autocast dtype
-under ``torch.autocast`` (then hidden, W and b keep their own dtype as inputs and are cast inside, once per
-pass, and dH, dW, db come back in their dtypes). dW is accumulated in float32 (float64 for float64 input):
+under ``torch.autocast`` (then hidden, W and b keep their own dtype as inputs and are cast inside, chunk by
+chunk for hidden, and dH, dW, db come back in their dtypes). dW is accumulated in float32 (float64 for
+float64 input):
 - float32 weight (float32 master weights under bf16 autocast, the usual mixed-precision training): the
   accumulator is the returned gradient itself;
-- bfloat16 / float16 weight: a float32 [V, D] accumulator (4 V D bytes), cast once at the end
-  (DESIGN.md 3), or, with ``accumulate_in_float32=False``, the returned gradient in the weight's dtype with one
-  rounding per chunk (no [V, D] buffer; what memory-lean fused losses do).
-
-Memory beyond inputs and gradients: one [R, V] buffer in the compute dtype (two with softcap), the row kernel's
-bounded float32 temporaries, the rounded dW product of one vocabulary block when dW is accumulated in a wider
-dtype than the GEMMs' (no larger than one chunk buffer), the float32 dW accumulator of a low-precision weight
-(unless accumulate_in_float32=False), and under autocast the cast copies of hidden and W for the pass.
+- bfloat16 / float16 weight: a float32 [V, D] accumulator (4 V D bytes), cast once at the end (DESIGN.md 3),
+  or, with ``accumulate_in_float32=False``, the returned gradient in the weight's dtype with one rounding per
+  chunk (no [V, D] buffer; what memory-lean fused losses do).
+A float32 accumulator of low-precision GEMMs is updated by one GEMM with float32 output
+(``torch.addmm(..., out_dtype=torch.float32)``, CUDA, where the torch version has it; detected once per
+device), else by GEMMs over vocabulary blocks whose rounded products are added (no temporary larger than a
+chunk buffer; the CPU path: its torch has no float32-output bf16 GEMM).
 
 Like the logits kernel, the gradient is computed in the forward pass when the loss is reduced to a scalar
-(D is known there) and backward only scales it by grad_output, in place. Reduction "none" has a per-token
-grad_output, which dW = sum_r g_r G_r^T h_r cannot absorb afterwards, so there backward runs the chunked pass
-again with token weights w * grad_output; a second backward through a retained graph recomputes the same way.
+and backward only scales it by grad_output, in place (skipped on CPU tensors when grad_output is exactly 1).
+Reduction "none" has a per-token grad_output, which dW = sum_r g_r G_r^T h_r cannot absorb afterwards, so
+there backward runs the chunked pass again with token weights w * grad_output (4 GEMMs per token instead of
+3); a second backward through a retained graph recomputes the same way.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from . import ops
-from ._linear_validation import check_chunk_size, check_linear_inputs, check_softcap
+from ._linear_validation import (
+    check_chunk_options,
+    check_kept_rows,
+    check_kept_rows_cover_scored_tokens,
+    check_linear_inputs,
+    check_logit_scale,
+    check_softcap,
+)
 from ._validation import (
+    REDUCTIONS,
+    check_choice,
     check_labels_in_range,
     check_loss_options,
     check_normalizer,
@@ -51,82 +79,130 @@ from ._validation import (
 )
 from .torch_backend import compute_dtype_for
 
-# The chunk buffers together hold about 1 / CHUNK_FRACTION of the full [N, V] logits, but at least
-# MIN_CHUNK_ROWS token rows: each chunk streams all of W through three GEMMs (and dW through a read-modify-write),
-# so chunks that are too small turn the GEMMs memory-bound (at 512 rows, N = 8192 on CUDA, they are not).
+# Default memory budget of the chunk buffers: 1 / CHUNK_FRACTION of the kept rows' full logits, but at least
+# MIN_CHUNK_ROWS rows; R is a multiple of ROW_MULTIPLE (GEMM tiles) and at most MAX_CHUNK_ROWS (where the
+# per-chunk dW update, R / 4 flop per byte, is compute bound on an H100-class GPU; larger only costs memory).
 CHUNK_FRACTION = 16
 MIN_CHUNK_ROWS = 128
+ROW_MULTIPLE = 128
+MAX_CHUNK_ROWS = 1024
 
 Grads = tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]  # (dH, dW, db)
 
+RowKernel = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor], bool], torch.Tensor]
+"""``row_kernel(logits[R, V], labels[R], weights[R] or None, write_grad) -> row_loss[R]``.
 
-def default_chunk_rows(num_rows: int, num_buffers: int) -> int:
-    """Token rows per chunk: ceil(N / (16 * buffers)) clamped to [128, N]; 1 buffer, or 2 with softcap."""
-    rows = -(-num_rows // (CHUNK_FRACTION * num_buffers))
-    return max(1, min(num_rows, max(rows, MIN_CHUNK_ROWS)))
+logits is one chunk in the compute dtype (unit stride along V); labels the chunk's labels; weights its token
+weights in the accumulation dtype (float32, float64 for float64 input) or None. Returns the per-token losses
+L_r in the accumulation dtype, token weight applied, 0 for rows whose label is ignore_index. When write_grad
+is True it overwrites logits with dL_r/dz_r (token weight applied, NOT divided by any normalizer: the loop
+applies 1 / D afterwards; zero rows for ignored labels). It must not keep references to logits."""
+
+
+def default_chunk_rows(
+    num_rows: int, num_buffers: int, row_bytes: int = 1, budget_bytes: Optional[int] = None
+) -> int:
+    """Token rows per chunk R for num_rows kept rows and num_buffers [R, V] buffers of row_bytes per row.
+
+    The budget (bytes of all chunk buffers) defaults to 1/16 of the num_rows-row logits, at least 128 rows'
+    worth. R = the budget's rows rounded down to a multiple of 128 (if at least 128), at most 1024, at most
+    num_rows, at least 1.
+    """
+    per_row = row_bytes * num_buffers
+    if budget_bytes is None:
+        rows = max(-(-num_rows // (CHUNK_FRACTION * num_buffers)), MIN_CHUNK_ROWS)
+    else:
+        rows = budget_bytes // per_row
+    if rows >= ROW_MULTIPLE:
+        rows = min(rows - rows % ROW_MULTIPLE, MAX_CHUNK_ROWS)
+    return max(1, min(num_rows, rows))
 
 
 @dataclass(frozen=True)
-class LinearLossConfig:
-    """The scalar parameters of one fused linear loss call, passed through the autograd Function as one object.
-
-    sign is -1.0 for ascent and +1.0 for descent; backend is resolved ("triton" or "torch") and selects the row
-    kernel that runs on each chunk; softcap is c or None; chunk_rows is R; compute_dtype is the dtype of the
-    GEMMs and chunk buffers (hidden, W, b are cast to it inside); accumulate_in_float32 selects the dW
-    accumulator of a low-precision weight (float32 buffer, or the gradient itself in the weight's dtype).
-    """
+class SmoothedGARowKernel:
+    """The smoothed-GA row kernel (DESIGN.md 2.1) as a :data:`RowKernel`: L = s * w * l, gradient with
+    grad_norm = 1. backend is resolved ("triton" or "torch")."""
 
     smoothing: float
     sign: float
     ignore_index: int
+    backend: str
+
+    def __call__(
+        self, logits: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor], write_grad: bool
+    ) -> torch.Tensor:
+        unit_norm = torch.ones((), dtype=compute_dtype_for(logits.dtype), device=logits.device)
+        return ops.smoothed_ga_rows(
+            logits,
+            labels,
+            weights,
+            unit_norm,
+            logits if write_grad else None,
+            self.smoothing,
+            self.sign,
+            self.ignore_index,
+            self.backend,
+        )
+
+
+@dataclass(frozen=True)
+class FusedLinearConfig:
+    """The scalar parameters of one fused linear call, passed through the autograd Function as one object.
+
+    row_kernel is the :data:`RowKernel`; backend ("triton" / "torch") runs the in-place gradient scaling;
+    softcap is c or None; logit_scale is a; chunk_rows is R; compute_dtype is the dtype of the GEMMs and chunk
+    buffers; accumulate_in_float32 selects the dW accumulator of a low-precision weight.
+    """
+
+    row_kernel: RowKernel
+    ignore_index: int
     reduction: str
     backend: str
     softcap: Optional[float]
+    logit_scale: float
     chunk_rows: int
     compute_dtype: torch.dtype
     accumulate_in_float32: bool = True
+
+
+_ADDMM_OUT_DTYPE: dict[torch.device, bool] = {}
+
+
+def _addmm_out_dtype_works(device: torch.device) -> bool:
+    """Whether ``torch.addmm(acc, a, b, out_dtype=float32, out=acc)`` accumulates bf16 products into a float32
+    acc on this device (CUDA with a recent torch; not the CPU). Tried once per device on a tiny case."""
+    if device not in _ADDMM_OUT_DTYPE:
+        works = False
+        if device.type == "cuda":
+            try:
+                a = torch.ones(2, 3, dtype=torch.bfloat16, device=device)
+                acc = torch.ones(2, 2, dtype=torch.float32, device=device)
+                torch.addmm(acc, a, a.t(), out_dtype=torch.float32, out=acc)
+                works = bool((acc == 4.0).all())  # 1 + 3: the product was added, not stored
+            except (RuntimeError, TypeError, NotImplementedError):
+                works = False
+        _ADDMM_OUT_DTYPE[device] = works
+    return _ADDMM_OUT_DTYPE[device]
 
 
 def _accumulate_weight_grad(dw: torch.Tensor, grad: torch.Tensor, hidden_chunk: torch.Tensor, block: int) -> None:
     """dW += G^T @ H_c into the accumulator dw.
 
     Same dtype as the GEMMs: one GEMM straight into dw (for a low-precision dw that is one rounding per chunk).
-    A wider dw (float32 accumulator of low-precision GEMMs): GEMMs in the compute precision over blocks of
-    `block` vocabulary rows, each rounded product added into dw, so the temporary stays no larger than the
-    chunk buffer.
+    A wider dw: one GEMM with dw's output dtype where the device has it, else GEMMs in the compute precision
+    over blocks of `block` vocabulary rows, each rounded product added into dw (a temporary no larger than the
+    chunk buffer).
     """
     if dw.dtype == grad.dtype:
         dw.addmm_(grad.t(), hidden_chunk)
+        return
+    if _addmm_out_dtype_works(dw.device):
+        torch.addmm(dw, grad.t(), hidden_chunk, out_dtype=dw.dtype, out=dw)
         return
     vocab_size = grad.shape[1]
     for start in range(0, vocab_size, block):
         stop = min(start + block, vocab_size)
         dw[start:stop].add_(torch.mm(grad[:, start:stop].t(), hidden_chunk))
-
-
-def _row_kernel(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    row_weights: Optional[torch.Tensor],
-    unit_norm: torch.Tensor,
-    write_grad: bool,
-    config: LinearLossConfig,
-) -> torch.Tensor:
-    """Per-token losses of one chunk of logits; the gradient overwrites the chunk when write_grad.
-
-    One launch of the row kernel for the whole chunk (the torch backend bounds its own float32 temporaries).
-    """
-    return ops.smoothed_ga_rows(
-        logits,
-        labels,
-        row_weights,
-        unit_norm,
-        logits if write_grad else None,
-        config.smoothing,
-        config.sign,
-        config.ignore_index,
-        config.backend,
-    )
 
 
 def _chunked_pass(
@@ -135,14 +211,16 @@ def _chunked_pass(
     bias: Optional[torch.Tensor],
     labels: torch.Tensor,
     row_weights: Optional[torch.Tensor],
-    config: LinearLossConfig,
+    kept_rows: Optional[torch.Tensor],
+    config: FusedLinearConfig,
     need: tuple[bool, bool, bool],
 ) -> tuple[torch.Tensor, Grads]:
-    """One sweep over the token chunks: per-token signed losses [N] and the unnormalized gradients.
+    """One sweep over the chunks of kept rows (all rows when kept_rows is None): per-token losses [N] (0 on
+    rows not kept) and the unnormalized gradients.
 
     need = (dH, dW, db) flags; a gradient not needed is neither computed nor allocated (None). dH has the hidden
-    dtype; dW is the accumulator of sum_r G_r^T h_r (float32 / float64, or the weight's dtype when it is not
-    accumulated in float32), db the float32 (float64) accumulator of sum_r G_r.
+    dtype (zero on rows not kept); dW is the accumulator of sum_r G_r^T h_r (float32 / float64, or the weight's
+    dtype when it is not accumulated in float32), db the float32 (float64) accumulator of sum_r G_r.
     """
     num_rows, hidden_size = hidden.shape
     vocab_size = weight.shape[0]
@@ -151,42 +229,59 @@ def _chunked_pass(
     need_hidden, need_weight, need_bias = need
     need_any = need_hidden or need_weight or need_bias
     device = hidden.device
+    num_kept = num_rows if kept_rows is None else kept_rows.shape[0]
+    allocate = torch.empty if kept_rows is None else torch.zeros  # rows not kept: loss 0, dH 0
 
-    row_loss = torch.empty(num_rows, dtype=acc_dtype, device=device)
-    dh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_hidden else None
+    row_loss = allocate(num_rows, dtype=acc_dtype, device=device)
+    dh = allocate(hidden.shape, dtype=hidden.dtype, device=device) if need_hidden else None
     dw_dtype = acc_dtype if config.accumulate_in_float32 else weight.dtype
     dw = torch.zeros(weight.shape, dtype=dw_dtype, device=device) if need_weight else None
     db = torch.zeros(vocab_size, dtype=acc_dtype, device=device) if need_bias else None
-    unit_norm = torch.ones((), dtype=acc_dtype, device=device)  # 1 / D is applied to dH, dW, db afterwards
 
-    hidden_c, weight_c = hidden.to(compute_dtype), weight.to(compute_dtype)  # no copy without autocast
+    weight_c = weight.to(compute_dtype)  # no copy without autocast
     bias_c = None if bias is None else bias.to(compute_dtype)
-    dw_block = max(1, min(config.chunk_rows, num_rows) * vocab_size // hidden_size)
+    dw_block = max(1, min(config.chunk_rows, num_kept) * vocab_size // hidden_size)
     weight_t = weight_c.t()
-    for start in range(0, num_rows, config.chunk_rows):
-        stop = min(start + config.chunk_rows, num_rows)
-        hidden_chunk = hidden_c[start:stop]
+    scale = config.logit_scale
+    for start in range(0, num_kept, config.chunk_rows):
+        stop = min(start + config.chunk_rows, num_kept)
+        if kept_rows is None:
+            index = None
+            hidden_chunk = hidden[start:stop].to(compute_dtype)
+            labels_chunk = labels[start:stop]
+            weights_chunk = None if row_weights is None else row_weights[start:stop]
+        else:
+            index = kept_rows[start:stop]
+            hidden_chunk = hidden.index_select(0, index).to(compute_dtype)
+            labels_chunk = labels.index_select(0, index)
+            weights_chunk = None if row_weights is None else row_weights.index_select(0, index)
         logits = tanh = grad = None  # drop the previous chunk's [R, V] buffers before the next product
         # a fresh [R, V] product per chunk: the allocator hands back the previous chunk's block (CUDA's caching
         # allocator, glibc's heap), and the CPU GEMM writes it directly where out= would go through a temporary
         if bias_c is None:
             logits = torch.mm(hidden_chunk, weight_t)  # Z = H_c W^T
+            if scale != 1.0:
+                logits.mul_(scale)  # Z = a H_c W^T
         else:
-            logits = torch.addmm(bias_c, hidden_chunk, weight_t)  # Z = H_c W^T + b
-        tanh = None
+            logits = torch.addmm(bias_c, hidden_chunk, weight_t, beta=scale, alpha=scale)  # Z = a (H_c W^T + b)
         if config.softcap is not None:
             tanh = logits.div_(config.softcap).tanh_()  # t = tanh(Z / c), kept for the chain rule
             logits = tanh * config.softcap  # Zc = c t
-        chunk_weights = None if row_weights is None else row_weights[start:stop]
         # G = dL/dZc overwrites Zc (in place) when a gradient is needed
-        row_loss[start:stop] = _row_kernel(logits, labels[start:stop], chunk_weights, unit_norm, need_any, config)
+        chunk_loss = config.row_kernel(logits, labels_chunk, weights_chunk, need_any)
+        if index is None:
+            row_loss[start:stop] = chunk_loss
+        else:
+            row_loss.index_copy_(0, index, chunk_loss)
         if not need_any:
             continue
         grad = logits
         if tanh is not None:
-            grad.mul_(tanh.square_().neg_().add_(1.0))  # dL/dZ = dL/dZc * (1 - t^2)
+            grad.mul_(tanh.square_().neg_().add_(1.0))  # dL/dZ = dL/dZc * (1 - t^2); the factor a comes later
         if dh is not None:
-            if dh.dtype == compute_dtype:
+            if index is not None:
+                dh.index_copy_(0, index, torch.mm(grad, weight_c).to(dh.dtype))  # dH_c = G W, scattered
+            elif dh.dtype == compute_dtype:
                 torch.mm(grad, weight_c, out=dh[start:stop])  # dH_c = G W
             else:
                 dh[start:stop] = torch.mm(grad, weight_c)  # dH_c = G W, cast back to the hidden dtype
@@ -197,45 +292,70 @@ def _chunked_pass(
     return row_loss, (dh, dw, db)
 
 
-def _normalized(grads: Grads, grad_norm: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Grads:
-    """Multiply the accumulated gradients by grad_norm (1 / D, or 1) and cast dW, db to the parameter dtypes."""
+def _finished(
+    grads: Grads, factor: Union[None, float, torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor]
+) -> Grads:
+    """Multiply the accumulated gradients by factor (a / D; None: nothing to multiply, no pass over dW) and
+    cast dW, db to the parameter dtypes."""
     dh, dw, db = grads
-    if dh is not None:
-        dh.mul_(grad_norm)
+    if factor is not None:
+        for grad in grads:
+            if grad is not None:
+                grad.mul_(factor)
     if dw is not None:
-        dw = dw.mul_(grad_norm).to(weight.dtype)
+        dw = dw.to(weight.dtype)
     if db is not None:
-        db = db.mul_(grad_norm).to(bias.dtype)
+        db = db.to(bias.dtype)
     return dh, dw, db
 
 
-def _grad_norm(
-    labels: torch.Tensor, normalizer: Optional[torch.Tensor], config: LinearLossConfig, dtype: torch.dtype
-) -> torch.Tensor:
-    """1 / D for reduction "mean" (D = non-ignored tokens or the caller's normalizer; D = 0 gives 0), else 1.
+def _inverse_divisor(
+    labels: torch.Tensor, normalizer: Optional[torch.Tensor], config: FusedLinearConfig, dtype: torch.dtype
+) -> Optional[torch.Tensor]:
+    """1 / D for reduction "mean" (D = non-ignored tokens or the caller's normalizer; D = 0 gives 0), else None.
 
     Computed on the device: no host sync.
     """
     if config.reduction != "mean":
-        return torch.ones((), dtype=dtype, device=labels.device)
+        return None
     divisor = (labels != config.ignore_index).sum().to(dtype) if normalizer is None else normalizer.to(dtype)
     return torch.where(divisor != 0, 1.0 / divisor, torch.zeros_like(divisor))
 
 
-def _reduce(row_loss: torch.Tensor, grad_norm: torch.Tensor, reduction: str) -> torch.Tensor:
+def _grad_factor(inverse_divisor: Optional[torch.Tensor], logit_scale: float) -> Union[None, float, torch.Tensor]:
+    """What the unnormalized gradients are multiplied by: a / D, a alone, or None when that is 1."""
+    if inverse_divisor is not None:
+        return inverse_divisor * logit_scale if logit_scale != 1.0 else inverse_divisor
+    return None if logit_scale == 1.0 else logit_scale
+
+
+def _reduce(row_loss: torch.Tensor, inverse_divisor: Optional[torch.Tensor], reduction: str) -> torch.Tensor:
     if reduction == "none":
         return row_loss
     if reduction == "sum":
         return row_loss.sum()
-    return row_loss.sum() * grad_norm
+    return row_loss.sum() * inverse_divisor
 
 
-class LinearSmoothedGALossFunction(torch.autograd.Function):
+def _scale_by_grad_output(grads: Grads, grad_output: torch.Tensor, backend: str) -> None:
+    """grads *= grad_output in place; nothing when grad_output is a CPU scalar equal to 1 (reading a CPU tensor is
+    no host sync; on CUDA the check would be one, so the scale runs there)."""
+    if grad_output.device.type == "cpu" and grad_output.dim() == 0 and torch.equal(grad_output, torch.ones_like(grad_output)):
+        return
+    for grad in grads:
+        if grad is not None:
+            ops.scale_rows_(grad.view(-1, grad.shape[-1]), grad_output, backend)
+
+
+class FusedLinearFunction(torch.autograd.Function):
     """autograd Function over prepared inputs: hidden [N, D], weight [V, D], bias [V] or None, labels [N]
-    (contiguous), token weights [N] in the accumulation dtype or None, the normalizer as a 0-dim tensor or None,
-    and a LinearLossConfig.
+    (contiguous), token weights [N] in the accumulation dtype or None, the normalizer as a 0-dim tensor or
+    None, kept_rows (int64 [M], unique, covering every row whose label is not ignore_index) or None for all
+    rows, and a :class:`FusedLinearConfig`.
 
-    Use :func:`linear_smoothed_ga_loss` unless you prepare the inputs yourself.
+    Returns (loss, per-token losses [N]): the loss as the reduction gives it, and, for the scalar reductions,
+    the per-token losses L_r of the same pass (not differentiable; None for reduction "none", whose loss is
+    them). Use :func:`fused_linear_rows` unless you prepare the inputs yourself.
     """
 
     @staticmethod
@@ -247,44 +367,50 @@ class LinearSmoothedGALossFunction(torch.autograd.Function):
         labels: torch.Tensor,
         token_weights: Optional[torch.Tensor],
         normalizer: Optional[torch.Tensor],
-        config: LinearLossConfig,
-    ) -> torch.Tensor:
-        grad_norm = _grad_norm(labels, normalizer, config, compute_dtype_for(config.compute_dtype))
+        kept_rows: Optional[torch.Tensor],
+        config: FusedLinearConfig,
+    ):
+        ctx.set_materialize_grads(False)
+        inverse_divisor = _inverse_divisor(labels, normalizer, config, compute_dtype_for(config.compute_dtype))
         eager = config.reduction != "none"  # a scalar loss: its gradient is known up to grad_output now
         need = tuple(ctx.needs_input_grad[:3]) if eager else (False, False, False)
-        row_loss, grads = _chunked_pass(hidden, weight, bias, labels, token_weights, config, need)
+        row_loss, grads = _chunked_pass(hidden, weight, bias, labels, token_weights, kept_rows, config, need)
         ctx.config = config
+        factor = _grad_factor(inverse_divisor, config.logit_scale)
         # the gradients are ours (not inputs or outputs): kept as a plain attribute, handed over in backward
-        ctx.grads = _normalized(grads, grad_norm, weight, bias) if eager else None
-        ctx.save_for_backward(hidden, weight, bias, labels, token_weights, grad_norm)
-        return _reduce(row_loss, grad_norm, config.reduction)
+        ctx.grads = _finished(grads, factor, weight, bias) if eager else None
+        ctx.factor = factor
+        ctx.save_for_backward(hidden, weight, bias, labels, token_weights, kept_rows)
+        if not eager:
+            return row_loss, None
+        ctx.mark_non_differentiable(row_loss)
+        return _reduce(row_loss, inverse_divisor, config.reduction), row_loss
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_output: torch.Tensor):
+    def backward(ctx, grad_output: Optional[torch.Tensor], _grad_row_loss: Optional[torch.Tensor]):
         config = ctx.config
+        no_input_grads = (None,) * 5
+        if grad_output is None:
+            return (None, None, None, *no_input_grads)
         if ctx.grads is not None:
             # scaled in place and handed over once; dropping our reference lets autograd adopt them as .grad
             grads, ctx.grads = ctx.grads, None
-            for grad in grads:
-                if grad is not None:
-                    ops.scale_rows_(grad.view(-1, grad.shape[-1]), grad_output, config.backend)
-            return (*grads, None, None, None, None)
-        hidden, weight, bias, labels, token_weights, grad_norm = ctx.saved_tensors
+            _scale_by_grad_output(grads, grad_output, config.backend)
+            return (*grads, *no_input_grads)
+        hidden, weight, bias, labels, token_weights, kept_rows = ctx.saved_tensors
         need = tuple(ctx.needs_input_grad[:3])
         if config.reduction == "none":
             # L_r scaled by g_r is the loss of token weight w_r * g_r: dW = sum_r g_r G_r^T h_r in one pass
-            factor = grad_output.reshape(-1).to(grad_norm.dtype)
+            factor = grad_output.reshape(-1).to(compute_dtype_for(config.compute_dtype))
             row_weights = factor if token_weights is None else token_weights * factor
-            _, grads = _chunked_pass(hidden, weight, bias, labels, row_weights.contiguous(), config, need)
-            return (*_normalized(grads, grad_norm, weight, bias), None, None, None, None)
+            _, grads = _chunked_pass(hidden, weight, bias, labels, row_weights.contiguous(), kept_rows, config, need)
+            return (*_finished(grads, ctx.factor, weight, bias), *no_input_grads)
         # second backward through a retained graph: the same pass and the same scaling as the first one
-        _, grads = _chunked_pass(hidden, weight, bias, labels, token_weights, config, need)
-        grads = _normalized(grads, grad_norm, weight, bias)
-        for grad in grads:
-            if grad is not None:
-                ops.scale_rows_(grad.view(-1, grad.shape[-1]), grad_output, config.backend)
-        return (*grads, None, None, None, None)
+        _, grads = _chunked_pass(hidden, weight, bias, labels, token_weights, kept_rows, config, need)
+        grads = _finished(grads, ctx.factor, weight, bias)
+        _scale_by_grad_output(grads, grad_output, config.backend)
+        return (*grads, *no_input_grads)
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -294,6 +420,131 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return None
 
 
+def fused_linear_rows(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    row_kernel: RowKernel,
+    bias: Optional[torch.Tensor] = None,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    token_weights: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    normalizer: Union[None, float, torch.Tensor] = None,
+    kept_rows: Optional[torch.Tensor] = None,
+    skip_ignored: bool = True,
+    chunk_size: Optional[int] = None,
+    chunk_budget_bytes: Optional[int] = None,
+    accumulate_in_float32: bool = True,
+    backend: str = "auto",
+    validate: bool = True,
+    return_token_losses: bool = False,
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """A token-level loss of the logits ``softcap(logit_scale * (hidden @ weight.T + bias))`` through the chunk
+    loop of this module, with any row kernel, never materializing the logits.
+
+    Internal entry for token-level losses other than smoothed GA: ``row_kernel`` is a :data:`RowKernel`
+    (``linear_smoothed_ga_loss`` is this function with :class:`SmoothedGARowKernel`). Token weights reach the
+    row kernel per chunk (it applies them); the loop applies the reduction's 1 / D and logit_scale to the
+    gradients once, after the loop.
+
+    Args:
+        hidden, weight, labels, bias, softcap, token_weights, ignore_index, reduction, normalizer, chunk_size,
+            accumulate_in_float32, validate: as in :func:`linear_smoothed_ga_loss`.
+        row_kernel: the per-chunk loss and its in-place gradient (see :data:`RowKernel`).
+        logit_scale: a in z = softcap(a * (h W^T + b)) (Cohere's ``logit_scale``, 1 / Granite's
+            ``logits_scaling``); finite and > 0.
+        kept_rows: int64 indices into the flattened tokens of every row whose label is not ignore_index (each
+            once; others may be included and are then scored as ignored). Only these rows reach the GEMMs.
+            None: computed here with one ``nonzero`` (a host sync on CUDA) unless ``skip_ignored=False``.
+            With validate=True they are checked (one host sync).
+        skip_ignored: False runs every row through the GEMMs (no nonzero, no host sync) when kept_rows is None.
+        chunk_budget_bytes: memory budget of the [R, V] chunk buffers in bytes (R = the rows that fit, rounded
+            down to a multiple of 128, at most 1024); default 1/16 of the kept rows' logits, at least 128
+            rows. Ignored when chunk_size is given.
+        backend: runs the in-place gradient scaling ("triton", "torch" or "auto").
+        return_token_losses: also return the per-token losses L_r of the same pass (detached, shaped like
+            labels, 0 on ignored tokens): ``(loss, token_losses)``.
+
+    Returns:
+        The loss (float32; float64 for float64 inputs): a scalar, or per token (shaped like labels) for
+        reduction "none"; with return_token_losses, ``(loss, token_losses)``.
+    """
+    autocast_dtype = _autocast_dtype(hidden.device.type) if isinstance(hidden, torch.Tensor) else None
+    compute_dtype = check_linear_inputs(hidden, weight, bias, labels, token_weights, ignore_index, autocast_dtype)
+    softcap = check_softcap(softcap)
+    logit_scale = check_logit_scale(logit_scale)
+    check_choice("reduction", reduction, REDUCTIONS)
+    if normalizer is not None and reduction != "mean":
+        raise ValueError(f"normalizer applies to reduction='mean' only, got reduction={reduction!r}")
+    chunk_size, chunk_budget_bytes = check_chunk_options(chunk_size, chunk_budget_bytes)
+    for name, flag in (("accumulate_in_float32", accumulate_in_float32), ("skip_ignored", skip_ignored),
+                       ("validate", validate), ("return_token_losses", return_token_losses)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    if not callable(row_kernel):
+        raise TypeError(f"row_kernel must be callable, got {type(row_kernel).__name__}")
+    if not accumulate_in_float32 and weight.dtype == torch.float16:
+        # the chunks' dW products are summed before the 1 / D scaling: float16 (max 65504) can overflow there
+        raise ValueError("accumulate_in_float32=False needs a bfloat16 (or float32) weight, not float16")
+    resolved_backend = resolve_backend(backend, hidden.device)
+    normalizer_tensor = check_normalizer(normalizer, hidden.device)
+    vocab_size, hidden_size = weight.shape
+    num_rows = math.prod(labels.shape)
+    if kept_rows is not None:
+        kept_rows = check_kept_rows(kept_rows, num_rows, hidden.device)
+    if validate:
+        check_labels_in_range(labels, vocab_size, ignore_index)
+        if kept_rows is not None:
+            check_kept_rows_cover_scored_tokens(kept_rows, labels.reshape(-1), ignore_index)
+
+    hidden_2d = hidden.reshape(-1, hidden_size)
+    labels_1d = labels.reshape(-1).contiguous()
+    if kept_rows is None and skip_ignored:
+        kept_rows = (labels_1d != ignore_index).nonzero().squeeze(1)  # the documented host sync on CUDA
+    if kept_rows is not None and kept_rows.shape[0] == num_rows:
+        kept_rows = None  # every row is kept (the indices are unique): the contiguous path, no gathers
+    num_kept = num_rows if kept_rows is None else kept_rows.shape[0]
+    acc_dtype = compute_dtype_for(compute_dtype)
+    weights_1d = None
+    if token_weights is not None:
+        weights_1d = token_weights.detach().reshape(-1).to(acc_dtype).contiguous()
+    num_buffers = 1 if softcap is None else 2
+    row_bytes = vocab_size * torch.empty((), dtype=compute_dtype).element_size()
+    config = FusedLinearConfig(
+        row_kernel=row_kernel,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        backend=resolved_backend,
+        softcap=softcap,
+        logit_scale=logit_scale,
+        chunk_rows=chunk_size or default_chunk_rows(num_kept, num_buffers, row_bytes, chunk_budget_bytes),
+        compute_dtype=compute_dtype,
+        accumulate_in_float32=accumulate_in_float32,
+    )
+    differentiable = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
+    no_autocast = (
+        torch.autocast(hidden.device.type, enabled=False) if autocast_dtype is not None else contextlib.nullcontext()
+    )
+    inputs = (hidden_2d, weight, bias, labels_1d, weights_1d, normalizer_tensor, kept_rows)
+    with no_autocast:
+        if differentiable:
+            loss, row_loss = FusedLinearFunction.apply(*inputs, config)
+        else:
+            row_loss, _ = _chunked_pass(*inputs[:5], kept_rows, config, (False, False, False))
+            loss = _reduce(row_loss, _inverse_divisor(labels_1d, normalizer_tensor, config, acc_dtype), reduction)
+    if reduction == "none":
+        loss = loss.reshape(labels.shape)
+        row_loss = loss
+    if return_token_losses:
+        return loss, row_loss.detach().reshape(labels.shape)
+    return loss
+
+
 def linear_smoothed_ga_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -301,6 +552,7 @@ def linear_smoothed_ga_loss(
     *,
     bias: Optional[torch.Tensor] = None,
     softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
     smoothing: float = 0.0,
     ascent: bool = True,
     token_weights: Optional[torch.Tensor] = None,
@@ -308,11 +560,16 @@ def linear_smoothed_ga_loss(
     reduction: str = "mean",
     normalizer: Union[None, float, torch.Tensor] = None,
     backend: str = "auto",
+    kept_rows: Optional[torch.Tensor] = None,
+    skip_ignored: bool = True,
     chunk_size: Optional[int] = None,
+    chunk_budget_bytes: Optional[int] = None,
     accumulate_in_float32: bool = True,
     validate: bool = True,
-) -> torch.Tensor:
-    """Smoothed gradient-ascent loss of the logits ``softcap(hidden @ weight.T + bias)``, without materializing them.
+    return_token_losses: bool = False,
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Smoothed gradient-ascent loss of the logits ``softcap(logit_scale * (hidden @ weight.T + bias))``, without
+    materializing them.
 
     Args:
         hidden: hidden states ``[..., D]`` (float16 / bfloat16 / float32; float64 for gradcheck).
@@ -320,77 +577,66 @@ def linear_smoothed_ga_loss(
         labels: int32 / int64 class ids with the hidden states' leading shape; ``ignore_index`` marks skipped tokens.
         bias: optional head bias ``[V]`` in the hidden dtype.
         softcap: c of the final logit softcap ``c * tanh(x / c)`` (Gemma 2's ``final_logit_softcapping``), or None.
+        logit_scale: a in ``softcap(a * (h W^T + b))`` (Cohere's ``logit_scale``, 1 / Granite's
+            ``logits_scaling``); finite and > 0.
         smoothing, ascent, token_weights, ignore_index, reduction, normalizer, validate: as in
             :func:`sga.kernels.smoothed_ga_loss`.
         backend: the row kernel run on each chunk of logits: "triton", "torch" or "auto" (triton on CUDA).
             The GEMMs are PyTorch's in every case.
-        chunk_size: token rows per chunk (R). Default ceil(N / 16), or ceil(N / 32) with softcap (two chunk
-            buffers), clamped to [128, N]: the chunk buffers hold about 1/16 of the full logits (more when
-            N < 2048, where the logits are small). Larger chunks stream W through the GEMMs fewer times
-            (faster) and cost more memory.
+        kept_rows: int64 indices into the flattened tokens that include every token whose label is not
+            ignore_index, each once: only these rows go through the GEMMs (dH is zero elsewhere). The engine
+            builds them on the host with each batch. None: computed here by one ``nonzero`` over the labels
+            (a host sync on CUDA), or not at all with ``skip_ignored=False`` (every row goes through).
+        skip_ignored: see kept_rows.
+        chunk_size: token rows per chunk (R). Default: as many as ``chunk_budget_bytes`` allows.
+        chunk_budget_bytes: bytes the [R, V] chunk buffers (one, two with softcap) may take; R is rounded down
+            to a multiple of 128 and capped at 1024 (where the per-chunk dW update becomes compute bound on a
+            GPU). Default: 1/16 of the kept rows' logits, at least 128 rows.
         accumulate_in_float32: for a bfloat16 / float16 weight, accumulate dW across chunks in a float32
             [V, D] buffer (default; 4 V D bytes, as large as the bf16 logits of N = 2 D tokens). False sums
             the chunks' products straight into a bfloat16 gradient: no such buffer, at the cost of one
             rounding per chunk (about sqrt(chunks) / 2 units in the last place); refused for float16 weights
             (the unnormalized sum can overflow float16). No effect for float32 or float64 weights, which always
             accumulate in their own dtype.
+        return_token_losses: also return the per-token signed losses s * w * l of the same pass (detached,
+            shaped like labels, 0 on ignored tokens): ``(loss, token_losses)``. No extra pass.
 
     Gradients flow to hidden, weight and bias, each only when it requires grad (a frozen head costs no dW GEMM).
-    No host sync happens except the optional label-range check. Under ``torch.autocast`` the GEMMs run in the
-    autocast dtype, as ``F.linear``'s would; hidden, weight and bias may then have any of float16 / bfloat16 /
-    float32 (float32 master weights get their float32 gradient accumulated directly, with no extra buffer).
+    Host syncs: the label-range check (validate=True) and the kept-row count when kept_rows is None and
+    skip_ignored is True; none otherwise. Under ``torch.autocast`` the GEMMs run in the autocast dtype, as
+    ``F.linear``'s would; hidden, weight and bias may then have any of float16 / bfloat16 / float32 (float32
+    master weights get their float32 gradient accumulated directly, with no extra buffer).
 
     Returns:
-        float32 loss (float64 for float64 inputs): a scalar, or per token (shaped like labels) for reduction "none".
+        float32 loss (float64 for float64 inputs): a scalar, or per token (shaped like labels) for reduction
+        "none"; with return_token_losses, ``(loss, token_losses)``.
     """
-    autocast_dtype = _autocast_dtype(hidden.device.type) if isinstance(hidden, torch.Tensor) else None
-    compute_dtype = check_linear_inputs(hidden, weight, bias, labels, token_weights, ignore_index, autocast_dtype)
-    softcap = check_softcap(softcap)
     smoothing = check_loss_options(smoothing, reduction, ascent, normalizer)
-    chunk_size = check_chunk_size(chunk_size)
-    if not isinstance(accumulate_in_float32, bool):
-        raise TypeError(f"accumulate_in_float32 must be a bool, got {type(accumulate_in_float32).__name__}")
-    if not accumulate_in_float32 and weight.dtype == torch.float16:
-        # the chunks' dW products are summed before the 1 / D scaling: float16 (max 65504) can overflow there
-        raise ValueError("accumulate_in_float32=False needs a bfloat16 (or float32) weight, not float16")
-    resolved_backend = resolve_backend(backend, hidden.device)
-    normalizer_tensor = check_normalizer(normalizer, hidden.device)
-    vocab_size, hidden_size = weight.shape
-    if validate:
-        check_labels_in_range(labels, vocab_size, ignore_index)
-
-    hidden_2d = hidden.reshape(-1, hidden_size)
-    num_rows = hidden_2d.shape[0]
-    acc_dtype = compute_dtype_for(compute_dtype)
-    weights_1d = None
-    if token_weights is not None:
-        weights_1d = token_weights.detach().reshape(-1).to(acc_dtype).contiguous()
-    config = LinearLossConfig(
+    device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
+    row_kernel = SmoothedGARowKernel(
         smoothing=smoothing,
         sign=-1.0 if ascent else 1.0,
         ignore_index=ignore_index,
-        reduction=reduction,
-        backend=resolved_backend,
+        backend=resolve_backend(backend, device),
+    )
+    return fused_linear_rows(
+        hidden,
+        weight,
+        labels,
+        row_kernel=row_kernel,
+        bias=bias,
         softcap=softcap,
-        chunk_rows=chunk_size or default_chunk_rows(num_rows, 1 if softcap is None else 2),
-        compute_dtype=compute_dtype,
+        logit_scale=logit_scale,
+        token_weights=token_weights,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        normalizer=normalizer,
+        kept_rows=kept_rows,
+        skip_ignored=skip_ignored,
+        chunk_size=chunk_size,
+        chunk_budget_bytes=chunk_budget_bytes,
         accumulate_in_float32=accumulate_in_float32,
+        backend=backend,
+        validate=validate,
+        return_token_losses=return_token_losses,
     )
-    labels_1d = labels.reshape(-1).contiguous()
-    differentiable = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias)
-    )
-    no_autocast = (
-        torch.autocast(hidden.device.type, enabled=False) if autocast_dtype is not None else contextlib.nullcontext()
-    )
-    with no_autocast:
-        if differentiable:
-            loss = LinearSmoothedGALossFunction.apply(
-                hidden_2d, weight, bias, labels_1d, weights_1d, normalizer_tensor, config
-            )
-        else:
-            row_loss, _ = _chunked_pass(hidden_2d, weight, bias, labels_1d, weights_1d, config, (False, False, False))
-            loss = _reduce(row_loss, _grad_norm(labels_1d, normalizer_tensor, config, acc_dtype), reduction)
-    if reduction == "none":
-        return loss.reshape(labels.shape)
-    return loss

@@ -103,11 +103,26 @@ class UnlearningData:
     def __len__(self) -> int:
         return len(self.forget)
 
+    def check_labels(self, vocab_size: int) -> None:
+        """Every scored label of every sequence lies in [0, vocab_size) (the model's head rows).
+
+        Checked once, on the host, when the run starts: the training loop then calls the fused loss with
+        validate=False, so no step waits on a device-to-host copy for a label check."""
+        for name, examples in (("forget", self.forget), ("normal", self.normal)):
+            for i, example in enumerate(examples):
+                bad = [label for label in example.labels if label != IGNORE_INDEX and not 0 <= label < vocab_size]
+                if bad:
+                    raise ValueError(
+                        f"{name} sequence {i} has label {bad[0]} outside the model's vocabulary [0, {vocab_size}): "
+                        "tokenize the data with the model's own tokenizer (or resize the model's embeddings)"
+                    )
+
     def batch(self, indices: Sequence[int], pad_token_id: int) -> dict[str, torch.Tensor]:
         """Collate forget samples ``indices`` (and their normal samples, forget-major) into padded tensors.
 
-        Keys: ``index``; ``forget_input_ids``, ``forget_labels``, ``forget_attention_mask`` [B, T];
-        ``normal_*`` [B * (K-1), T'] when paired; ``forget_reference_nll`` [B] when set.
+        Keys: ``index``; ``forget_input_ids``, ``forget_labels``, ``forget_attention_mask`` [B, T] and
+        ``forget_answer_positions`` [M, 2] (see :func:`answer_positions`); ``normal_*`` [B * (K-1), T'] when
+        paired; ``forget_reference_nll`` [B] when set.
         """
         batch = {"index": torch.tensor(list(indices), dtype=torch.long)}
         batch.update(pad_examples([self.forget[i] for i in indices], pad_token_id, "forget"))
@@ -119,9 +134,17 @@ class UnlearningData:
         return batch
 
 
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(row, t) of every position t whose next label labels[row, t + 1] is scored, as an int64 [M, 2] tensor.
+
+    These are the only positions the fused loss sends through the LM head's GEMMs (their count M sets the GEMM
+    shapes); built on the host with each batch, so the training step never counts them on the device."""
+    return (labels[:, 1:] != IGNORE_INDEX).nonzero()
+
+
 def pad_examples(examples: Sequence[EncodedExample], pad_token_id: int, prefix: str) -> dict[str, torch.Tensor]:
     """Right-pad examples into ``{prefix}_input_ids``, ``{prefix}_labels`` (-100 on padding) and
-    ``{prefix}_attention_mask``."""
+    ``{prefix}_attention_mask``, with ``{prefix}_answer_positions`` (:func:`answer_positions`)."""
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -131,7 +154,12 @@ def pad_examples(examples: Sequence[EncodedExample], pad_token_id: int, prefix: 
         input_ids[row, :n] = torch.tensor(example.input_ids)
         labels[row, :n] = torch.tensor(example.labels)
         mask[row, :n] = 1
-    return {f"{prefix}_input_ids": input_ids, f"{prefix}_labels": labels, f"{prefix}_attention_mask": mask}
+    return {
+        f"{prefix}_input_ids": input_ids,
+        f"{prefix}_labels": labels,
+        f"{prefix}_attention_mask": mask,
+        f"{prefix}_answer_positions": answer_positions(labels),
+    }
 
 
 class BatchSchedule:

@@ -53,13 +53,16 @@ def call_inside(module: torch.nn.Module, compute: Callable[..., Any], *inputs: A
     Pass the tensors the computation differentiates through as ``inputs``: the frameworks attach their
     post-backward hooks (gradient reduction, releasing the gathered parameters) to the forward's inputs.
     ``module.forward`` is replaced for the call only (an instance-level forward, such as a patch, is restored).
-    A tensor result that is a view is returned as a copy (the framework's pre-backward hooks sit on the result)."""
+    A tensor result (or tuple item) that is a view is returned as a copy (the framework's pre-backward hooks sit on the result)."""
     previous = vars(module).get("forward")
 
-    def forward(*args):
+    def unview(out: Any) -> Any:
         # a view would make FSDP2 warn that an in-place op on it drops its pre-backward hook: hand back a tensor
-        out = compute(*args)
         return out.clone() if isinstance(out, torch.Tensor) and out._is_view() else out
+
+    def forward(*args):
+        out = compute(*args)
+        return tuple(unview(item) for item in out) if isinstance(out, tuple) else unview(out)
 
     module.forward = forward
     try:

@@ -26,7 +26,7 @@ import dataclasses
 import functools
 import inspect
 import types
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -39,18 +39,25 @@ IGNORE_INDEX = -100
 
 @dataclasses.dataclass(frozen=True)
 class LogitRule:
-    """How a family's logits come from its head: z = softcap(h @ W^T + b), h = ``model.get_decoder()(...)``'s
+    """How a family's logits come from its head: z = softcap(a * (h @ W^T + b)), h = ``model.get_decoder()(...)``'s
     ``last_hidden_state``, with the cap c * tanh(x / c) read from the config attribute ``softcap_attribute``
-    (None: no cap, or the attribute is None)."""
+    (None: no cap, or the attribute is None) and the scale a = ``logit_scale(config)`` (None: a = 1)."""
 
     softcap_attribute: Optional[str] = None
+    scale: Optional[Callable[[Any], float]] = None
 
     def softcap(self, config: Any) -> Optional[float]:
         return None if self.softcap_attribute is None else getattr(config, self.softcap_attribute, None)
 
+    def logit_scale(self, config: Any) -> float:
+        return 1.0 if self.scale is None else float(self.scale(config))
+
 
 _PLAIN = LogitRule()
 _FINAL_SOFTCAP = LogitRule(softcap_attribute="final_logit_softcapping")
+# Granite: logits = lm_head(h) / config.logits_scaling; Cohere: logits = lm_head(h) * config.logit_scale
+_DIVIDED_BY_LOGITS_SCALING = LogitRule(scale=lambda config: 1.0 / config.logits_scaling)
+_TIMES_LOGIT_SCALE = LogitRule(scale=lambda config: config.logit_scale)
 
 # model_type -> how its logits are made; every entry is checked against the model's own loss and gradients in
 # tests/test_hf.py (the first block) or tests/test_hf_families.py (the rest), each read from transformers'
@@ -62,6 +69,8 @@ _FINAL_SOFTCAP = LogitRule(softcap_attribute="final_logit_softcapping")
 # gpt2: get_decoder() is the transformer, which applies ln_f; the head is tied to the token embedding.
 # gemma3_text (Gemma3ForCausalLM): final_logit_softcapping when set (None in Gemma 3's released configs); the
 #   embedding scale sqrt(D) and query_pre_attn_scalar act inside the decoder, not on the logits.
+# granite, granitemoe, granitemoeshared (also mixture of experts): logits divided by config.logits_scaling (a = 1 / logits_scaling).
+# cohere, cohere2: logits multiplied by config.logit_scale (a = logit_scale).
 # Mixture-of-experts families (mixtral, qwen2_moe, qwen3_moe, olmoe, phimoe, gpt_oss): a plain head; the router
 #   load-balancing loss is not part of causal_lm_loss (see its docstring); fused_causal_lm_loss adds it as the
 #   model does.
@@ -77,6 +86,8 @@ MODEL_FAMILIES: dict[str, LogitRule] = {
         ),
         _PLAIN,
     ),
+    **dict.fromkeys(("granite", "granitemoe", "granitemoeshared"), _DIVIDED_BY_LOGITS_SCALING),
+    **dict.fromkeys(("cohere", "cohere2"), _TIMES_LOGIT_SCALE),
 }
 VERIFIED_MODEL_TYPES = frozenset(MODEL_FAMILIES)
 
@@ -84,33 +95,41 @@ VERIFIED_MODEL_TYPES = frozenset(MODEL_FAMILIES)
 _USER_FAMILIES: dict[str, LogitRule] = {}
 
 
-def register_model_type(model_type: str, *, softcap_attribute: Optional[str] = None) -> None:
-    """Declare, on your own responsibility, that ``model_type``'s logits are ``softcap(lm_head(h))`` with h the
-    ``last_hidden_state`` of ``model.get_decoder()`` and the cap read from ``config.<softcap_attribute>``.
+def register_model_type(
+    model_type: str, *, softcap_attribute: Optional[str] = None, logit_scale: Optional[Callable[[Any], float]] = None
+) -> None:
+    """Declare, on your own responsibility, that ``model_type``'s logits are ``softcap(a * lm_head(h))`` with h the
+    ``last_hidden_state`` of ``model.get_decoder()``, the cap read from ``config.<softcap_attribute>`` (None: no
+    cap) and a = ``logit_scale(config)`` (None: a = 1).
 
     This is the escape hatch for a family that is not in :data:`VERIFIED_MODEL_TYPES` (including remote-code
     models): check it first, e.g. ``causal_lm_loss(model, ids, labels, ascent=False)`` against
-    ``model(ids, labels=labels).loss`` on a few batches. A family whose logits are anything else (a scale, an
-    extra projection) must not be registered: compute its logits and use :func:`sga.kernels.smoothed_ga_loss`.
+    ``model(ids, labels=labels).loss`` on a few batches. A family whose logits are anything else (an extra
+    projection, a per-token transform) must not be registered: compute its logits and use
+    :func:`sga.kernels.smoothed_ga_loss`.
     """
     if not isinstance(model_type, str) or not model_type:
         raise ValueError(f"model_type must be a non-empty string, got {model_type!r}")
     if softcap_attribute is not None and not isinstance(softcap_attribute, str):
         raise TypeError(f"softcap_attribute must be a config attribute name or None, got {softcap_attribute!r}")
-    _USER_FAMILIES[model_type] = LogitRule(softcap_attribute=softcap_attribute)
+    if logit_scale is not None and not callable(logit_scale):
+        raise TypeError(f"logit_scale must be a function of the config or None, got {logit_scale!r}")
+    _USER_FAMILIES[model_type] = LogitRule(softcap_attribute=softcap_attribute, scale=logit_scale)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Head:
     """What the fused loss needs from a model: the module producing the head's input, and the head itself.
 
-    ``sharded`` is the head module when a framework (FSDP2 with the head in a group of its own, ZeRO-3) holds its
-    parameters: they are whole only inside its call, so the loss is computed there (:func:`_gathers_a_sharded_head`)."""
+    The logits are softcap(logit_scale * (h @ weight^T + bias)). ``sharded`` is the head module when a framework
+    (FSDP2 with the head in a group of its own, ZeRO-3) holds its parameters: they are whole only inside its call,
+    so the loss is computed there (:func:`_gathers_a_sharded_head`)."""
 
     decoder: torch.nn.Module
     weight: torch.Tensor
     bias: Optional[torch.Tensor]
     softcap: Optional[float]
+    logit_scale: float = 1.0
     sharded: Optional[torch.nn.Module] = None
 
 
@@ -217,7 +236,7 @@ def _resolve_head(model: torch.nn.Module) -> _Head:
         _check_whole(head.weight, getattr(model.config, "vocab_size", None))
     return _Head(
         decoder=model.get_decoder(), weight=head.weight, bias=head.bias, softcap=rule.softcap(model.config),
-        sharded=head if framework is not None else None,
+        logit_scale=rule.logit_scale(model.config), sharded=head if framework is not None else None,
     )
 
 
@@ -265,12 +284,16 @@ def _loss_from_hidden(
     backend: str,
     validate: bool = True,
     accumulate_in_float32: bool = True,
-) -> torch.Tensor:
+    kept_rows: Optional[torch.Tensor] = None,
+    skip_ignored: bool = True,
+    return_token_losses: bool = False,
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """The fused loss of hidden [B, T, D] against labels [B, T].
 
     shift=True: position t is scored against labels[:, t + 1] (the labels and weights move left by one, the last
-    position gets ignore_index), so no slice of hidden is copied; reduction "none" returns [B, T - 1].
-    shift=False: labels are already aligned with the positions (HF's ``shift_labels``).
+    position gets ignore_index), so no slice of hidden is copied; reduction "none" (and the token losses of
+    return_token_losses) come back as [B, T - 1]. shift=False: labels are already aligned with the positions
+    (HF's ``shift_labels``). kept_rows index the flattened [B * T] positions (after the shift).
     """
     labels = labels.to(hidden.device)
     if token_weights is not None:
@@ -294,10 +317,20 @@ def _loss_from_hidden(
         backend=backend,
         validate=validate,
         accumulate_in_float32=accumulate_in_float32,
+        logit_scale=head.logit_scale,
+        kept_rows=None if kept_rows is None else kept_rows.to(hidden.device),
+        skip_ignored=skip_ignored,
+        return_token_losses=return_token_losses,
     )
-    if reduction == "none" and shift:
-        return loss[:, :-1]
-    return loss
+    token_losses = None
+    if return_token_losses:
+        loss, token_losses = loss
+    if shift:
+        if reduction == "none":
+            loss = loss[:, :-1]
+        if token_losses is not None:
+            token_losses = token_losses[:, :-1]
+    return loss if token_losses is None else (loss, token_losses)
 
 
 @_runs_inside_a_sharded_model
@@ -315,8 +348,11 @@ def causal_lm_loss(
     backend: str = "auto",
     validate: bool = True,
     accumulate_in_float32: bool = True,
+    kept_rows: Optional[torch.Tensor] = None,
+    skip_ignored: bool = True,
+    return_token_losses: bool = False,
     **model_kwargs: Any,
-) -> torch.Tensor:
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Smoothed-GA loss of a Hugging Face causal LM on (input_ids, labels), without computing its logits.
 
     Args:
@@ -332,11 +368,18 @@ def causal_lm_loss(
             training loop whose labels come from the tokenizer.
         accumulate_in_float32: as in :func:`sga.kernels.linear_smoothed_ga_loss` (matters for a bf16 / fp16
             head only; a float32 head under autocast always accumulates in its float32 gradient).
+        kept_rows: int64 indices into the flattened [B * T] positions that include every position whose shifted
+            label (labels[:, t + 1]) is not -100, each once (row * T + t of ``sga.data.answer_positions``, built on
+            the host with the batch): only those positions go through the head's GEMMs. None: computed with one ``nonzero`` (a host
+            sync on CUDA), or not at all with ``skip_ignored=False``.
+        return_token_losses: also return the detached per-token losses of the same pass, [B, T - 1] aligned with
+            labels[:, 1:] (0 on ignored positions): ``(loss, token_losses)``.
         **model_kwargs: passed to the decoder (position_ids, inputs_embeds, token_type_ids, ...); use_cache
             defaults to False.
 
     Returns:
-        The loss: a float32 scalar, or [B, T - 1] per-token losses aligned with labels[:, 1:] for "none".
+        The loss: a float32 scalar, or [B, T - 1] per-token losses aligned with labels[:, 1:] for "none"; with
+        return_token_losses, ``(loss, token_losses)``.
     """
     head = _resolve_head(model)
     _check_labels(labels, token_weights)
@@ -356,6 +399,9 @@ def causal_lm_loss(
         backend=backend,
         validate=validate,
         accumulate_in_float32=accumulate_in_float32,
+        kept_rows=kept_rows,
+        skip_ignored=skip_ignored,
+        return_token_losses=return_token_losses,
     )
 
 

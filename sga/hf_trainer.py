@@ -133,7 +133,7 @@ class HFUnlearningTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         if num_items_in_batch is None:  # evaluation / prediction steps: the micro-batch is the whole window
             num_items_in_batch = torch.tensor(float(inputs["forget_input_ids"].shape[0]), device=inputs["forget_input_ids"].device)
-        out = self.objective.compute(model, inputs, num_items_in_batch)
-        # distributed backends average the gradients over processes; the loss is a share of the global sum
-        loss = out.loss * self.accelerator.num_processes
-        return (loss, {"forget_nll": out.forget_nll}) if return_outputs else loss
+        # distributed backends average the gradients over processes: normalizing by N / P makes the average that
+        # of the window's mean loss (and leaves the fused loss a grad_output of exactly 1)
+        out = self.objective.compute(model, inputs, num_items_in_batch / self.accelerator.num_processes)
+        return (out.loss, {"forget_nll": out.forget_nll}) if return_outputs else out.loss

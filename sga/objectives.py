@@ -10,11 +10,19 @@ the forget samples of a per-sample loss; a micro-batch contributes
 where N is the number of forget samples in the whole accumulation window over all processes (the
 trainer all-reduces it), so the gradient of a window is exactly that of one big batch.
 
-Forget and normal sequences of one sample go through ONE kernel call: the call gets per-token weights
-w = 1 / n_seq (n_seq the sequence's answer-token count) with ascent=False and reduction "none", so each
-row of its output sums to l(x) of that row; the signed sequence coefficients c_seq are applied to those
-per-sequence values. This equals per-token weights c_seq / n_seq with reduction "sum" and keeps the
-per-sequence NLLs of the same pass for logging.
+Forget and normal sequences of one sample go through ONE forward and ONE fused kernel call. Methods linear in
+the sequence NLLs (ga, sga, sga_gls, sga_token, grad_diff with the NLL retain loss, sft) give that call signed
+per-token weights c_seq / n_seq (n_seq the sequence's answer-token count, c_seq its coefficient in L) with
+reduction "mean" over the normalizer N: the loss is a scalar, so the fused loss builds the whole gradient in
+its forward pass (3 GEMMs per token, backward only hands it over). The per-sequence NLLs for logging come from
+the per-token losses of that same call: sum_t (c / n) l_t = c * l(x). Methods nonlinear in l(x) (npo, simnpo)
+need one differentiable value per sequence: their call has weights 1 / n_seq and reduction "none", and
+backward re-runs the chunked pass with the sequence-level grad_output as token weights (4 GEMMs per token).
+
+Labels are checked against the model's vocabulary once, when the run starts
+(``sga.data.UnlearningData.check_labels``), so these calls pass validate=False, and the rows that reach the
+LM head's GEMMs come with the batch (``{prefix}_answer_positions``, built on the host): a training step
+makes no host sync in the loss.
 
 Methods (r smoothing rate, K >= 2 classes, x_f a forget sample, x_n^1..x_n^{K-1} its normal samples):
 
@@ -79,14 +87,17 @@ def sequence_nll(
     *,
     smoothing: float = 0.0,
     backend: str = "auto",
+    kept_rows: Optional[torch.Tensor] = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """l(x) of each row [B]: the token-mean (smoothed, for smoothing != 0) NLL of the scored tokens,
-    differentiable. One fused kernel call with weights 1 / n_seq and reduction "none"."""
+    differentiable. One fused kernel call with weights 1 / n_seq and reduction "none" (its backward recomputes
+    the chunked pass: use :func:`weighted_sequence_loss` for losses linear in l(x)). kept_rows: as in
+    ``sga.hf.causal_lm_loss``."""
     from .hf import causal_lm_loss
 
     counts = answer_token_counts(labels)
-    inverse = torch.where(counts > 0, 1.0 / counts.clamp(min=1).float(), torch.zeros_like(counts, dtype=torch.float32))
-    weights = inverse.unsqueeze(1).expand(labels.shape)
+    weights = _inverse_counts(counts).unsqueeze(1).expand(labels.shape)
     per_token = causal_lm_loss(
         model,
         input_ids,
@@ -97,24 +108,132 @@ def sequence_nll(
         ascent=False,
         reduction="none",
         backend=backend,
+        kept_rows=kept_rows,
+        validate=validate,
     )
     return per_token.sum(dim=1)
 
 
-def joint_sequence_nll(model, batch, prefixes: Sequence[str], *, smoothing: float, backend: str) -> list[torch.Tensor]:
-    """l(x) of the sequences under each prefix ("forget", "normal"), all rows in one forward and one
-    kernel call (rows right-padded to a common width)."""
+def _inverse_counts(counts: torch.Tensor) -> torch.Tensor:
+    """1 / n_seq, and 0 for a sequence without scored tokens (float32, on the counts' device)."""
+    return torch.where(counts > 0, 1.0 / counts.clamp(min=1).float(), torch.zeros_like(counts, dtype=torch.float32))
+
+
+@dataclass
+class JointRows:
+    """The sequences of several prefixes as one batch: right-padded to a common width T, stacked prefix by
+    prefix; ``kept_rows`` are the flattened row * T + t positions whose next label is scored (None when the
+    batch carries no ``{prefix}_answer_positions``); ``sizes`` the number of rows of each prefix."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    attention_mask: torch.Tensor
+    kept_rows: Optional[torch.Tensor]
+    sizes: list[int]
+
+
+def joint_rows(batch: dict[str, torch.Tensor], prefixes: Sequence[str]) -> JointRows:
+    """Stack the sequences under each prefix ("forget", "normal") into one :class:`JointRows` (no host sync)."""
     width = max(batch[f"{p}_input_ids"].shape[1] for p in prefixes)
 
     def widen(tensor: torch.Tensor, value: int) -> torch.Tensor:
         return F.pad(tensor, (0, width - tensor.shape[1]), value=value)
 
-    input_ids = torch.cat([widen(batch[f"{p}_input_ids"], 0) for p in prefixes])
-    labels = torch.cat([widen(batch[f"{p}_labels"], IGNORE_INDEX) for p in prefixes])
-    mask = torch.cat([widen(batch[f"{p}_attention_mask"], 0) for p in prefixes])
-    nll = sequence_nll(model, input_ids, labels, mask, smoothing=smoothing, backend=backend)
     sizes = [batch[f"{p}_input_ids"].shape[0] for p in prefixes]
-    return list(torch.split(nll, sizes))
+    kept_rows = None
+    if all(f"{p}_answer_positions" in batch for p in prefixes):
+        offsets = [sum(sizes[:i]) for i in range(len(prefixes))]
+        kept_rows = torch.cat([
+            (batch[f"{p}_answer_positions"][:, 0] + offset) * width + batch[f"{p}_answer_positions"][:, 1]
+            for p, offset in zip(prefixes, offsets)
+        ])
+    return JointRows(
+        input_ids=torch.cat([widen(batch[f"{p}_input_ids"], 0) for p in prefixes]),
+        labels=torch.cat([widen(batch[f"{p}_labels"], IGNORE_INDEX) for p in prefixes]),
+        attention_mask=torch.cat([widen(batch[f"{p}_attention_mask"], 0) for p in prefixes]),
+        kept_rows=kept_rows,
+        sizes=sizes,
+    )
+
+
+def joint_sequence_nll(
+    model, batch, prefixes: Sequence[str], *, smoothing: float, backend: str, validate: bool = True
+) -> list[torch.Tensor]:
+    """l(x) of the sequences under each prefix ("forget", "normal"), differentiable, all rows in one forward
+    and one kernel call of reduction "none" (the recompute path of :func:`sequence_nll`)."""
+    rows = joint_rows(batch, prefixes)
+    nll = sequence_nll(
+        model,
+        rows.input_ids,
+        rows.labels,
+        rows.attention_mask,
+        smoothing=smoothing,
+        backend=backend,
+        kept_rows=rows.kept_rows,
+        validate=validate,
+    )
+    return list(torch.split(nll, rows.sizes))
+
+
+def weighted_sequence_loss(
+    model,
+    batch: dict[str, torch.Tensor],
+    coefficients: Sequence[tuple[str, float]],
+    normalizer: torch.Tensor,
+    *,
+    smoothing: float = 0.0,
+    backend: str = "auto",
+    validate: bool = False,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """L = (1 / normalizer) * sum_p c_p * sum_{x under prefix p} l(x), and the detached l(x) of every sequence.
+
+    coefficients: (prefix, c_p) pairs, at least one c_p != 0. One forward and ONE fused call with per-token
+    weights c_p / n_seq, reduction "mean" over the normalizer: the gradient is built in the forward pass. l(x)
+    is read back from the same call's per-token losses, sum_t (c_p / n_seq) l_t = c_p l(x). A prefix with
+    c_p = 0 has no gradient and nothing to read back: its l(x), for the log, comes from a separate no-grad
+    call. validate=False: the labels were checked when the data was built (``UnlearningData.check_labels``).
+    """
+    active = [(prefix, c) for prefix, c in coefficients if c != 0.0]
+    if not active:
+        raise ValueError(f"at least one coefficient must be non-zero, got {list(coefficients)}")
+    loss, active_nll = _linear_sequence_loss(model, batch, active, normalizer, smoothing, backend, validate)
+    by_prefix = dict(zip([prefix for prefix, _ in active], active_nll))
+    for prefix, c in coefficients:
+        if c == 0.0:
+            with torch.no_grad():
+                (by_prefix[prefix],) = joint_sequence_nll(
+                    model, batch, (prefix,), smoothing=smoothing, backend=backend, validate=validate
+                )
+    return loss, [by_prefix[prefix] for prefix, _ in coefficients]
+
+
+def _linear_sequence_loss(model, batch, coefficients, normalizer, smoothing, backend, validate):
+    """:func:`weighted_sequence_loss` for non-zero coefficients: the one fused call."""
+    from .hf import causal_lm_loss
+
+    rows = joint_rows(batch, [prefix for prefix, _ in coefficients])
+    device = rows.labels.device
+    row_coefficient = torch.cat([
+        torch.full((size,), c, dtype=torch.float32, device=device) for size, (_, c) in zip(rows.sizes, coefficients)
+    ])
+    row_weight = row_coefficient * _inverse_counts(answer_token_counts(rows.labels))  # c_p / n_seq
+    loss, token_losses = causal_lm_loss(
+        model,
+        rows.input_ids,
+        rows.labels,
+        attention_mask=rows.attention_mask,
+        token_weights=row_weight.unsqueeze(1).expand(rows.labels.shape),
+        smoothing=smoothing,
+        ascent=False,
+        reduction="mean",
+        normalizer=normalizer,
+        backend=backend,
+        kept_rows=rows.kept_rows,
+        validate=validate,
+        return_token_losses=True,
+    )
+    nll = token_losses.sum(dim=1) / row_coefficient  # c_p l(x) / c_p
+    return loss, list(torch.split(nll, rows.sizes))
 
 
 class Objective:
@@ -141,7 +260,11 @@ class Objective:
         return cls(backend=backend)
 
     def compute(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], num_forget: torch.Tensor) -> ObjectiveOutput:
-        """The micro-batch loss (sum of per-sample losses / ``num_forget``) and per-sequence NLLs."""
+        """The micro-batch loss (sum of per-sample losses / ``num_forget``) and per-sequence NLLs.
+
+        ``num_forget`` is the normalizer N (a 0-dim tensor on the batch's device); the trainer passes the
+        window's forget count divided by the factors its backward pass and gradient averaging apply. The
+        batch's labels are assumed checked against the model's vocabulary (``UnlearningData.check_labels``)."""
         raise NotImplementedError
 
     def describe(self) -> dict[str, float | str]:
@@ -172,8 +295,8 @@ class GradientAscent(Objective):
     name = "ga"
 
     def compute(self, model, batch, num_forget):
-        (forget,) = joint_sequence_nll(model, batch, ("forget",), smoothing=0.0, backend=self.backend)
-        return ObjectiveOutput(loss=-forget.sum() / num_forget, forget_nll=forget.detach())
+        loss, (forget,) = weighted_sequence_loss(model, batch, [("forget", -1.0)], num_forget, backend=self.backend)
+        return ObjectiveOutput(loss=loss, forget_nll=forget)
 
 
 class _SmoothedAscent(Objective):
@@ -203,11 +326,11 @@ class _SmoothedAscent(Objective):
     def compute(self, model, batch, num_forget):
         c_forget, c_normal = self.coefficients()
         if c_normal == 0.0:
-            (forget,) = joint_sequence_nll(model, batch, ("forget",), smoothing=0.0, backend=self.backend)
-            return ObjectiveOutput(loss=c_forget * forget.sum() / num_forget, forget_nll=forget.detach())
-        forget, normal = joint_sequence_nll(model, batch, ("forget", "normal"), smoothing=0.0, backend=self.backend)
-        loss = (c_forget * forget.sum() + c_normal * normal.sum()) / num_forget
-        return ObjectiveOutput(loss=loss, forget_nll=forget.detach(), normal_nll=normal.detach())
+            loss, (forget,) = weighted_sequence_loss(model, batch, [("forget", c_forget)], num_forget, backend=self.backend)
+            return ObjectiveOutput(loss=loss, forget_nll=forget)
+        coefficients = [("forget", c_forget), ("normal", c_normal)]
+        loss, (forget, normal) = weighted_sequence_loss(model, batch, coefficients, num_forget, backend=self.backend)
+        return ObjectiveOutput(loss=loss, forget_nll=forget, normal_nll=normal)
 
     def describe(self):
         return {"method": self.name, "rate": self.rate, "num_classes": self.num_classes}
@@ -252,8 +375,10 @@ class TokenSmoothedAscent(Objective):
         return cls(rate=config.rate, backend=backend)
 
     def compute(self, model, batch, num_forget):
-        (forget,) = joint_sequence_nll(model, batch, ("forget",), smoothing=self.rate, backend=self.backend)
-        return ObjectiveOutput(loss=-forget.sum() / num_forget, forget_nll=forget.detach())
+        loss, (forget,) = weighted_sequence_loss(
+            model, batch, [("forget", -1.0)], num_forget, smoothing=self.rate, backend=self.backend
+        )
+        return ObjectiveOutput(loss=loss, forget_nll=forget)
 
     def describe(self):
         return {"method": self.name, "rate": self.rate}
@@ -286,15 +411,13 @@ class GradientDifference(Objective):
     def compute(self, model, batch, num_forget):
         per_forget = batch["normal_input_ids"].shape[0] // batch["forget_input_ids"].shape[0]
         if self.retain_loss == "nll":
-            forget, normal = joint_sequence_nll(model, batch, ("forget", "normal"), smoothing=0.0, backend=self.backend)
-            retain_term = normal.sum()
-            normal_log = normal.detach()
-        else:
-            (forget,) = joint_sequence_nll(model, batch, ("forget",), smoothing=0.0, backend=self.backend)
-            retain_term = self._retain_kl(model, batch).sum()
-            normal_log = None
-        loss = (-forget.sum() + self.retain_weight * retain_term / per_forget) / num_forget
-        return ObjectiveOutput(loss=loss, forget_nll=forget.detach(), normal_nll=normal_log)
+            # linear in the NLLs: one fused call, c_f = -1 and c_n = alpha / (K - 1)
+            coefficients = [("forget", -1.0), ("normal", self.retain_weight / per_forget)]
+            loss, (forget, normal) = weighted_sequence_loss(model, batch, coefficients, num_forget, backend=self.backend)
+            return ObjectiveOutput(loss=loss, forget_nll=forget, normal_nll=normal)
+        loss, (forget,) = weighted_sequence_loss(model, batch, [("forget", -1.0)], num_forget, backend=self.backend)
+        loss = loss + self.retain_weight * self._retain_kl(model, batch).sum() / (per_forget * num_forget)
+        return ObjectiveOutput(loss=loss, forget_nll=forget)
 
     def _retain_kl(self, model, batch) -> torch.Tensor:
         """Per normal sequence: token-mean over answer tokens of KL(p_ref || p_theta)."""
@@ -316,7 +439,10 @@ class GradientDifference(Objective):
 class NegativePreferenceOptimization(Objective):
     """``npo``: L = (2/beta) log(1 + (pi_theta(y|x)/pi_ref(y|x))^beta) = (2/beta) softplus(beta * (S_ref - S))
     with S = sum_t NLL_t = -log pi_theta(y|x) and S_ref the same under the initial model. At the start
-    L = (2/beta) log 2; as beta -> 0 its gradient tends to that of GA on the summed NLL."""
+    L = (2/beta) log 2; as beta -> 0 its gradient tends to that of GA on the summed NLL.
+
+    Nonlinear in S, so its sequence weights are known only after the forward pass: the fused loss runs with
+    reduction "none" and its backward recomputes the chunked pass (4 GEMMs per token instead of 3)."""
 
     name = "npo"
     uses_reference_nll = True
@@ -333,7 +459,7 @@ class NegativePreferenceOptimization(Objective):
         return cls(beta=cls.default_beta if config.beta is None else config.beta, backend=backend)
 
     def compute(self, model, batch, num_forget):
-        (forget,) = joint_sequence_nll(model, batch, ("forget",), smoothing=0.0, backend=self.backend)
+        (forget,) = joint_sequence_nll(model, batch, ("forget",), smoothing=0.0, backend=self.backend, validate=False)
         summed = forget * answer_token_counts(batch["forget_labels"]).to(forget.dtype)
         reference = batch["forget_reference_nll"].to(forget.dtype)
         per_sample = (2.0 / self.beta) * F.softplus(self.beta * (reference - summed))
@@ -346,7 +472,10 @@ class NegativePreferenceOptimization(Objective):
 @register
 class SimpleNPO(Objective):
     """``simnpo``: L = -(2/beta) log sigmoid(-(beta/|y|) log pi_theta(y|x) - gamma)
-    = (2/beta) softplus(gamma - beta * l(x_f)); no reference model."""
+    = (2/beta) softplus(gamma - beta * l(x_f)); no reference model.
+
+    Nonlinear in l(x_f), so, like ``npo``, it takes the recompute path (reduction "none", backward re-runs the
+    chunked pass)."""
 
     name = "simnpo"
     default_beta: ClassVar[float] = 2.5
@@ -363,7 +492,7 @@ class SimpleNPO(Objective):
         return cls(beta=cls.default_beta if config.beta is None else config.beta, gamma=config.gamma, backend=backend)
 
     def compute(self, model, batch, num_forget):
-        (forget,) = joint_sequence_nll(model, batch, ("forget",), smoothing=0.0, backend=self.backend)
+        (forget,) = joint_sequence_nll(model, batch, ("forget",), smoothing=0.0, backend=self.backend, validate=False)
         per_sample = (2.0 / self.beta) * F.softplus(self.gamma - self.beta * forget)
         return ObjectiveOutput(loss=per_sample.sum() / num_forget, forget_nll=forget.detach())
 
@@ -380,8 +509,8 @@ class SupervisedFineTuning(Objective):
     name = "sft"
 
     def compute(self, model, batch, num_forget):
-        (nll,) = joint_sequence_nll(model, batch, ("forget",), smoothing=0.0, backend=self.backend)
-        return ObjectiveOutput(loss=nll.sum() / num_forget, forget_nll=nll.detach())
+        loss, (nll,) = weighted_sequence_loss(model, batch, [("forget", 1.0)], num_forget, backend=self.backend)
+        return ObjectiveOutput(loss=loss, forget_nll=nll)
 
 
 @torch.no_grad()
@@ -403,7 +532,7 @@ def examples_nll(
         for start in range(0, len(examples), batch_size):
             padded = pad_examples(examples[start : start + batch_size], pad_token_id, "x")
             padded = {key: value.to(device) for key, value in padded.items()}
-            nll = sequence_nll(model, padded["x_input_ids"], padded["x_labels"], padded["x_attention_mask"], backend=backend)
+            (nll,) = joint_sequence_nll(model, padded, ("x",), smoothing=0.0, backend=backend)
             values.append(nll.float().cpu())
         return torch.cat(values)
     finally:

@@ -5,8 +5,15 @@ Normalization. Each optimizer step consumes a window of ``grad_accum`` global mi
 window's forward passes, the forget samples of the whole window are counted on every process and
 all-reduced: N. Each micro-batch's loss is (sum of its per-sample losses) / N, so the summed gradient of
 the window equals the gradient of the mean loss over the window's samples, whatever the number of
-micro-batches and processes. Distributed backends average gradients over processes and accelerate
-divides by the accumulation steps, so the backward pass is given loss * num_processes * grad_accum.
+micro-batches and processes. Distributed backends average gradients over processes (and accelerate's
+backward divides by the accumulation steps, where it is used), so the objectives are given the normalizer
+N / (num_processes * divisor) instead of N, divisor being what the backward pass divides by: 1 where the
+step calls ``loss.backward()`` itself (no GradScaler, no DeepSpeed), so the fused loss gets a grad_output of
+exactly 1 and its gradient, built in the forward pass, is handed over untouched; ``grad_accum`` otherwise.
+
+No host sync inside a step's forward and backward passes: labels are checked against the model's
+vocabulary once, in the constructor; the batches carry the rows that reach the LM head (built on the host);
+the logged statistics stay on the device until the one read at the end of the step.
 
 Exact resume. The batch order is a function of (seed, step) (``sga.data.BatchSchedule``), checkpoints
 hold model, optimizer, scheduler and RNG states, the step and the adaptive rate, so a resumed run
@@ -50,6 +57,15 @@ class TrainResult:
     checkpoint: Optional[Path] = None
     final_model: Optional[Path] = None
     history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _head_rows(model: torch.nn.Module) -> int:
+    """V: the rows of the model's LM head (what labels index), else ``config.vocab_size``."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return weight.shape[0]
+    return int(model.config.vocab_size)
 
 
 class ObjectiveModule(torch.nn.Module):
@@ -154,6 +170,7 @@ class UnlearningTrainer:
         if config.train.warmup_steps > self.total_steps:
             raise ConfigError(f"train.warmup_steps ({config.train.warmup_steps}) exceeds the {self.total_steps} steps of the run")
         self.model = model
+        data.check_labels(_head_rows(model))
 
     def _check_adaptive(self) -> None:
         from accelerate.utils import DistributedType
@@ -360,42 +377,62 @@ class UnlearningTrainer:
 
         return tqdm(total=self.total_steps, initial=step, desc=f"training ({self.objective.name})", dynamic_ncols=True)
 
+    def _backward_divisor(self) -> int:
+        """What the backward pass divides the loss by: 1 where :meth:`_backward` calls ``loss.backward()``
+        itself, else accelerate's division by the accumulation steps."""
+        from accelerate.utils import DistributedType
+
+        acc = self.accelerator
+        accelerate_only = acc.scaler is not None or acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
+        return self.config.train.grad_accum if accelerate_only else 1
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()`` (grad_output exactly 1) where accelerate's backward would only divide the loss by
+        the accumulation steps; accelerate's backward (GradScaler, DeepSpeed) otherwise."""
+        if self._backward_divisor() == 1:
+            loss.backward()
+        else:
+            self.accelerator.backward(loss)
+
     def _step(self, step: int, module, optimizer, scheduler, interrupt: _InterruptFlag) -> dict[str, Any]:
         acc = self.accelerator
         window = self._window(step)
         local_count = sum(batch["forget_input_ids"].shape[0] for batch in window)
         num_forget = acc.reduce(torch.tensor(float(local_count), device=acc.device), reduction="sum")
-        scale = acc.num_processes * self.config.train.grad_accum
-        sums = torch.zeros(6, dtype=torch.float64, device=acc.device)
+        loss_factor = acc.num_processes * self._backward_divisor()  # undone by gradient averaging and backward
+        normalizer = num_forget / loss_factor
+        sums = torch.zeros(3, dtype=torch.float64, device=acc.device)  # loss, forget NLL, normal NLL (on device)
+        counts = [0, 0]  # forget / normal sequences (host)
         grad_norm = None
         for batch in window:
             with acc.accumulate(module):
-                loss, forget_nll, normal_nll = module(batch, num_forget)
-                acc.backward(loss * scale)
-                sums += torch.stack([
-                    loss.detach().double(),
-                    forget_nll.double().sum(),
-                    torch.tensor(float(forget_nll.numel()), dtype=torch.float64, device=acc.device),
-                    normal_nll.double().sum(),
-                    torch.tensor(float(normal_nll.numel()), dtype=torch.float64, device=acc.device),
-                    torch.zeros((), dtype=torch.float64, device=acc.device),
-                ])
+                loss, forget_nll, normal_nll = module(batch, normalizer)
+                self._backward(loss)
+                sums += torch.stack([loss.detach().double(), forget_nll.double().sum(), normal_nll.double().sum()])
+                counts[0] += forget_nll.numel()
+                counts[1] += normal_nll.numel()
                 if acc.sync_gradients:
                     if self.config.train.max_grad_norm is not None:
                         grad_norm = acc.clip_grad_norm_(module.parameters(), self.config.train.max_grad_norm)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-        sums[5] = float(interrupt.raised)  # read after the work: a signal during the step counts now
-        sums = acc.reduce(sums, reduction="sum")
+        # read after the work: a signal during the step counts now
+        host = torch.tensor([*counts, float(interrupt.raised)], dtype=torch.float64, device=acc.device)
+        return self._step_record(acc.reduce(torch.cat([sums, host]), reduction="sum"), loss_factor, grad_norm, scheduler)
+
+    def _step_record(self, sums: torch.Tensor, loss_factor: int, grad_norm, scheduler) -> dict[str, Any]:
+        """The step's log record from the all-reduced [loss, forget NLL sum, normal NLL sum, forget count,
+        normal count, interrupted] (the step's one device-to-host read)."""
+        loss, forget_sum, normal_sum, forget_count, normal_count, interrupted = sums.tolist()
         record: dict[str, Any] = {
-            "loss": sums[0].item(),
-            "forget_nll": (sums[1] / sums[2]).item(),
+            "loss": loss / loss_factor,
+            "forget_nll": forget_sum / forget_count,
             "lr": scheduler.get_last_lr()[0],
-            "_interrupted": bool(sums[5].item() > 0),
+            "_interrupted": interrupted > 0,
         }
-        if sums[4] > 0:
-            record["normal_nll"] = (sums[3] / sums[4]).item()
+        if normal_count > 0:
+            record["normal_nll"] = normal_sum / normal_count
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
         if hasattr(self.objective, "rate"):

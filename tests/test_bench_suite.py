@@ -37,3 +37,16 @@ def test_bench_suite_runs_on_tiny_shapes_and_reports(tmp_path):
     table = subprocess.run(report, cwd=BENCH, capture_output=True, text=True, timeout=120)
     assert table.returncode == 0, table.stderr
     assert "torch_eager" in table.stdout and plot.stat().st_size > 0
+
+
+def test_engine_step_bench_runs_on_tiny_shapes(tmp_path):
+    """bench/test_bench_engine.py (one SGA training step, engine vs the model's own loss) in smoke mode."""
+    env = dict(os.environ, SGA_BENCH_SMOKE="1", SGA_BENCH_RESULTS=str(tmp_path), TRITON_INTERPRET="1")
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-only", "test_bench_engine.py"]
+    result = subprocess.run(command, cwd=BENCH, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "engine.jsonl").read_text().splitlines()]
+    assert {r["implementation"] for r in rows} == {"ours", "model_loss"}
+    ours = next(r for r in rows if r["implementation"] == "ours")
+    assert ours["median_ms"] > 0 and "time_ratio_vs_model_loss" in ours
+    assert "engine" in result.stdout  # the ratio table

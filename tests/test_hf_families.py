@@ -48,8 +48,14 @@ FAMILIES = {
     "arcee": {},
     "apertus": {},
     "nemotron": {},
+    # logits / logits_scaling (Granite) and logits * logit_scale (Cohere), with scales that change the loss
+    "granite": dict(logits_scaling=4.0),
+    "granitemoe": dict(MOE, num_local_experts=4, logits_scaling=4.0),
+    "granitemoeshared": dict(MOE, num_local_experts=4, shared_intermediate_size=16, logits_scaling=4.0),
+    "cohere": dict(logit_scale=0.25),
+    "cohere2": dict(logit_scale=0.25, sliding_window=8),
 }
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "gpt_oss")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "gpt_oss", "granitemoe", "granitemoeshared")
 
 
 def family_config(model_type, **overrides):
@@ -66,6 +72,13 @@ def make_family_model(model_type, seed=0, **overrides):
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(30.0)
     return model
+
+
+def test_the_scales_are_read_from_the_configs():
+    assert hf._resolve_head(make_family_model("granite")).logit_scale == 0.25  # 1 / logits_scaling
+    assert hf._resolve_head(make_family_model("cohere")).logit_scale == 0.25
+    assert hf._resolve_head(make_family_model("gemma3_text")).softcap == 5.0
+    assert hf._resolve_head(make_family_model("olmo2")).logit_scale == 1.0
 
 
 def test_every_verified_type_is_tested():
@@ -86,11 +99,11 @@ def test_family_equals_the_model_loss_and_gradients(model_type):
     assert_same_grads(ours_grads, theirs_grads)
 
 
-def test_gemma3_softcap_smoothed_ascent_equals_label_smoothed_ce_of_own_logits():
-    model = make_family_model("gemma3_text", seed=1)
+@pytest.mark.parametrize("model_type", ["gemma3_text", "granite", "cohere"])
+def test_capped_or_scaled_logits_smoothed_ascent_equals_label_smoothed_ce_of_own_logits(model_type):
+    """Smoothing weighs every logit, so a softcap or a logit scale left out would show here too."""
+    model = make_family_model(model_type, seed=1)
     input_ids, attention_mask, labels = make_batch(seed=1)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    assert logits.abs().max() <= 5.0  # the cap is active in this model
     ours = causal_lm_loss(model, input_ids, labels, attention_mask=attention_mask, smoothing=0.1, ascent=True)
     ours_grads = parameter_grads(model, ours)
     theirs = own_smoothed_loss(model, input_ids, attention_mask, labels, smoothing=0.1, ascent=True)

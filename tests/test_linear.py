@@ -11,7 +11,7 @@ from torch.overrides import TorchFunctionMode
 
 from kernel_oracle import assert_no_worse_than_fp32, max_error
 from sga.kernels import linear_smoothed_ga_loss, smoothed_ga_loss_reference
-from sga.kernels.linear import LinearSmoothedGALossFunction, default_chunk_rows
+from sga.kernels.linear import FusedLinearFunction, default_chunk_rows
 
 FP32_TOL = dict(atol=2e-5, rtol=2e-5)
 
@@ -231,7 +231,7 @@ def test_only_needed_gradients_are_computed(needs, expected_gemms):
     with RecordOps() as record:
         loss = linear_smoothed_ga_loss(leaves[0], leaves[1], labels, bias=leaves[2], chunk_size=chunk, backend="torch")
         loss.backward()
-    chunks = math.ceil(num_tokens / chunk)
+    chunks = math.ceil(int((labels != -100).sum()) / chunk)  # ignored rows never reach the GEMMs
     assert len(record.gemms()) == expected_gemms * chunks
     assert (("zeros", (vocab_size, hidden_size)) in record.calls) == needs[1]  # the dW accumulator
     for leaf, need in zip(leaves, needs):
@@ -249,7 +249,8 @@ def test_no_grad_mode_computes_the_loss_only():
     with torch.no_grad(), RecordOps() as record:
         loss = linear_smoothed_ga_loss(hidden, weight, labels, bias=bias, chunk_size=7)
     assert not loss.requires_grad
-    assert len(record.gemms()) == 3  # the logits GEMM of each chunk only
+    kept = int((labels != -100).sum())  # ignored rows never reach the GEMMs
+    assert len(record.gemms()) == math.ceil(kept / 7)  # the logits GEMM of each chunk only
     torch.testing.assert_close(loss.double(), truth(hidden, weight, bias, labels)[0], **FP32_TOL)
 
 
@@ -458,20 +459,20 @@ def test_autocast_mixed_input_dtypes_are_accepted_but_float64_is_not_cast():
 
 def test_prepared_inputs_through_the_function():
     """The autograd Function is usable directly with prepared arguments (as the functional API prepares them)."""
-    from sga.kernels.linear import LinearLossConfig
+    from sga.kernels.linear import FusedLinearConfig, SmoothedGARowKernel
 
     hidden, weight, bias, labels = make_case(10, 4, 9, seed=24)
-    config = LinearLossConfig(
-        smoothing=0.0,
-        sign=1.0,
+    config = FusedLinearConfig(
+        row_kernel=SmoothedGARowKernel(smoothing=0.0, sign=1.0, ignore_index=-100, backend="torch"),
         ignore_index=-100,
         reduction="sum",
         backend="torch",
         softcap=None,
+        logit_scale=1.0,
         chunk_rows=3,
         compute_dtype=torch.float32,
     )
-    loss = LinearSmoothedGALossFunction.apply(hidden, weight, bias, labels, None, None, config)
+    loss, _ = FusedLinearFunction.apply(hidden, weight, bias, labels, None, None, None, config)
     expected = linear_smoothed_ga_loss(hidden, weight, labels, bias=bias, ascent=False, reduction="sum")
     torch.testing.assert_close(loss, expected, **FP32_TOL)
 
