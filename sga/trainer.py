@@ -194,6 +194,10 @@ class UnlearningTrainer:
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if model_cfg.lora:
+                # frozen embeddings: the embedding output must require grad, or (reentrant) checkpointed layers give
+                # the adapters no gradient; peft's get_peft_model installs this hook too, not every version does
+                model.enable_input_require_grads()
         if model_cfg.lora:
             from peft import LoraConfig, get_peft_model
 
