@@ -47,8 +47,13 @@ def only_framework_hooks(module: torch.nn.Module, framework: Optional[str]) -> b
     return all(getattr(hook, "__module__", "").startswith(prefixes) for hook in hooks) if prefixes else not hooks
 
 
-def call_inside(module: torch.nn.Module, compute: Callable[..., Any], *inputs: Any) -> Any:
+def call_inside(
+    module: torch.nn.Module, compute: Callable[..., Any], *inputs: Any, through: Optional[torch.nn.Module] = None
+) -> Any:
     """``compute(*inputs)`` run as ``module``'s forward, through ``module(*inputs)`` and so between its hooks.
+
+    ``through``: a wrapper of ``module`` (DDP, FSDP, a DeepSpeed engine) to call instead, ``through(*inputs)``,
+    whose forward calls ``module``: the wrapper's own forward logic (DDP's gradient-reduction bookkeeping) runs too.
 
     Pass the tensors the computation differentiates through as ``inputs``: the frameworks attach their
     post-backward hooks (gradient reduction, releasing the gathered parameters) to the forward's inputs.
@@ -66,7 +71,7 @@ def call_inside(module: torch.nn.Module, compute: Callable[..., Any], *inputs: A
 
     module.forward = forward
     try:
-        return module(*inputs)
+        return (module if through is None else through)(*inputs)
     finally:
         if previous is None:
             del module.forward

@@ -26,6 +26,7 @@ from transformers import Trainer
 
 from .config import MethodConfig
 from .data import UnlearningData
+from .distributed import call_inside
 from .objectives import Objective, build_objective, reference_sequence_nll
 
 
@@ -135,5 +136,14 @@ class HFUnlearningTrainer(Trainer):
             num_items_in_batch = torch.tensor(float(inputs["forget_input_ids"].shape[0]), device=inputs["forget_input_ids"].device)
         # distributed backends average the gradients over processes: normalizing by N / P makes the average that
         # of the window's mean loss (and leaves the fused loss a grad_output of exactly 1)
-        out = self.objective.compute(model, inputs, num_items_in_batch / self.accelerator.num_processes)
-        return (out.loss, {"forget_nll": out.forget_nll}) if return_outputs else out.loss
+        normalizer = num_items_in_batch / self.accelerator.num_processes
+        inner = self.accelerator.unwrap_model(model)
+
+        def objective_forward(batch):
+            out = self.objective.compute(inner, batch, normalizer)
+            return out.loss, out.forget_nll
+
+        # the objective runs as the model's forward, called through the Trainer's wrapper (DDP, FSDP, DeepSpeed), so
+        # the wrapper prepares its gradient reduction as for any forward
+        loss, forget_nll = call_inside(inner, objective_forward, inputs, through=model)
+        return (loss, {"forget_nll": forget_nll}) if return_outputs else loss
