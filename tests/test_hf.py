@@ -84,10 +84,8 @@ def assert_same_grads(ours, theirs):
         torch.testing.assert_close(ours[name], theirs[name], atol=2e-5 * max(scale, 1e-3), rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("model_type", sorted(CONFIGS))
-def test_equals_the_model_loss_and_gradients(model_type):
+def assert_equals_the_model_loss_and_gradients(model):
     """Descent, no smoothing: exactly HF's own loss (model(..., labels=...).loss) and its gradients."""
-    model = make_model(model_type)
     input_ids, attention_mask, labels = make_batch()
     ours = causal_lm_loss(model, input_ids, labels, attention_mask=attention_mask, ascent=False)
     ours_grads = parameter_grads(model, ours)
@@ -97,9 +95,7 @@ def test_equals_the_model_loss_and_gradients(model_type):
     assert_same_grads(ours_grads, theirs_grads)
 
 
-@pytest.mark.parametrize("model_type", sorted(CONFIGS))
-def test_smoothed_ascent_equals_label_smoothed_ce_of_own_logits(model_type):
-    model = make_model(model_type, seed=1)
+def assert_smoothed_ascent_equals_label_smoothed_ce_of_own_logits(model):
     input_ids, attention_mask, labels = make_batch(seed=1)
     ours = causal_lm_loss(model, input_ids, labels, attention_mask=attention_mask, smoothing=0.1, ascent=True)
     ours_grads = parameter_grads(model, ours)
@@ -107,6 +103,16 @@ def test_smoothed_ascent_equals_label_smoothed_ce_of_own_logits(model_type):
     theirs_grads = parameter_grads(model, theirs)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     assert_same_grads(ours_grads, theirs_grads)
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_equals_the_model_loss_and_gradients(model_type):
+    assert_equals_the_model_loss_and_gradients(make_model(model_type))
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_smoothed_ascent_equals_label_smoothed_ce_of_own_logits(model_type):
+    assert_smoothed_ascent_equals_label_smoothed_ce_of_own_logits(make_model(model_type, seed=1))
 
 
 def test_per_token_losses_and_token_weights_are_shifted_like_the_labels():

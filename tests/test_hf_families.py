@@ -12,7 +12,15 @@ transformers = pytest.importorskip("transformers")
 from sga import hf  # noqa: E402
 from sga.hf import causal_lm_loss, fused_causal_lm_loss  # noqa: E402
 from test_hf import CONFIGS as BASE_CONFIGS  # noqa: E402
-from test_hf import VOCAB, assert_same_grads, make_batch, own_smoothed_loss, parameter_grads  # noqa: E402
+from test_hf import (  # noqa: E402
+    VOCAB,
+    assert_equals_the_model_loss_and_gradients,
+    assert_same_grads,
+    assert_smoothed_ascent_equals_label_smoothed_ce_of_own_logits,
+    make_batch,
+    own_smoothed_loss,
+    parameter_grads,
+)
 
 DECODER = dict(
     vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -90,25 +98,13 @@ def test_every_verified_type_is_tested():
 def test_family_equals_the_model_loss_and_gradients(model_type):
     model = make_family_model(model_type)
     assert model.config.model_type == model_type
-    input_ids, attention_mask, labels = make_batch()
-    ours = causal_lm_loss(model, input_ids, labels, attention_mask=attention_mask, ascent=False)
-    ours_grads = parameter_grads(model, ours)
-    theirs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-    theirs_grads = parameter_grads(model, theirs)
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
-    assert_same_grads(ours_grads, theirs_grads)
+    assert_equals_the_model_loss_and_gradients(model)
 
 
 @pytest.mark.parametrize("model_type", ["gemma3_text", "granite", "cohere"])
 def test_capped_or_scaled_logits_smoothed_ascent_equals_label_smoothed_ce_of_own_logits(model_type):
     """Smoothing weighs every logit, so a softcap or a logit scale left out would show here too."""
-    model = make_family_model(model_type, seed=1)
-    input_ids, attention_mask, labels = make_batch(seed=1)
-    ours = causal_lm_loss(model, input_ids, labels, attention_mask=attention_mask, smoothing=0.1, ascent=True)
-    ours_grads = parameter_grads(model, ours)
-    theirs = own_smoothed_loss(model, input_ids, attention_mask, labels, smoothing=0.1, ascent=True)
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
-    assert_same_grads(ours_grads, parameter_grads(model, theirs))
+    assert_smoothed_ascent_equals_label_smoothed_ce_of_own_logits(make_family_model(model_type, seed=1))
 
 
 # --------------------------------------------------------------------------------------------------------------
