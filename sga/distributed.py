@@ -40,6 +40,14 @@ def sharding_framework(module: torch.nn.Module) -> Optional[str]:
     return None
 
 
+def in_fsdp_forward(module: torch.nn.Module) -> bool:
+    """Whether the FSDP2 module ``module`` is inside its own forward now (its parameters are unsharded)."""
+    from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+
+    state = module._get_fsdp_state()
+    return state._training_state == TrainingState.FORWARD
+
+
 def only_framework_hooks(module: torch.nn.Module, framework: Optional[str]) -> bool:
     """True when every forward (pre-)hook of ``module`` was registered by ``framework`` (none: no hooks at all)."""
     prefixes = _HOOK_MODULES.get(framework, ())

@@ -189,7 +189,7 @@ def _runs_inside_a_sharded_model(loss_fn):
     def wrapper(model: torch.nn.Module, *args, **kwargs):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a peft wrapper
         sharded = next((m for m in (model, base) if distributed.sharding_framework(m) == distributed.FSDP2), None)
-        if sharded is None:
+        if sharded is None or distributed.in_fsdp_forward(sharded):  # not sharded, or already inside its forward
             return loss_fn(model, *args, **kwargs)
         return distributed.call_inside(sharded, lambda: loss_fn(model, *args, **kwargs))
 

@@ -93,6 +93,15 @@ def objective_loss(model, input_ids, labels, count, smoothing):
     return sequence_nll(model, input_ids, labels, backend="torch").sum() / GLOBAL_BATCH
 
 
+def objective_in_root_forward(model, input_ids, labels, count, smoothing):
+    """The objectives' path run as the root model's forward, as HFUnlearningTrainer runs it: already inside the
+    FSDP2 root's call, causal_lm_loss must not enter it again."""
+    from sga.distributed import call_inside
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return call_inside(base, lambda: objective_loss(model, input_ids, labels, count, smoothing))
+
+
 def patched_loss(model, input_ids, labels, count, smoothing):
     return model(input_ids=input_ids, labels=labels, num_items_in_batch=count).loss
 
@@ -104,6 +113,7 @@ CASES = {
     "tied_root_group": (True, False, False, False, mean_loss),
     "objective_head_group": (False, True, False, False, objective_loss),
     "patch_head_group": (False, True, False, True, patched_loss),
+    "objective_in_root_forward": (False, True, False, False, objective_in_root_forward),
     "lora_head_group": (False, True, True, False, objective_loss),
     "lora_tied_root_group": (True, False, True, False, mean_loss),
 }

@@ -50,7 +50,7 @@ def test_fsdp2_matches_one_process(tmp_path):
     result = _launch("fsdp2", tmp_path)
     assert set(result["cases"]) == {
         "untied_root_group", "untied_head_group", "tied_root_group", "objective_head_group", "patch_head_group",
-        "lora_head_group", "lora_tied_root_group",
+        "objective_in_root_forward", "lora_head_group", "lora_tied_root_group",
     }
     for case in result["cases"].values():
         assert case["head_outside"] == "DTensor"  # the premise: a shard outside the call
