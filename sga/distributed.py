@@ -66,7 +66,8 @@ def call_inside(
     Pass the tensors the computation differentiates through as ``inputs``: the frameworks attach their
     post-backward hooks (gradient reduction, releasing the gathered parameters) to the forward's inputs.
     ``module.forward`` is replaced for the call only (an instance-level forward, such as a patch, is restored).
-    A tensor result (or tuple item) that is a view is returned as a copy (the framework's pre-backward hooks sit on the result)."""
+    A tensor result (or tuple item) that is a view is returned as a copy (the framework's pre-backward hooks sit
+    on the result)."""
     previous = vars(module).get("forward")
 
     def unview(out: Any) -> Any:

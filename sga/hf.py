@@ -10,7 +10,7 @@ HF conventions: labels [B, T] are aligned with input_ids and shifted inside (pos
 labels[:, t + 1]), -100 is ignored, and reduction "mean" divides by the number of non-ignored shifted labels
 (or by ``normalizer``, HF's ``num_items_in_batch``).
 
-Only architectures whose logits are exactly ``softcap(lm_head(last_hidden_state))`` are accepted, each checked
+Only architectures whose logits are exactly ``softcap(a * lm_head(last_hidden_state))`` are accepted, each checked
 by the tests against the model's own loss and gradients (``VERIFIED_MODEL_TYPES``); the head must be a plain
 ``nn.Linear`` (no quantized, LoRA-wrapped or hooked head). Anything else raises NotImplementedError rather than
 return a silently different loss; the message names the escape hatch (:func:`register_model_type`, or logits and
@@ -69,7 +69,8 @@ _TIMES_LOGIT_SCALE = LogitRule(scale=lambda config: config.logit_scale)
 # gpt2: get_decoder() is the transformer, which applies ln_f; the head is tied to the token embedding.
 # gemma3_text (Gemma3ForCausalLM): final_logit_softcapping when set (None in Gemma 3's released configs); the
 #   embedding scale sqrt(D) and query_pre_attn_scalar act inside the decoder, not on the logits.
-# granite, granitemoe, granitemoeshared (also mixture of experts): logits divided by config.logits_scaling (a = 1 / logits_scaling).
+# granite, granitemoe, granitemoeshared (the last two mixtures of experts): logits divided by
+#   config.logits_scaling (a = 1 / logits_scaling).
 # cohere, cohere2: logits multiplied by config.logit_scale (a = logit_scale).
 # Mixture-of-experts families (mixtral, qwen2_moe, qwen3_moe, olmoe, phimoe, gpt_oss): a plain head; the router
 #   load-balancing loss is not part of causal_lm_loss (see its docstring); fused_causal_lm_loss adds it as the
@@ -187,13 +188,23 @@ def _runs_inside_a_sharded_model(loss_fn):
 
     @functools.wraps(loss_fn)
     def wrapper(model: torch.nn.Module, *args, **kwargs):
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a peft wrapper
-        sharded = next((m for m in (model, base) if distributed.sharding_framework(m) == distributed.FSDP2), None)
+        candidates = (model, _base_model(model))
+        sharded = next((m for m in candidates if distributed.sharding_framework(m) == distributed.FSDP2), None)
         if sharded is None or distributed.in_fsdp_forward(sharded):  # not sharded, or already inside its forward
             return loss_fn(model, *args, **kwargs)
         return distributed.call_inside(sharded, lambda: loss_fn(model, *args, **kwargs))
 
     return wrapper
+
+
+def _base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a peft wrapper (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _own_class(model: torch.nn.Module) -> type:
+    """The model's own class: FSDP2 and DeepSpeed put classes of their own in front of it."""
+    return next(c for c in type(model).__mro__ if not c.__module__.startswith(("torch.distributed.", "deepspeed.")))
 
 
 _ESCAPE_HATCH = (
@@ -207,14 +218,12 @@ def _logit_rule(model: torch.nn.Module) -> LogitRule:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in _USER_FAMILIES:
         return _USER_FAMILIES[model_type]
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a peft wrapper
     if model_type not in MODEL_FAMILIES:
         raise NotImplementedError(
             f"the fused causal-LM loss is verified only for model types {sorted(VERIFIED_MODEL_TYPES)}, "
             f"got {model_type!r}: {_ESCAPE_HATCH}"
         )
-    # the model's own class: FSDP2 and DeepSpeed put classes of their own in front of it
-    own = next(c for c in type(base).__mro__ if not c.__module__.startswith(("torch.distributed.", "deepspeed.")))
+    own = _own_class(_base_model(model))
     if not own.__module__.startswith("transformers."):
         raise NotImplementedError(
             f"{own.__module__}.{own.__qualname__} is not transformers' own {model_type!r} class "
@@ -248,8 +257,8 @@ def router_aux_loss(
     (the loss the model adds, times ``router_aux_loss_coef``, when it returns router logits and gets labels)."""
     import sys
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    function = getattr(sys.modules[type(base).__module__], "load_balancing_loss_func", None)
+    base = _base_model(model)
+    function = getattr(sys.modules[_own_class(base).__module__], "load_balancing_loss_func", None)
     if function is None or not hasattr(base, "router_aux_loss_coef"):
         raise NotImplementedError(
             f"{type(base).__qualname__} returned router logits but has no load_balancing_loss_func / "
@@ -475,7 +484,7 @@ class FusedLossPatch:
         if outputs.get("router_logits") is not None:
             # what a mixture-of-experts *ForCausalLM adds when it returns router logits and gets labels
             aux_loss = router_aux_loss(self.model, outputs.router_logits, arguments.get("attention_mask"))
-            loss = loss + self.model.router_aux_loss_coef * aux_loss.to(loss.device)
+            loss = loss + _base_model(self.model).router_aux_loss_coef * aux_loss.to(loss.device)
             output_class, extra = MoeCausalLMOutputWithPast, {"aux_loss": aux_loss}
         fields = {field.name for field in dataclasses.fields(output_class)} - {"loss", "logits", "aux_loss"}
         result = output_class(loss=loss, logits=None, **extra, **{k: v for k, v in outputs.items() if k in fields})

@@ -133,7 +133,8 @@ class HFUnlearningTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         if num_items_in_batch is None:  # evaluation / prediction steps: the micro-batch is the whole window
-            num_items_in_batch = torch.tensor(float(inputs["forget_input_ids"].shape[0]), device=inputs["forget_input_ids"].device)
+            forget = inputs["forget_input_ids"]
+            num_items_in_batch = torch.tensor(float(forget.shape[0]), device=forget.device)
         # distributed backends average the gradients over processes: normalizing by N / P makes the average that
         # of the window's mean loss (and leaves the fused loss a grad_output of exactly 1)
         normalizer = num_items_in_batch / self.accelerator.num_processes

@@ -160,6 +160,7 @@ def run_case(name, framework, mesh, rank, world):
     dist.all_reduce(total)
     grads = gradients(model, engine)
     del patch, reference_patch  # the patched models are dropped with the case
+    head_weight = model.get_output_embeddings().weight
     compared = {}
     for key, expected in reference_grads.items():
         got = grads.get(key)
@@ -170,7 +171,7 @@ def run_case(name, framework, mesh, rank, world):
         "grads": compared,
         "extra_grads": sorted(set(grads) - set(reference_grads)),
         # the premise: outside any call the head is not the whole matrix (a DTensor shard, a ZeRO-3 placeholder)
-        "head_outside": list(model.get_output_embeddings().weight.shape) if engine is not None else type(model.get_output_embeddings().weight).__name__,
+        "head_outside": list(head_weight.shape) if engine is not None else type(head_weight).__name__,
     }
 
 

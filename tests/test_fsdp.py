@@ -61,7 +61,9 @@ def test_fsdp2_matches_one_process(tmp_path):
 def test_deepspeed_zero3_matches_one_process(tmp_path):
     pytest.importorskip("deepspeed")
     result = _launch("zero3", tmp_path)
-    assert set(result["cases"]) == {"untied_root_group", "tied_root_group", "objective_head_group", "patch_head_group", "lora_head_group"}
+    assert set(result["cases"]) == {
+        "untied_root_group", "tied_root_group", "objective_head_group", "patch_head_group", "lora_head_group",
+    }
     for case in result["cases"].values():
         assert case["head_outside"] == [0]  # the premise: an empty placeholder outside the call
     _assert_matches_one_process(result)

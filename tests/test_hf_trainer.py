@@ -129,7 +129,9 @@ def test_hf_unlearning_trainer_equals_one_batch_per_window(tmp_path, paired_data
     model = tiny_random_model("llama", tok)
     reference = copy.deepcopy(model)
     method = MethodConfig(name="sga", rate=0.4, num_classes=3)
-    trainer = HFUnlearningTrainer(model, training_args(tmp_path), data=data, method=method, pad_token_id=tok.pad_token_id, backend="torch")
+    trainer = HFUnlearningTrainer(
+        model, training_args(tmp_path), data=data, method=method, pad_token_id=tok.pad_token_id, backend="torch"
+    )
     trainer.train()
     # 10 forget samples in micro-batches of 2: two windows of 2 micro-batches, then the epoch's short window of 1
     assert [len(indices) for indices in seen] == [2] * 5
