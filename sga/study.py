@@ -248,7 +248,7 @@ def _train_config(
     ).validate()
 
 
-def _trainer(model, tokenizer, config: UnlearnConfig, on_step: Optional[Callable[[int, Any], None]] = None):
+def evaluating_trainer(model, tokenizer, config: UnlearnConfig, on_step: Optional[Callable[[int, Any], None]] = None):
     """An UnlearningTrainer for ``config``; ``on_step(step, objective)`` runs after every optimizer step.
 
     The trainer has no callback argument; the hook rides on its per-step logging method (``_log``). A
@@ -297,7 +297,7 @@ def finetuned_model(base: BaseModel, kind: str, records_file: Path, config: Stud
         epochs=f.epochs, lr=f.lr, batch_size=f.batch_size, seed=f.seed, max_length=config.data.max_length,
         pairing_cache=work / "pairing-cache",
     )
-    _train(_trainer(loaded.model, loaded.tokenizer, train))
+    _train(evaluating_trainer(loaded.model, loaded.tokenizer, train))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "key.json").write_text(json.dumps({k: v for k, v in key.items() if k != "records"}, indent=2), encoding="utf-8")
     tmp = folder / ".tmp-model"
@@ -529,7 +529,7 @@ class _Study:
             self.bar.update(1)
             clock["train"] = time.monotonic()
 
-        _train(_trainer(model, self.tokenizer, cfg, on_step))
+        _train(evaluating_trainer(model, self.tokenizer, cfg, on_step))
         del model
         gc.collect()
         shutil.rmtree(run_dir / "final", ignore_errors=True)  # 0.5 GB per run for SmolLM2: the rows are what is kept

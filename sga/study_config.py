@@ -173,10 +173,17 @@ class StudyConfig:
         return points
 
     def eval_steps(self, num_forget: int) -> list[int]:
-        """Optimizer steps after which a run is evaluated: the ends of the epoch fractions e / evals_per_epoch."""
+        """Optimizer steps after which a run is evaluated (``evaluation_steps``)."""
         u = self.unlearn
-        points = u.epochs * u.evals_per_epoch
-        return sorted({math.ceil(j / u.evals_per_epoch * num_forget / u.batch_size) for j in range(1, points + 1)})
+        return evaluation_steps(num_forget, u.batch_size, u.epochs, u.evals_per_epoch)
+
+
+def evaluation_steps(num_samples: int, batch_size: int, epochs: int, evals_per_epoch: int = 1) -> list[int]:
+    """The optimizer steps that end the epoch fractions j / evals_per_epoch, j = 1 .. epochs * evals_per_epoch:
+    step_j = ceil(j / evals_per_epoch * num_samples / batch_size) (batches run across epoch boundaries, as
+    ``sga.data.BatchSchedule`` cuts them); the last is the run's final step."""
+    points = epochs * evals_per_epoch
+    return sorted({math.ceil(j / evals_per_epoch * num_samples / batch_size) for j in range(1, points + 1)})
 
 
 _METHOD_FIELDS = {f.name: f for f in dataclasses.fields(MethodConfig)}

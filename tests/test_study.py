@@ -22,7 +22,7 @@ def resumed_study(tmp_path_factory):
     out, cache = root / "out", root / "cache"
     args = ["study", "--quick", "--threads", "1", "--out", str(out), "--cache-dir", str(cache)]
     calls = {"n": 0, "sft": 0}
-    evaluate, trainer = study.evaluate, study._trainer
+    evaluate, trainer = study.evaluate, study.evaluating_trainer
 
     def counting_evaluate(*a, **k):
         calls["n"] += 1
@@ -36,7 +36,7 @@ def resumed_study(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(study, "evaluate", counting_evaluate)
-        mp.setattr(study, "_trainer", counting_trainer)
+        mp.setattr(study, "evaluating_trainer", counting_trainer)
         calls["kill"] = True
         assert main(args) == 130
         rows_before = (out / study.RESULTS_FILE).read_text().splitlines()
@@ -112,7 +112,7 @@ def test_fine_tunes_are_reused_by_another_study(resumed_study, tmp_path, monkeyp
     def no_training(*args, **kwargs):
         raise AssertionError("a cached fine-tune was trained again")
 
-    monkeypatch.setattr(study, "_trainer", no_training)
+    monkeypatch.setattr(study, "evaluating_trainer", no_training)
     config = load_study_config(QUICK_CONFIG)
     options = study.StudyOptions(config=config, out=tmp_path / "other", cache_dir=resumed_study["cache"], quiet=True)
     options.validate()
