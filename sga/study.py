@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import os
 import platform
 import shutil
@@ -406,7 +405,7 @@ class _Study:
         self.data = prepare_data(self.out, self.config, options.data_dir)
         self.steps = self.config.eval_steps(len(self.data.forget))
         total = 1 + len(self.settings) * len(self.config.seeds) * len(self.steps)
-        done = sum(1 for row in self.results.rows if row["run"] != TARGET_RUN or row["step"] == 0)
+        done = len(self.results.rows)
         # the study's bar only: the per-set scoring / generation bars are silenced (run_study sets TQDM_DISABLE)
         self.bar = tqdm(total=total, initial=min(done, total), desc="sga study (evaluations)", unit="eval", dynamic_ncols=True,
                         disable=options.quiet)
@@ -416,7 +415,7 @@ class _Study:
     def time(self, phase: str, seconds: float) -> None:
         """Record a phase's wall time in ``timings.json`` (every session's, for sizing the protocol)."""
         self.timings.setdefault(phase, []).append(round(seconds, 2))
-        _write_jsonl_object(self.timings_file, self.timings)
+        _write_json(self.timings_file, self.timings)
 
     def row(self, run: str, setting: Optional[RunSetting], seed: Optional[int], step: int, metrics: dict, extra: dict) -> dict:
         steps_per_epoch = len(self.data.forget) / self.config.unlearn.batch_size
@@ -433,7 +432,7 @@ class _Study:
         """The target model folder and the retain model's evaluation (both cached); the target's evaluation
         is recorded as epoch 0."""
         from .models import load_model
-        from .benchmarks.report import load_results, save_results
+        from .benchmarks.report import load_results
 
         base = BaseModel(self.config.model)
         paths = {}
@@ -449,7 +448,7 @@ class _Study:
             start = time.monotonic()
             model, _ = load_model(paths["retain"], dtype=torch.float32)
             reference = evaluate(model, self.tokenizer, self.data, self.config, None)
-            save_results(reference, reference_file)
+            _write_json(reference_file, reference)
             self.time("evaluate", time.monotonic() - start)
             del model
         if self.results.done(TARGET_RUN, 0) is None:
@@ -464,7 +463,8 @@ class _Study:
         return paths["target"], reference
 
     def _eval_key(self) -> dict:
-        return {"eval": self.config_dict["evaluation"], "data": {k: v for k, v in self.config_dict["data"].items()}, "source": self.data.source}
+        """What the retain model's cached evaluation depends on (besides the model itself)."""
+        return {"eval": self.config_dict["evaluation"], "data": self.config_dict["data"], "source": self.data.source}
 
     # ---------------------------------------------------------------- the grid
 
@@ -489,7 +489,7 @@ class _Study:
             n = min(self.config.unlearn.rate_batches, schedule.batches_for(1))
             rate, stats = estimate_rate(model, (data.batch(schedule.global_batch(i), pad) for i in range(n)), method.num_classes, reading=method.name)
             rates[key] = {"rate": rate, "grad_ff": stats.ff, "grad_fn": stats.fn, "grad_nn": stats.nn}
-            _write_jsonl_object(path, rates)
+            _write_json(path, rates)
             del model
         return float(rates[key]["rate"])
 
@@ -535,7 +535,7 @@ class _Study:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
 
 
-def _write_jsonl_object(path: Path, value: dict) -> None:
+def _write_json(path: Path, value: dict) -> None:
     tmp = path.with_name(f".tmp-{path.name}")
     tmp.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
@@ -548,7 +548,7 @@ def run_study(options: StudyOptions) -> dict[str, Any]:
 
     options.validate()
     options.out.mkdir(parents=True, exist_ok=True)
-    _write_jsonl_object(options.out / STUDY_FILE, {"config_hash": options.config.digest(), "config": options.config.to_dict()})
+    _write_json(options.out / STUDY_FILE, {"config_hash": options.config.digest(), "config": options.config.to_dict()})
     previous = torch.get_num_threads()
     previous_tqdm = os.environ.get("TQDM_DISABLE")
     os.environ["TQDM_DISABLE"] = "1"  # the inner bars (scoring, generation, weight loading); the study's bar stays
