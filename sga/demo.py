@@ -149,11 +149,16 @@ class DemoOptions:
             missing = [name for name in REQUIRED_FILES if not (self.data / name).is_file()]
             if missing:
                 raise ConfigError(f"--data: {self.data} is not a TOFU folder: it lacks {', '.join(missing)}")
-        if self.out.exists() and not self.out.is_dir():
-            raise ConfigError(f"--out: {self.out} exists and is not a folder")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"--threads must be >= 1, got {self.threads}")
+        check_out_and_threads(self.out, self.threads)
         return self
+
+
+def check_out_and_threads(out: Path, threads: Optional[int]) -> None:
+    """The --out and --threads checks that ``sga demo`` and ``sga study`` share (ConfigError, one line)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out: {out} exists and is not a folder")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {threads}")
 
 
 @dataclass

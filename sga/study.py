@@ -368,6 +368,9 @@ class StudyOptions:
     quiet: bool = False  # no progress bar
 
     def validate(self) -> "StudyOptions":
+        """Raise ConfigError (one line) on a bad option or a folder holding another config's study."""
+        from .demo import check_out_and_threads
+
         self.config.validate()
         if not self.config.data.synthetic_authors:
             if self.data_dir is None:
@@ -379,10 +382,7 @@ class StudyOptions:
             missing = [n for n in needed if not (self.data_dir / n).is_file()]
             if missing:
                 raise ConfigError(f"--data-dir: {self.data_dir} lacks {', '.join(missing)}")
-        if self.out.exists() and not self.out.is_dir():
-            raise ConfigError(f"--out: {self.out} exists and is not a folder")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"--threads must be >= 1, got {self.threads}")
+        check_out_and_threads(self.out, self.threads)
         study = self.out / STUDY_FILE
         if study.is_file() and json.loads(study.read_text(encoding="utf-8")).get("config_hash") != self.config.digest():
             raise ConfigError(f"--out: {self.out} holds a study with another config; use a new --out folder to run this one")
