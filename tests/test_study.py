@@ -1,6 +1,9 @@
 """``sga study --quick`` end to end (tiny random Llama, built-in authors), killed part-way and resumed; its
 results rows, summary and plots; the selection rule; the config's one-line errors."""
 import json
+import math
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -10,42 +13,53 @@ from sga.cli import main
 from sga.study_config import DEFAULT_CONFIG, QUICK_CONFIG, config_from_dict, load_study_config
 from sga.study_summary import selected, summarize
 
-KILL_AFTER = 7  # evaluations before the simulated kill
+TERM_AT = 5  # evaluation during which the first session gets SIGTERM (the trainer checkpoints and stops)
+KILL_AFTER = 7  # evaluations of the second session before a hard kill (an exception, no checkpoint)
 
 
 @pytest.fixture(scope="module")
 def resumed_study(tmp_path_factory):
-    """The quick study killed after KILL_AFTER evaluations (a KeyboardInterrupt out of an evaluation,
-    no checkpoint), a torn half-written row appended, then rerun to the end. Returns the folders and the
-    number of evaluations each session made."""
+    """The quick study in three sessions: SIGTERM during evaluation TERM_AT (the trainer finishes the step,
+    writes a checkpoint, the study exits 130); a rerun killed outright after KILL_AFTER evaluations (a
+    KeyboardInterrupt out of an evaluation, no checkpoint) with a torn half-written row left behind; a rerun
+    to the end. Returns the folders, what each session did and the rows after the first two."""
     root = tmp_path_factory.mktemp("study")
     out, cache = root / "out", root / "cache"
     args = ["study", "--quick", "--threads", "1", "--out", str(out), "--cache-dir", str(cache)]
-    calls = {"n": 0, "sft": 0}
+    session = {"n": 0, "sft": 0, "first_step": {}}
     evaluate, trainer = study.evaluate, study.evaluating_trainer
 
     def counting_evaluate(*a, **k):
-        calls["n"] += 1
-        if calls["kill"] and calls["n"] > KILL_AFTER:
+        session["n"] += 1
+        if session["n"] == session.get("term_at"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        if session["n"] > session.get("kill_after", math.inf):
             raise KeyboardInterrupt
         return evaluate(*a, **k)
 
     def counting_trainer(model, tokenizer, config, on_step=None):
-        calls["sft"] += config.method.name == "sft"
-        return trainer(model, tokenizer, config, on_step)
+        session["sft"] += config.method.name == "sft"
 
+        def hook(step, objective):
+            session["first_step"].setdefault(config.train.output_dir, step)
+            return on_step(step, objective) if on_step else None
+
+        return trainer(model, tokenizer, config, hook)
+
+    sessions = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(study, "evaluate", counting_evaluate)
         mp.setattr(study, "evaluating_trainer", counting_trainer)
-        calls["kill"] = True
-        assert main(args) == 130
-        rows_before = (out / study.RESULTS_FILE).read_text().splitlines()
-        with (out / study.RESULTS_FILE).open("a") as handle:
-            handle.write('{"run": "ga/seed0", "ste')  # a write torn by the kill
-        first = dict(calls)
-        calls.update(n=0, sft=0, kill=False)
-        assert main(args) == 0
-    return {"out": out, "cache": cache, "first": first, "second": dict(calls), "rows_before": rows_before}
+        for limits, status in (({"term_at": TERM_AT}, 130), ({"kill_after": KILL_AFTER}, 130), ({}, 0)):
+            session.update({"n": 0, "sft": 0, "first_step": {}, "term_at": None, "kill_after": math.inf, **limits})
+            checkpoints = sorted(str(p.relative_to(out)) for p in out.glob("runs/*/*/checkpoints/step-*")) if out.exists() else []
+            assert main(args) == status
+            sessions.append({**session, "first_step": dict(session["first_step"]), "checkpoints_before": checkpoints,
+                             "rows": (out / study.RESULTS_FILE).read_text().splitlines()})
+            if len(sessions) == 2:
+                with (out / study.RESULTS_FILE).open("a") as handle:
+                    handle.write('{"run": "ga/seed0", "ste')  # a write torn by the kill
+    return {"out": out, "cache": cache, "sessions": sessions}
 
 
 def _rows(out: Path) -> list[dict]:
@@ -97,15 +111,23 @@ def test_quick_study_end_to_end(resumed_study):
 
 
 def test_resume_redoes_nothing(resumed_study):
-    first, second = resumed_study["first"], resumed_study["second"]
-    rows = _rows(resumed_study["out"])
-    before = resumed_study["rows_before"]
-    # the kill came out of evaluation KILL_AFTER + 1; the two reference evaluations were done by then
-    assert first["n"] == KILL_AFTER + 1 and len(before) == KILL_AFTER - 1
-    assert first["sft"] == 2 and second["sft"] == 0  # target and retain fine-tunes come from the cache
-    # the rerun evaluated exactly the rows that were missing (the recorded ones and the reference were kept)
-    assert second["n"] == len(rows) - len(before)
-    assert [json.loads(line) for line in before] == rows[: len(before)]  # the torn line was dropped, nothing else
+    out = resumed_study["out"]
+    term, kill, last = resumed_study["sessions"]
+    rows = _rows(out)
+    # session 1: the retain and target evaluations, then runs; SIGTERM came during evaluation TERM_AT, whose
+    # row was still written; the trainer ran one more step and wrote a checkpoint there
+    assert term["n"] == TERM_AT and len(term["rows"]) == TERM_AT - 1 and term["sft"] == 2
+    stopped = json.loads(term["rows"][-1])
+    run_dir = f"runs/{stopped['label']}/seed{stopped['seed']}"
+    assert kill["checkpoints_before"] == [f"{run_dir}/checkpoints/step-{stopped['step'] + 1:08d}"]
+    # session 2 continued that run from its checkpoint (first step seen: the one after it), not from step 0
+    assert kill["first_step"][str(out / run_dir)] == stopped["step"] + 2
+    assert kill["sft"] == 0 and last["sft"] == 0  # target and retain fine-tunes come from the cache
+    # sessions 2 and 3 evaluated exactly the rows that were missing; the torn line was dropped, nothing else
+    assert kill["n"] == KILL_AFTER + 1 and len(kill["rows"]) == len(term["rows"]) + KILL_AFTER
+    assert last["n"] == len(rows) - len(kill["rows"])
+    assert [json.loads(line) for line in kill["rows"]] == rows[: len(kill["rows"])]
+    assert not list(out.glob("runs/*/*/checkpoints/step-*"))  # finished runs leave no checkpoint behind
 
 
 def test_fine_tunes_are_reused_by_another_study(resumed_study, tmp_path, monkeypatch):
