@@ -213,6 +213,11 @@ class BaseModel:
         return load_demo_model(self.choice)
 
 
+def _device() -> torch.device:
+    """Where the study's own evaluations run (the trainer places the unlearning runs itself)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_tokenizer(folder: Path):
     """The tokenizer saved with a fine-tuned model (a pad token set as ``sga.models`` does)."""
     from transformers import AutoTokenizer
@@ -446,14 +451,14 @@ class _Study:
             reference = load_results(reference_file)
         else:
             start = time.monotonic()
-            model, _ = load_model(paths["retain"], dtype=torch.float32)
+            model, _ = load_model(paths["retain"], dtype=torch.float32, device=_device())
             reference = evaluate(model, self.tokenizer, self.data, self.config, None)
             _write_json(reference_file, reference)
             self.time("evaluate", time.monotonic() - start)
             del model
         if self.results.done(TARGET_RUN, 0) is None:
             start = time.monotonic()
-            model, _ = load_model(paths["target"], dtype=torch.float32)
+            model, _ = load_model(paths["target"], dtype=torch.float32, device=_device())
             metrics = evaluate(model, self.tokenizer, self.data, self.config, reference)
             self.time("evaluate", time.monotonic() - start)
             self.results.append(self.row(TARGET_RUN, None, None, 0, metrics, {"retain_model": {k: reference[k] for k in ("model_utility", "mia_min_k_auc", "forget_rouge")}}))
@@ -479,7 +484,8 @@ class _Study:
         path = self.out / RATES_FILE
         rates = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
         if key not in rates:
-            model, tokenizer = load_model(target, dtype=torch.float32)
+            device = _device()
+            model, tokenizer = load_model(target, dtype=torch.float32, device=device)
             cfg = _train_config(str(target), None, method, self.data.forget_file, self.data.retain_file, self.out / "work" / "rate",
                                 epochs=1, lr=self.config.unlearn.lr, batch_size=self.config.unlearn.batch_size, seed=0,
                                 max_length=self.config.data.max_length, pairing_cache=self.out / "work" / "pairing-cache")
@@ -487,7 +493,8 @@ class _Study:
             schedule = BatchSchedule(len(data), cfg.train.batch_size, 0)
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
             n = min(self.config.unlearn.rate_batches, schedule.batches_for(1))
-            rate, stats = estimate_rate(model, (data.batch(schedule.global_batch(i), pad) for i in range(n)), method.num_classes, reading=method.name)
+            batches = ({k: v.to(device) for k, v in data.batch(schedule.global_batch(i), pad).items()} for i in range(n))
+            rate, stats = estimate_rate(model, batches, method.num_classes, reading=method.name)
             rates[key] = {"rate": rate, "grad_ff": stats.ff, "grad_fn": stats.fn, "grad_nn": stats.nn}
             _write_json(path, rates)
             del model
