@@ -14,6 +14,7 @@ setup(
     python_requires=">=3.10",
     packages=sga_packages + kernel_packages,
     package_dir={"sga.kernels": "kernels"},
+    package_data={"sga": ["configs/*.yaml"]},
     install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
     extras_require={
         "engine": [

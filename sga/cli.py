@@ -161,6 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and of training (default: 0)")
     demo.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, one per core)")
     demo.add_argument("--keep-models", action="store_true", help="keep the trained weights (default: deleted once evaluated)")
+    study = commands.add_parser(
+        "study",
+        help="the TOFU study: every method of a grid, several seeds, trajectories, forget quality (resumable)",
+        description="Fine-tune a target and a retain model (cached), unlearn with every grid point and seed, evaluate "
+        "every epoch, write results.jsonl, summary.md / summary.json and plots. Rerun the same command to continue.",
+    )
+    study.add_argument("--config", help="study YAML (default: the protocol in sga/configs/study_default.yaml)")
+    study.add_argument("--quick", action="store_true", help="the tiny random model on built-in authors: a smoke test in seconds")
+    study.add_argument("--data-dir", help="folder of the TOFU JSON files (default: /work/shared/data/tofu or ../shared/data/tofu when present)")
+    study.add_argument("--out", default="sga-study", help="output folder; rerun with the same one to continue (default: sga-study)")
+    study.add_argument("--cache-dir", help="where the fine-tuned target and retain models are cached (default: ~/.cache/sga/study-models)")
+    study.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     return parser
 
 
@@ -343,11 +355,26 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study(args: argparse.Namespace) -> int:
+    from .study import DEFAULT_CACHE_DIR, StudyOptions, default_data_dir, run_study
+    from .study_config import QUICK_CONFIG, load_study_config
+
+    if args.quick and args.config:
+        raise ConfigError("--quick runs its own config (sga/configs/study_quick.yaml); drop --config or --quick")
+    config = load_study_config(QUICK_CONFIG if args.quick else args.config)
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    options = StudyOptions(config=config, out=Path(args.out), data_dir=data_dir,
+                           cache_dir=Path(args.cache_dir) if args.cache_dir else DEFAULT_CACHE_DIR, threads=args.threads)
+    run_study(options.validate())
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "unlearn": _unlearn,
     "estimate-rate": _estimate_rate,
     "eval": _evaluate,
     "demo": _demo,
+    "study": _study,
 }
 
 

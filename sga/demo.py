@@ -11,15 +11,17 @@ Steps (each timed and printed):
    authors are the first records of retain_perturbed (the set TOFU evaluates retention on).
 3. Fine-tune (``sft``, ordinary descent on the answers) on forget + retain records, so the model knows
    the authors it will be asked to forget.
-4. From that checkpoint, unlearn the forget authors with each method under one protocol: the same
-   steps, learning rate and batches for every method (``Protocol``).
-5. Evaluate the base model (before fine-tuning), the fine-tuned and the unlearned models with the TOFU
-   metrics (``evaluate_tofu``) on the forget authors, the retain authors and general knowledge (real
-   authors, world facts) that the model had before fine-tuning: answer probability, ROUGE-L recall of
-   greedy answers, truth ratio, model utility. (Forget quality needs a retain-only fine-tune, which does
-   not fit the time budget: it stays None.)
-6. Write the comparison table (printed, and in ``report.json``) and a plot of forgetting against model
-   utility (``forgetting_vs_utility.png``) to the output folder.
+4. From that checkpoint, unlearn the forget authors with each method (GA and SGA) under one protocol: the
+   same steps, learning rate and batches for every method (``Protocol``), evaluated after every epoch so
+   each method has a trajectory.
+5. Evaluate the base model (before fine-tuning), the fine-tuned model and every epoch of the unlearning
+   runs with the TOFU metrics (``evaluate_tofu``) on the forget authors, the retain authors and general
+   knowledge (real authors, world facts) that the model had before fine-tuning: answer probability,
+   ROUGE-L recall of greedy answers, truth ratio, model utility. (Forget quality needs a retain-only
+   fine-tune, which does not fit the time budget: it stays None; ``sga study`` computes it.)
+6. Write the comparison table of the final epochs (printed, and in ``report.json`` with the trajectories)
+   and a plot of the trajectories, forgetting against model utility, a point per epoch
+   (``forgetting_vs_utility.png``), to the output folder.
 """
 from __future__ import annotations
 
@@ -33,11 +35,12 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
 from .config import ConfigError, DataConfig, MethodConfig, ModelConfig, TrainConfig, UnlearnConfig
+from .study_config import evaluation_steps
 
 MODEL_CHOICES = ("auto", "smollm2", "hub", "tiny")
 HUB_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -49,6 +52,8 @@ RETAIN_SPLIT = "retain_perturbed"
 REQUIRED_FILES = (f"{FORGET_SPLIT}.json", f"{FORGET_SPLIT}_perturbed.json", f"{RETAIN_SPLIT}.json",
                   "real_authors_perturbed.json", "world_facts_perturbed.json")
 REPORT_FILE = "report.json"
+# What a trajectory point keeps (report.json): the metrics the plot and the table read.
+TRAJECTORY_KEYS = ("forget_prob", "forget_rouge", "forget_truth_ratio", "retain_prob", "retain_rouge", "model_utility")
 PLOT_FILE = "forgetting_vs_utility.png"
 BASE = "base"
 FINETUNED = "fine-tuned"
@@ -88,19 +93,20 @@ class Protocol:
 
 
 # SmolLM2-135M in fp32 on two CPU cores, synthetic authors: 1 forget author (10 QA) and 3 retain authors
-# (30 QA). Fine-tuning: 20 steps of 8; unlearning: 13 steps of 4 (5 epochs over the forget author).
+# (30 QA). Fine-tuning: 20 steps of 8; unlearning: 6 epochs over the forget author (15 steps of 4), each
+# epoch evaluated, at a learning rate high enough for GA to leave the stable regime within the budget.
 FULL = Protocol(
-    n_authors=4, retain_records=30, sft_epochs=4, sft_lr=1e-4, sft_batch_size=8, unlearn_epochs=5, unlearn_lr=2e-5,
-    batch_size=4, methods=("ga", "sga", "npo"), rate=0.5, num_classes=2, eval_samples=10, eval_batch_size=16,
+    n_authors=4, retain_records=30, sft_epochs=4, sft_lr=1e-4, sft_batch_size=8, unlearn_epochs=6, unlearn_lr=1e-4,
+    batch_size=4, methods=("ga", "sga"), rate=0.5, num_classes=2, eval_samples=10, eval_batch_size=16,
     max_new_tokens=32,
 )
 # The same with real TOFU files: forget01 is 2 authors (40 QA) with longer answers, so fewer retain
-# records, fewer epochs (unlearning: 10 steps of 4, one epoch) and a longer generation budget.
-TOFU = dataclasses.replace(FULL, retain_records=20, sft_epochs=3, unlearn_epochs=1, max_new_tokens=48)
+# records, fewer epochs (unlearning: 3 epochs of 10 steps of 4) and a longer generation budget.
+TOFU = dataclasses.replace(FULL, retain_records=20, sft_epochs=3, unlearn_epochs=3, max_new_tokens=48)
 # The tiny random Llama (2 layers, width 32, byte tokenizer): a smoke test in seconds. A random model
 # needs far larger steps than a pretrained one to learn anything.
 QUICK = Protocol(
-    n_authors=3, retain_records=6, sft_epochs=2, sft_lr=3e-3, sft_batch_size=4, unlearn_epochs=1, unlearn_lr=1e-3,
+    n_authors=3, retain_records=6, sft_epochs=2, sft_lr=3e-3, sft_batch_size=4, unlearn_epochs=2, unlearn_lr=1e-3,
     batch_size=4, methods=("ga", "sga", "npo"), rate=0.5, num_classes=2, eval_samples=2, eval_batch_size=8,
     max_new_tokens=4, max_length=192,
 )
@@ -143,11 +149,16 @@ class DemoOptions:
             missing = [name for name in REQUIRED_FILES if not (self.data / name).is_file()]
             if missing:
                 raise ConfigError(f"--data: {self.data} is not a TOFU folder: it lacks {', '.join(missing)}")
-        if self.out.exists() and not self.out.is_dir():
-            raise ConfigError(f"--out: {self.out} exists and is not a folder")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"--threads must be >= 1, got {self.threads}")
+        check_out_and_threads(self.out, self.threads)
         return self
+
+
+def check_out_and_threads(out: Path, threads: Optional[int]) -> None:
+    """The --out and --threads checks that ``sga demo`` and ``sga study`` share (ConfigError, one line)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out: {out} exists and is not a folder")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {threads}")
 
 
 @dataclass
@@ -328,21 +339,21 @@ def _run_config(
     ).validate()
 
 
-def train_run(model: torch.nn.Module, tokenizer, config: UnlearnConfig) -> dict[str, Any]:
-    """Train ``model`` in place with ``UnlearningTrainer`` under ``config``; returns a summary (status,
-    steps, first and last logged NLLs). Ctrl-C leaves a checkpoint and raises KeyboardInterrupt."""
+def train_run(model: torch.nn.Module, tokenizer, config: UnlearnConfig,
+              on_step: Optional[Callable[[int, Any], None]] = None) -> dict[str, Any]:
+    """Train ``model`` in place with ``UnlearningTrainer`` under ``config`` (``on_step(step, objective)``
+    after every optimizer step); returns a summary (status, steps, first and last logged NLLs). Ctrl-C
+    leaves a checkpoint and raises KeyboardInterrupt."""
     import yaml
 
-    from .data import build_unlearning_data
-    from .objectives import build_objective
-    from .trainer import UnlearningTrainer
+    from .study import evaluating_trainer
 
-    objective = build_objective(config.method, backend=config.train.backend)
-    data = build_unlearning_data(config.data, tokenizer, normal_per_sample=config.method.num_classes - 1 if objective.uses_normal else 0)
     out = Path(config.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
-    result = UnlearningTrainer(model, tokenizer, data, config, objective=objective).train()
+    trainer = evaluating_trainer(model, tokenizer, config, on_step)
+    objective, data = trainer.objective, trainer.data
+    result = trainer.train()
     if result.status == "interrupted":
         raise KeyboardInterrupt(f"interrupted; checkpoint in {result.checkpoint}")
     steps = [h for h in result.history if "event" not in h]
@@ -391,32 +402,31 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join([line(header), rule] + [line(row) for row in rows])
 
 
-def plot_results(results: dict[str, dict[str, Any]], path: Path, title: str) -> Path:
-    """Forgetting (1 - forget ROUGE-L; 1 - forget answer probability) against model utility, one point
-    per model, arrows from the fine-tuned model to the unlearned ones; the base model (which never saw the
-    authors) is a grey cross for reference. matplotlib's Agg canvas (no display needed)."""
+def plot_results(results: dict[str, dict[str, Any]], trajectories: dict[str, list[dict[str, Any]]], path: Path, title: str) -> Path:
+    """Forgetting (1 - forget ROUGE-L; 1 - forget answer probability) against model utility: one line per
+    unlearning method from the fine-tuned model (square) through a point per epoch, numbered; the base
+    model (which never saw the authors) is a grey cross for reference. matplotlib's Agg canvas."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(11, 4.6), layout="constrained")
+    figure = Figure(figsize=(11, 4.8), layout="constrained")
     FigureCanvasAgg(figure)
     panels = (("forget_rouge", "forgetting: 1 - forget ROUGE-L"), ("forget_prob", "forgetting: 1 - forget answer probability"))
-    start = results[FINETUNED]
+    start, base = results[FINETUNED], results[BASE]
     for axis, (key, ylabel) in zip(figure.subplots(1, 2), panels):
-        for i, (name, r) in enumerate(results.items()):
-            x, y = r["model_utility"], 1.0 - r[key]
-            if name == BASE:
-                axis.scatter([x], [y], s=60, marker="x", color="0.5", label=f"{name} (never saw the authors)", zorder=3)
-                continue
-            if name != FINETUNED:
-                axis.annotate("", xy=(x, y), xytext=(start["model_utility"], 1.0 - start[key]),
-                              arrowprops={"arrowstyle": "->", "color": "0.7"})
-            axis.scatter([x], [y], s=60, marker="s" if name == FINETUNED else "o", color=f"C{i}", label=name, zorder=3)
+        axis.scatter([base["model_utility"]], [1.0 - base[key]], s=60, marker="x", color="0.5", label=f"{BASE} (never saw the authors)", zorder=3)
+        axis.scatter([start["model_utility"]], [1.0 - start[key]], s=70, marker="s", color="k", label=f"{FINETUNED} (epoch 0)", zorder=4)
+        for i, (label, points) in enumerate(trajectories.items()):
+            x = [p["model_utility"] for p in points]
+            y = [1.0 - p[key] for p in points]
+            axis.plot(x, y, marker="o", markersize=4, color=f"C{i}", label=f"{label}: a point per epoch", zorder=3)
+            for p, xi, yi in zip(points[1:], x[1:], y[1:]):
+                axis.annotate(str(p["epoch"]), (xi, yi), textcoords="offset points", xytext=(4, 3), fontsize=7, color=f"C{i}")
         axis.set_xlabel("model utility (retain + general knowledge)")
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)
     figure.axes[0].legend(fontsize=8)
-    figure.suptitle(title + "\nbetter: up (forgets more) and right (keeps more)", fontsize=10)
+    figure.suptitle(title + "\nbetter: up (forgets more) and right (keeps more); numbers: epochs of unlearning", fontsize=10)
     figure.savefig(path, dpi=110)
     return path
 
@@ -438,6 +448,12 @@ class _Phases:
         yield
         self.seconds[name] = round(time.monotonic() - begin, 2)
         _say(f"{name}: {self.seconds[name]:.1f} s")
+
+    def split(self, name: str, part: str, seconds: float) -> None:
+        """Move ``seconds`` of phase ``name`` into a phase of its own, ``part`` (time measured inside it)."""
+        self.seconds[name] = round(self.seconds[name] - seconds, 2)
+        self.seconds[part] = round(seconds, 2)
+        _say(f"of which {part}: {seconds:.1f} s")
 
     @property
     def total(self) -> float:
@@ -494,16 +510,28 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         loaded.model = None  # free the fine-tuned model's memory before loading the next ones
         gc.collect()
 
+        trajectories: dict[str, list[dict[str, Any]]] = {}
+        eval_steps = evaluation_steps(data.n_forget, protocol.batch_size, protocol.unlearn_epochs)
         for method in protocol.methods:
             label = method_label(method, protocol)
             model, _ = load_model(finetuned_dir, dtype=torch.float32)
+            trajectory = trajectories[label] = [{"epoch": 0, "step": 0, **results[FINETUNED]}]
+            evaluating = {"s": 0.0}
+
+            def evaluate_epoch(step: int, objective, model=model, trajectory=trajectory, evaluating=evaluating) -> None:
+                if step in eval_steps:
+                    begin = time.monotonic()
+                    trajectory.append({"epoch": eval_steps.index(step) + 1, "step": step,
+                                       **evaluate_model(model, tokenizer, data.data_dir, protocol)})
+                    evaluating["s"] += time.monotonic() - begin
+
             with phases(f"unlearn {method}"):
                 config = _run_config(str(finetuned_dir), None, method, data.forget_file, data.retain_file, runs / method,
                                      protocol, epochs=protocol.unlearn_epochs, lr=protocol.unlearn_lr,
                                      batch_size=protocol.batch_size, **common)
-                training[label] = train_run(model, tokenizer, config)
-            with phases(f"evaluate {method}"):
-                results[label] = evaluate_model(model, tokenizer, data.data_dir, protocol)
+                training[label] = train_run(model, tokenizer, config, evaluate_epoch)
+            phases.split(f"unlearn {method}", f"evaluate {method} (every epoch)", evaluating["s"])
+            results[label] = {key: value for key, value in trajectory[-1].items() if key not in ("epoch", "step")}
             del model
             gc.collect()
             if not options.keep_models:
@@ -514,7 +542,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
         with phases("report"):
             table = format_table(results)
             title = f"sga demo: {loaded.kind} model, {data.source}"
-            plot = plot_results(results, out / PLOT_FILE, title)
+            plot = plot_results(results, trajectories, out / PLOT_FILE, title)
             report = {
                 "model": {"kind": loaded.kind, "source": loaded.source, "parameters": n_params},
                 "data": {"source": data.source, "data_dir": str(data.data_dir), "forget_split": FORGET_SPLIT,
@@ -524,6 +552,8 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
                 "methods": [method_label(m, protocol) for m in protocol.methods],
                 "table": table,
                 "results": results,
+                "trajectories": {label: [{key: point[key] for key in ("epoch", "step", *TRAJECTORY_KEYS)} for point in points]
+                                 for label, points in trajectories.items()},
                 "training": training,
                 "plot": plot.name,
             }

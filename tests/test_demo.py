@@ -9,8 +9,10 @@ import pytest
 from sga import demo
 from sga.cli import main
 
-TOFU_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
-REPORT_KEYS = {"model", "data", "protocol", "torch_threads", "methods", "table", "results", "training", "plot", "timings_s", "total_s"}
+# the real TOFU files beside the checkout (../shared/data/tofu), or in /work/shared/data/tofu for a worktree
+TOFU_DIR = next((d for d in (Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu", Path("/work/shared/data/tofu")) if d.is_dir()),
+                Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu")
+REPORT_KEYS = {"model", "data", "protocol", "torch_threads", "methods", "table", "results", "trajectories", "training", "plot", "timings_s", "total_s"}
 
 
 def _run(capsys, *args):
@@ -42,13 +44,21 @@ def _check_outputs(out: Path, printed: str) -> dict:
         assert summary["status"] == "completed" and summary["steps"] >= 1 and math.isfinite(summary["last_nll"]), name
     # fine-tuning descends, every unlearning method ascends on the forget answers
     assert report["training"][demo.FINETUNED]["last_nll"] < report["training"][demo.FINETUNED]["first_nll"]
+    # a trajectory per method: the fine-tuned model (epoch 0), then one evaluation per epoch; the last is the table's row
+    assert list(report["trajectories"]) == labels
+    for label in labels:
+        points = report["trajectories"][label]
+        assert [p["epoch"] for p in points] == list(range(demo.QUICK.unlearn_epochs + 1)), label
+        assert points[-1]["step"] == report["training"][label]["steps"]
+        assert all(points[0][key] == report["results"][demo.FINETUNED][key] for key in demo.TRAJECTORY_KEYS)
+        assert all(points[-1][key] == report["results"][label][key] for key in demo.TRAJECTORY_KEYS)
     for label in labels:
         assert report["training"][label]["last_nll"] > report["training"][label]["first_nll"], label
     # one timing per phase, each printed, and a total that covers them
     phases = report["timings_s"]
     assert {"load model", f"evaluate {demo.BASE}", "fine-tune (sft)", f"evaluate {demo.FINETUNED}"} <= set(phases)
     for method in demo.QUICK.methods:
-        assert {f"unlearn {method}", f"evaluate {method}"} <= set(phases)
+        assert {f"unlearn {method}", f"evaluate {method} (every epoch)"} <= set(phases)
     assert sum(phases.values()) <= report["total_s"] + 0.1
     assert all(name in printed for name in phases) and "total" in printed
     png = out / report["plot"]
@@ -86,9 +96,9 @@ def test_protocol_choice():
     assert demo.choose_protocol(pretrained=False, real_tofu=True) == "quick"
     assert demo.choose_protocol(pretrained=True, real_tofu=False) == "full"
     assert demo.choose_protocol(pretrained=True, real_tofu=True) == "tofu"
-    # one protocol for every unlearning method of a run: GA, SGA and at least one further baseline
+    # one protocol for every unlearning method of a run, GA and SGA among them, over several epochs (trajectories)
     for protocol in demo.PROTOCOLS.values():
-        assert {"ga", "sga"} < set(protocol.methods)
+        assert {"ga", "sga"} <= set(protocol.methods) and protocol.unlearn_epochs >= 2
 
 
 def test_auto_model_falls_back_to_the_tiny_model(monkeypatch, capsys):
