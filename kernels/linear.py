@@ -14,6 +14,8 @@ through in chunks of R rows. Per chunk
     t    = tanh(Z / c), Zc = c * t      (softcap only: t stays in the first buffer, Zc goes to a second one)
     G    = dL/dZc                       the row kernel, in place over Zc (unnormalized, token weight applied)
     G   *= 1 - t^2                      (softcap only) chain rule: dL/dZ = dL/dZc * (1 - tanh^2(Z / c))
+A row kernel with ``with_softcap`` (the smoothed-GA one) does the middle three lines in its own sweep over Z:
+one [R, V] buffer and no extra passes.
     dH_c = G @ W                        rows of dH, each written once (scattered to the kept rows' places)
     dW  += G^T @ H_c,  db += sum_r G    one GEMM accumulating straight into float32 (float64 for float64 input)
 dH, dW and db are multiplied once, after the loop, by a / D (D the "mean" divisor, 1 for "sum"); with "sum" and
@@ -53,6 +55,7 @@ there backward runs the chunked pass again with token weights w * grad_output (4
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
@@ -97,7 +100,10 @@ logits is one chunk in the compute dtype (unit stride along V); labels the chunk
 weights in the accumulation dtype (float32, float64 for float64 input) or None. Returns the per-token losses
 L_r in the accumulation dtype, token weight applied, 0 for rows whose label is ignore_index. When write_grad
 is True it overwrites logits with dL_r/dz_r (token weight applied, NOT divided by any normalizer: the loop
-applies 1 / D afterwards; zero rows for ignored labels). It must not keep references to logits."""
+applies 1 / D afterwards; zero rows for ignored labels). It must not keep references to logits.
+
+A row kernel that can cap the logits itself has ``with_softcap(c) -> RowKernel`` (its copy that treats logits
+as raw values x, scores z = c tanh(x / c) and writes dL/dx); the loop then leaves the softcap to it."""
 
 
 def default_chunk_rows(
@@ -128,6 +134,12 @@ class SmoothedGARowKernel:
     sign: float
     ignore_index: int
     backend: str
+    softcap: Optional[float] = None
+
+    def with_softcap(self, softcap: float) -> "SmoothedGARowKernel":
+        """The same kernel on capped logits c * tanh(x / c), fused into its sweep (tanh, the loss on the capped
+        values and the chain rule 1 - tanh^2 in one pass): the chunk loop then keeps one [R, V] buffer."""
+        return dataclasses.replace(self, softcap=softcap)
 
     def __call__(
         self, logits: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor], write_grad: bool
@@ -143,6 +155,7 @@ class SmoothedGARowKernel:
             self.sign,
             self.ignore_index,
             self.backend,
+            softcap=self.softcap,
         )
 
 
@@ -518,6 +531,9 @@ def fused_linear_rows(
     weights_1d = None
     if token_weights is not None:
         weights_1d = token_weights.detach().reshape(-1).to(acc_dtype).contiguous()
+    if softcap is not None and hasattr(row_kernel, "with_softcap"):
+        # the row kernel caps the logits itself, in its own sweep: no tanh buffer, no extra [R, V] passes here
+        row_kernel, softcap = row_kernel.with_softcap(softcap), None
     num_buffers = 1 if softcap is None else 2
     row_bytes = vocab_size * torch.empty((), dtype=compute_dtype).element_size()
     config = FusedLinearConfig(

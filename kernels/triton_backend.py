@@ -327,6 +327,12 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def persistent_programs(num_rows: int, config: KernelConfig, device: torch.device) -> int:
+    """Programs of the persistent grid: config.programs_per_sm per SM (per CPU in the interpreter), at most one
+    per row; each program loops over rows p, p + P, p + 2P, ..."""
+    return min(num_rows, config.programs_per_sm * _multiprocessors(device))
+
+
 def _check_transform(softcap: Optional[float], logit_scale: float) -> None:
     for name, value in (("softcap", softcap), ("logit_scale", logit_scale)):
         if value is not None and not (math.isfinite(value) and value > 0):
@@ -366,7 +372,7 @@ def rows_forward(
         config = launch_config(vocab_size, logits.dtype, logits.device)
     if config.single_block and config.block_v < vocab_size:
         raise ValueError(f"single-block config with block_v={config.block_v} cannot hold a row of V={vocab_size}")
-    num_programs = min(num_rows, config.programs_per_sm * _multiprocessors(logits.device))
+    num_programs = persistent_programs(num_rows, config, logits.device)
     with torch.cuda.device(logits.device) if logits.device.type == "cuda" else contextlib.nullcontext():
         _smoothed_ga_rows_kernel[(num_programs,)](
             logits,

@@ -460,3 +460,37 @@ def test_accelerate_backward_path_gives_the_same_gradient(tmp_path, monkeypatch)
     assert [h["grad_norm"] for h in via.history] == pytest.approx([h["grad_norm"] for h in direct.history], rel=1e-5)
     for (name, p), (_, q) in zip(direct_model.named_parameters(), via_model.named_parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_softcap_is_fused_into_the_smoothed_ga_row_kernel(monkeypatch, backend):
+    """issue 10 item 5: with softcap the chunk loop hands the cap to the row kernel (one [R, V] buffer, no tanh
+    passes of its own): every launch gets the softcap, and the result matches the float64 truth on both backends
+    (a cap applied twice, or not at all, would not)."""
+    from sga.kernels import ops
+
+    seen = []
+    original = ops.smoothed_ga_rows
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("softcap"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "smoothed_ga_rows", recording)
+    torch.manual_seed(3)
+    hidden = torch.randn(29, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(97, 8, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 97, (29,))
+    labels[::4] = -100
+    loss = linear_smoothed_ga_loss(hidden, weight, labels, softcap=4.0, smoothing=0.1, backend=backend, chunk_size=8)
+    loss.backward()
+    assert seen and all(cap == 4.0 for cap in seen)
+    from sga.kernels import smoothed_ga_loss_reference
+
+    h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    exact = smoothed_ga_loss_reference(4.0 * torch.tanh(h @ w.t() / 4.0), labels, smoothing=0.1)
+    exact.backward()
+    # the Triton kernel's tanh is a float32-accurate formula (series below |u / c| = 1 / 8), also for float64
+    torch.testing.assert_close(loss, exact, rtol=1e-7, atol=0)
+    torch.testing.assert_close(hidden.grad, h.grad, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(weight.grad, w.grad, rtol=1e-6, atol=1e-9)

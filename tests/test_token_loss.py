@@ -9,6 +9,7 @@ import torch
 
 from sga.kernels import TOKEN_RULES, linear_token_loss, token_loss, token_loss_reference
 from sga.kernels import token_loss_triton
+from sga.kernels.tuning import KernelConfig
 
 BACKENDS = ("torch", "triton")
 RULE_PARAMS = [
@@ -59,7 +60,8 @@ def test_rule_matches_float64_reference(backend, rule, params, reduction):
 @pytest.mark.parametrize("rule,params", RULE_PARAMS[::2] + [("pdu", {})])
 def test_triton_many_blocks_per_row(monkeypatch, rule, params):
     """Blocks of 8 lanes: the online rescale, the running argmax k and the target mask cross block borders."""
-    monkeypatch.setattr(token_loss_triton, "_launch_config", lambda vocab, size: (8, 1))
+    blocks_of_8 = KernelConfig(block_v=8, num_warps=1, programs_per_sm=2)
+    monkeypatch.setattr(token_loss_triton, "launch_config", lambda vocab, dtype, device: blocks_of_8)
     logits, labels, weights = _inputs(num_rows=6, vocab=45, seed=3)
     labels[0], labels[2] = 0, 44  # targets in the first and the last, partial, block
     kwargs = dict(rule=rule, token_weights=weights, **params)
