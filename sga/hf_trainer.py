@@ -54,6 +54,20 @@ class UnlearningCollator:
         return self.data.batch(indices, self.pad_token_id)
 
 
+def _needs_the_engine(objective: Objective) -> Optional[str]:
+    """Why an objective needs a hook of sga's own trainer that this Trainer lacks, or None: extra data built
+    before training (dpo / idk_dpo: preferred answers), an update after each optimizer step (pdu: the dual
+    variable), or forward passes of its own through a frozen copy and the model (undial, rmu, grad_diff with
+    KL), which cannot run while the model's forward is the objective (``call_inside``)."""
+    if hasattr(objective, "prepare_data"):
+        return "builds extra training data before training (prepare_data)"
+    if hasattr(objective, "after_step"):
+        return "updates its own state after every optimizer step (after_step)"
+    if objective.uses_reference_model:
+        return "runs forward passes of the model and a frozen reference copy of its own"
+    return None
+
+
 def _objective_from(method: Union[str, MethodConfig, Objective], backend: str) -> Objective:
     if isinstance(method, Objective):
         return method
@@ -101,6 +115,12 @@ class HFUnlearningTrainer(Trainer):
         if not isinstance(data, UnlearningData):
             raise TypeError(f"data must be an sga.data.UnlearningData, got {type(data).__name__}")
         objective = _objective_from(method, backend)
+        unsupported = _needs_the_engine(objective)
+        if unsupported:
+            raise NotImplementedError(
+                f"HFUnlearningTrainer cannot run method {objective.name!r} yet: it {unsupported}; run it with "
+                "`sga unlearn` (sga.trainer.UnlearningTrainer), which has those hooks"
+            )
         if objective.uses_normal and data.pairs is None:
             raise ValueError(f"method {objective.name} needs normal data: build the data with pairs")
         if objective.uses_reference_model and objective.reference_model is None:
