@@ -567,8 +567,9 @@ def run_study(options: StudyOptions) -> dict[str, Any]:
         _say(f"{len(study.settings)} settings x {len(options.config.seeds)} seeds, evaluated at steps {study.steps}; data: {study.data.source}")
         try:
             target, reference = study.references()
-            for setting in study.settings:
-                for seed in options.config.seeds:
+            # seed-major: a study stopped early has every setting at its first seeds, not some settings at all
+            for seed in options.config.seeds:
+                for setting in study.settings:
                     study.run(target, reference, setting, seed)
         finally:
             study.bar.close()
