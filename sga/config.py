@@ -6,6 +6,7 @@ A config file has one mapping per section, each key a field of that section's da
     data:   {dataset: tofu, tofu_split: forget01, data_dir: ../shared/data/tofu}
     method: {name: sga, rate: 0.5, num_classes: 2}
     train:  {output_dir: runs/sga, learning_rate: 1.0e-5, epochs: 5}
+    evaluation: {eval_every: 50, best_metric: forget_quality, utility_floor: 0.9, retain_reference: retain.json}
 
 Every field carries its help text and its flag name in ``metadata``; ``sga.cli`` builds its flags from
 them, so a field, its YAML key, its flag and its ``--help`` line cannot drift apart. ``validate()``

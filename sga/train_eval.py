@@ -49,6 +49,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import numbers
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,13 +270,11 @@ def check_evaluation_config(config: UnlearnConfig) -> None:
 
 def scalar_metrics(results: Mapping[str, Any]) -> dict[str, Optional[float]]:
     """The numeric results of an evaluation as floats (None kept); lists, dicts, strings and booleans dropped."""
-    out: dict[str, Optional[float]] = {}
-    for key, value in results.items():
-        if value is None:
-            out[key] = None
-        elif not isinstance(value, bool) and hasattr(value, "__float__") and not hasattr(value, "__len__"):
-            out[key] = float(value)
-    return out
+    return {
+        key: None if value is None else float(value)
+        for key, value in results.items()
+        if value is None or (isinstance(value, numbers.Real) and not isinstance(value, bool))
+    }
 
 
 def benchmark_evaluator(config: UnlearnConfig) -> Evaluator:

@@ -195,11 +195,11 @@ def test_a_fresh_run_drops_a_previous_runs_best(tmp_path):
     assert result.best_model is None and not (tmp_path / "best").exists()
 
 
-def test_sharded_training_is_refused():
+def test_sharded_training_is_refused(tmp_path):
     from accelerate.utils import DistributedType
 
     with pytest.raises(ConfigError, match="main process alone.*not FSDP / DeepSpeed"):
-        TrainingEvaluation(_config("unused"), SimpleNamespace(distributed_type=DistributedType.FSDP))
+        TrainingEvaluation(_config(tmp_path / "run"), SimpleNamespace(distributed_type=DistributedType.FSDP))
 
 
 # ---------------------------------------------------------------------------------- the real benchmarks
