@@ -391,8 +391,6 @@ class UnlearningTrainer:
 
         metrics_file = self._open_metrics(step)
         history: list[dict[str, Any]] = []
-        if self.evaluation is not None and step == 0 and self.config.evaluation.eval_at_start:
-            self._evaluate(0, module, metrics_file, history)
         status, reason = "completed", None
         bad_step = False  # the last step is non-finite: nothing of it may be saved
         checkpoint_path: Optional[Path] = None
@@ -402,6 +400,8 @@ class UnlearningTrainer:
         try:
             # the guard covers the final save too: a signal there must not lose the run
             with _InterruptFlag() as interrupt:
+                if self.evaluation is not None and step == 0 and self.config.evaluation.eval_at_start:
+                    self._evaluate(0, module, metrics_file, history)  # the model before unlearning
                 while step < self.total_steps:
                     every = self.config.method.adaptive_rate_every
                     if every and step % every == 0:

@@ -263,6 +263,22 @@ def test_tofu_during_training_from_the_cli(tofu_assets, tmp_path, capsys):
         assert torch.equal(evaluated[name], value), name  # evaluation leaves the trajectory alone
 
 
+def test_evaluation_leaves_a_dropout_models_trajectory_alone(tofu_assets, tmp_path):
+    """GPT-2 trains with dropout on (its RNG stream and train mode matter): the same weights with TOFU
+    evaluations after steps 0, 1 and 2 as without."""
+    data_dir, _, _ = tofu_assets
+    weights = []
+    for eval_every in (0, 1):
+        config = make_config(tmp_path / f"every{eval_every}", "ga", max_steps=2, batch_size=2)
+        config.evaluation.eval_every, config.evaluation.data_dir = eval_every, str(data_dir)
+        config.evaluation.tofu_split, config.evaluation.max_samples, config.evaluation.max_new_tokens = "forget10", 2, 4
+        model, result = _train(config.validate(), model=tiny_random_model("gpt2", tokenizer(), seed=0))
+        assert model.training and len([h for h in result.history if h.get("event")]) == 3 * eval_every
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+    for name, value in weights[0].items():
+        assert torch.equal(weights[1][name], value), name
+
+
 def test_muse_during_training(tmp_path):
     from test_muse_hp import write_muse
 
