@@ -59,7 +59,7 @@ from .config import ConfigError, UnlearnConfig
 
 BEST_DIR = "best"
 BEST_FILE = "best.json"
-# metrics.jsonl keys of an evaluation record besides the metrics
+# the "event" of an evaluation record in metrics.jsonl
 EVAL_EVENT = "eval"
 # The utility that ``utility_floor`` constrains, per benchmark.
 UTILITY_METRIC = {"tofu": "model_utility", "muse": "knowmem_r"}
