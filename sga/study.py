@@ -569,9 +569,11 @@ def run_study(options: StudyOptions) -> dict[str, Any]:
         _say(f"{len(study.settings)} settings x {len(options.config.seeds)} seeds, evaluated at steps {study.steps}; data: {study.data.source}")
         try:
             target, reference = study.references()
-            # seed-major: a study stopped early has every setting at its first seeds, not some settings at all
+            # seed-major, and within a seed the cheaper settings first (training costs ~K passes per step): a
+            # study stopped early has most settings at its first seeds, not some settings at all
+            by_cost = sorted(study.settings, key=lambda setting: setting.method.get("num_classes", 1))
             for seed in options.config.seeds:
-                for setting in study.settings:
+                for setting in by_cost:
                     study.run(target, reference, setting, seed)
         finally:
             study.bar.close()

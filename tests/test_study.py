@@ -78,6 +78,10 @@ def test_quick_study_end_to_end(resumed_study):
     assert target["run"] == "target" and target["step"] == 0 and target["retain_model"]["mia_min_k_auc"] is not None
     expected = {f"{s.label}/seed{seed}": s for s in settings for seed in seeds}
     assert {r["run"] for r in rows[1:]} == set(expected)
+    # run order: seed-major, and within a seed the settings by K (single-pass methods, then K = 2, ...)
+    by_cost = sorted(settings, key=lambda s: s.method.get("num_classes", 1))
+    assert list(dict.fromkeys(r["run"] for r in rows[1:])) == [f"{s.label}/seed{seed}" for seed in seeds for s in by_cost]
+    assert [s.method["name"] for s in by_cost][:2] == ["ga", "npo"]  # npo (no K) moved before the K = 2 runs
     for row in rows:
         assert 0.0 <= row["forget_quality"] <= 1.0 and 0.0 <= row["model_utility"] <= 1.0
         assert 0.0 <= row["mia_min_k_auc"] <= 1.0 and row["privleak"] is not None
