@@ -7,7 +7,8 @@ multi-device types, so ``Accelerator(cpu=True, fsdp_plugin=...)`` runs DDP (MULT
 therefore builds that Accelerator and then sets the state to what accelerate sets on GPUs (distributed_type FSDP and
 the plugin): from there on everything is accelerate's own FSDP2 code (``fsdp2_prepare_model``: fully_shard of the
 decoder layers and the root, gradient clipping of DTensor gradients, the full state dict), over gloo. "plain" is
-the reference: sga's own ``make_accelerator``.
+the reference: sga's own ``make_accelerator``. "fsdp2" also checks the fused loss on a bare HF model sharded by
+accelerate (the layout HF's Trainer gets: final norm and LM head in a group of their own).
 
 Each case trains a tiny model with sga (K = 3) for three steps of a global batch of 4 forget samples x accumulation
 2, gradient clipping at 1.0; process 0 writes OUT_DIR/result.json with per case the distributed type, the step
@@ -85,11 +86,50 @@ def run_case(name: str, mode: str, out_dir: Path, tok, data) -> dict:
     }
 
 
+def bare_model_case(tied: bool) -> dict:
+    """The fused loss on a bare HF model that accelerate's fsdp2_prepare_model sharded (as HF's Trainer prepares it):
+    it puts the final norm and the LM head (and a tied embedding) in one FSDP group of their own. Loss and every
+    gradient against the unsharded copy, as in tests/sharded_worker.py."""
+    import copy
+
+    import torch.distributed as dist
+    from sharded_worker import GLOBAL_BATCH, global_batch, gradients, tiny_llama
+    from torch.distributed.fsdp import FSDPModule
+
+    from sga.hf import causal_lm_loss
+
+    accelerator, _ = fsdp2_accelerator(make_config(Path("unused"), "ga"))
+    model = tiny_llama(tied)
+    reference = copy.deepcopy(model)
+    input_ids, labels = global_batch()
+    count = (labels[:, 1:] != -100).sum()
+    reference_loss = causal_lm_loss(reference, input_ids, labels, smoothing=0.1, normalizer=count, backend="torch")
+    reference_loss.backward()
+    expected = gradients(reference)
+    model, _ = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.0))
+    rank, world = accelerator.process_index, accelerator.num_processes
+    rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+    local = causal_lm_loss(model, input_ids[rows], labels[rows], smoothing=0.1, normalizer=count, backend="torch")
+    (local * world).backward()  # FSDP2 averages the gradients over the processes
+    total = local.detach().clone()
+    dist.all_reduce(total)
+    got = gradients(model)
+    return {
+        "head_in_own_group": isinstance(model.lm_head, FSDPModule) and isinstance(model.model.norm, FSDPModule),
+        "loss": total.item(),
+        "reference_loss": reference_loss.item(),
+        "worst_gradient": max(((got[k] - v).abs().max() / v.abs().max()).item() for k, v in expected.items()),
+        "missing_gradients": sorted(set(expected) - set(got)),
+    }
+
+
 def main(out_dir: str, mode: str) -> None:
     torch.set_num_threads(1)
     tok = tokenizer()
     data = unlearning_data(tok, num_classes=3)
     results = {name: run_case(name, mode, Path(out_dir), tok, data) for name in CASES}
+    if mode == "fsdp2":
+        results["bare"] = {"tied" if tied else "untied": bare_model_case(tied) for tied in (False, True)}
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:

@@ -38,7 +38,13 @@ def _launch(nproc: int, mode: str, out_dir: Path) -> dict:
 def test_accelerate_fsdp2_two_processes_match_one(tmp_path):
     one = _launch(1, "plain", tmp_path / "one")
     two = _launch(2, "fsdp2", tmp_path / "two")
+    bare = two.pop("bare")
     assert set(one) == set(two) == CASES
+    # the fused loss on a bare model that accelerate sharded (norm + head in a group of their own, as under HF's Trainer)
+    for tied, case in bare.items():
+        assert case["head_in_own_group"], tied
+        assert case["loss"] == pytest.approx(case["reference_loss"], rel=1e-5), tied
+        assert case["worst_gradient"] <= 1e-5 and not case["missing_gradients"], (tied, case)
     # the premise: accelerate itself picks DDP on CPU, plugin or not (the first case sees accelerate's own choice)
     assert two["llama_untied"]["chosen_by_accelerate"] == "DistributedType.MULTI_CPU"
     for name in CASES:
