@@ -7,9 +7,6 @@ runs DDP (MULTI_CPU) and drops the plugin. tests/accelerate_fsdp_worker.py sets 
 Accelerator on GPUs; from there on it is accelerate's own FSDP2 code (fsdp2_prepare_model shards the decoder layers
 and the root, clip_grad_norm_ of DTensor gradients, the full state dict of the final model) around sga's loop.
 """
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,25 +16,14 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-WORKER = Path(__file__).with_name("accelerate_fsdp_worker.py")
+from torchrun_helpers import run_worker  # noqa: E402
+
 CASES = {"llama_untied", "gpt2_tied", "llama_lora"}
 
 
-def _launch(nproc: int, mode: str, out_dir: Path) -> dict:
-    out_dir.mkdir(parents=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(WORKER),
-        str(out_dir), mode,
-    ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=480)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads((out_dir / "result.json").read_text())
-
-
 def test_accelerate_fsdp2_two_processes_match_one(tmp_path):
-    one = _launch(1, "plain", tmp_path / "one")
-    two = _launch(2, "fsdp2", tmp_path / "two")
+    one = run_worker("accelerate_fsdp_worker.py", 1, tmp_path / "one", "plain")
+    two = run_worker("accelerate_fsdp_worker.py", 2, tmp_path / "two", "fsdp2")
     bare = two.pop("bare")
     assert set(one) == set(two) == CASES
     # the fused loss on a bare model that accelerate sharded (norm + head in a group of their own, as under HF's Trainer)

@@ -1,11 +1,6 @@
 """The fused loss inside TRL's SFTTrainer (sga.sft.FusedSFTTrainer) against SFTTrainer's own loss, end to end with
 gradient accumulation, on a tiny random Llama (CPU)."""
 import copy
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +11,7 @@ datasets = pytest.importorskip("datasets")
 from sga.hf import fused_causal_lm_loss  # noqa: E402
 from sga.models import tiny_random_model, tiny_tokenizer  # noqa: E402
 from sga.sft import FusedSFTTrainer  # noqa: E402
+from torchrun_helpers import run_worker  # noqa: E402
 
 # the tiny chat format with TRL's {% generation %} markers around the assistant's turns (assistant_only_loss)
 CHAT_TEMPLATE = (
@@ -211,20 +207,11 @@ def test_fused_sft_trainer_patch_is_removable(tmp_path):
         smoothed.remove()
 
 
-def _launch_worker(nproc, out_dir):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    worker = Path(__file__).with_name("trl_worker.py")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(worker), str(out_dir)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=480)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads((out_dir / "result.json").read_text())
-
-
 def test_fused_sft_trainer_two_processes(tmp_path):
     """Under DDP (two processes over gloo) the Trainer's num_items_in_batch counts both processes' tokens and the loss
     is scaled by 2: FusedSFTTrainer must train as SFTTrainer does there, and as one process does."""
-    one = _launch_worker(1, tmp_path / "one")
-    two = _launch_worker(2, tmp_path / "two")
+    one = run_worker("trl_worker.py", 1, tmp_path / "one")
+    two = run_worker("trl_worker.py", 2, tmp_path / "two")
     assert two["world"] == 2 and two["FusedSFTTrainer"]["world_size"] == 2 and one["FusedSFTTrainer"]["world_size"] == 1
     for reference in (two["SFTTrainer"], one["FusedSFTTrainer"]):
         ours = two["FusedSFTTrainer"]
