@@ -42,11 +42,25 @@ def smoothed_ga_loss_reference(
         per_token = per_token - (1.0 - smoothing) * target_logit
     if smoothing != 0.0:
         per_token = per_token - (smoothing / vocab_size) * z.sum(dim=-1)
+    return reduce_token_losses(-1.0 if ascent else 1.0, per_token, valid, token_weights, labels.shape, reduction, normalizer)
+
+
+def reduce_token_losses(
+    sign: float,
+    per_token: torch.Tensor,
+    valid: torch.Tensor,
+    token_weights: Optional[torch.Tensor],
+    shape: torch.Size,
+    reduction: str,
+    normalizer: Union[None, float, torch.Tensor],
+) -> torch.Tensor:
+    """The float64 references' common tail: L_t = s * w_t * l_t on valid tokens (0 elsewhere), then
+    "none" (L in ``shape``), "sum" (sum_t L_t) or "mean" (sum_t L_t / D, D = valid tokens or ``normalizer``;
+    0 when D = 0)."""
     weights = torch.ones_like(per_token) if token_weights is None else token_weights.double().reshape(-1)
-    sign = -1.0 if ascent else 1.0
     per_token = torch.where(valid, sign * weights * per_token, torch.zeros_like(per_token))
     if reduction == "none":
-        return per_token.reshape(labels.shape)
+        return per_token.reshape(shape)
     total = per_token.sum()
     if reduction == "sum":
         return total

@@ -10,7 +10,6 @@ rounded once to the buffer's dtype.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -18,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .token_rules import TokenRule
-from .triton_backend import _ACC_DTYPES, _round_for_store, interpreter_enabled, launch_config, persistent_programs
+from .triton_backend import _round_for_store, launch_config, launch_rows
 
 
 @triton.jit
@@ -129,36 +128,17 @@ def rows_forward(
 
     logits [N, V] with unit stride along V; grad_buffer [N, V] with unit stride along V (it may be logits).
     """
-    num_rows, vocab_size = logits.shape
-    acc_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    row_loss = torch.empty(num_rows, dtype=acc_dtype, device=logits.device)
-    if num_rows == 0:
-        return row_loss
     # the smoothed-GA kernel's launch configuration; the rule kernel always loops over blocks of block_v
-    config = launch_config(vocab_size, logits.dtype, logits.device)
-    grid = (persistent_programs(num_rows, config, logits.device),)
-    with torch.cuda.device(logits.device) if logits.device.type == "cuda" else contextlib.nullcontext():
-        _token_rule_rows_kernel[grid](
-            logits,
-            logits.stride(0),
-            labels,
-            weights if weights is not None else row_loss,  # never read when HAS_WEIGHTS is False
-            grad_norm,
-            grad_buffer if grad_buffer is not None else logits,  # never written when WRITE_GRAD is False
-            grad_buffer.stride(0) if grad_buffer is not None else 0,
-            row_loss,
-            num_rows,
-            vocab_size,
-            float(param0),
-            float(param1),
-            int(ignore_index),
-            RULE=rule.triton_form,
-            USES_Q=rule.uses_q,
-            HAS_WEIGHTS=weights is not None,
-            WRITE_GRAD=grad_buffer is not None,
-            ACC_DTYPE=_ACC_DTYPES.get(logits.dtype, tl.float32),
-            BLOCK_V=config.block_v,
-            EXPLICIT_BF16_RTNE=interpreter_enabled(),
-            num_warps=config.num_warps,
-        )
-    return row_loss
+    config = launch_config(logits.shape[1], logits.dtype, logits.device)
+    return launch_rows(
+        _token_rule_rows_kernel,
+        logits,
+        labels,
+        weights,
+        grad_norm,
+        grad_buffer,
+        (float(param0), float(param1), int(ignore_index)),
+        config,
+        RULE=rule.triton_form,
+        USES_Q=rule.uses_q,
+    )

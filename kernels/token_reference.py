@@ -15,6 +15,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
+from .reference import reduce_token_losses
 from .token_rules import get_rule
 
 
@@ -55,12 +56,4 @@ def token_loss_reference(
     y = labels.reshape(-1).long()
     valid = y != ignore_index
     per_token = _rule_losses(z, torch.where(valid, y, torch.zeros_like(y)), rule, param0, param1)
-    weights = torch.ones_like(per_token) if token_weights is None else token_weights.double().reshape(-1)
-    per_token = torch.where(valid, weights * per_token, torch.zeros_like(per_token))
-    if reduction == "none":
-        return per_token.reshape(labels.shape)
-    total = per_token.sum()
-    if reduction == "sum":
-        return total
-    divisor = valid.sum().double() if normalizer is None else torch.as_tensor(normalizer, dtype=torch.float64)
-    return torch.where(divisor > 0, total / divisor.clamp_min(1e-300), torch.zeros_like(total))
+    return reduce_token_losses(1.0, per_token, valid, token_weights, labels.shape, reduction, normalizer)

@@ -29,6 +29,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from ._linear_validation import check_softcap
+from ._validation import check_logit_scale
 from .tuning import KernelConfig, config_for, interpreter_config
 
 LOG2E = math.log2(math.e)
@@ -333,10 +335,51 @@ def persistent_programs(num_rows: int, config: KernelConfig, device: torch.devic
     return min(num_rows, config.programs_per_sm * _multiprocessors(device))
 
 
-def _check_transform(softcap: Optional[float], logit_scale: float) -> None:
-    for name, value in (("softcap", softcap), ("logit_scale", logit_scale)):
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{name} must be a finite number > 0, got {value}")
+def launch_rows(
+    kernel,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weights: Optional[torch.Tensor],
+    grad_norm: torch.Tensor,
+    grad_buffer: Optional[torch.Tensor],
+    scalars: tuple,
+    config: KernelConfig,
+    **constexprs,
+) -> torch.Tensor:
+    """Launch a row kernel over the persistent grid and return its per-row losses (the accumulation dtype).
+
+    Every row kernel takes (logits, logits row stride, labels, weights, grad_norm, grad buffer, its row stride,
+    row_loss, num_rows, vocab_size, *scalars) and the constexprs HAS_WEIGHTS, WRITE_GRAD, ACC_DTYPE, BLOCK_V and
+    EXPLICIT_BF16_RTNE, set here; ``constexprs`` are the kernel's own. An absent weights or grad buffer is
+    passed as a placeholder pointer that the kernel never touches."""
+    num_rows, vocab_size = logits.shape
+    acc_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    row_loss = torch.empty(num_rows, dtype=acc_dtype, device=logits.device)
+    if num_rows == 0:
+        return row_loss
+    num_programs = persistent_programs(num_rows, config, logits.device)
+    with torch.cuda.device(logits.device) if logits.device.type == "cuda" else contextlib.nullcontext():
+        kernel[(num_programs,)](
+            logits,
+            logits.stride(0),
+            labels,
+            weights if weights is not None else row_loss,  # never read when HAS_WEIGHTS is False
+            grad_norm,
+            grad_buffer if grad_buffer is not None else logits,  # never written when WRITE_GRAD is False
+            grad_buffer.stride(0) if grad_buffer is not None else 0,
+            row_loss,
+            num_rows,
+            vocab_size,
+            *scalars,
+            HAS_WEIGHTS=weights is not None,
+            WRITE_GRAD=grad_buffer is not None,
+            ACC_DTYPE=_ACC_DTYPES.get(logits.dtype, tl.float32),
+            BLOCK_V=config.block_v,
+            EXPLICIT_BF16_RTNE=_INTERPRETED,
+            num_warps=config.num_warps,
+            **constexprs,
+        )
+    return row_loss
 
 
 def rows_forward(
@@ -362,51 +405,39 @@ def rows_forward(
     grad_buffer_zeroed: the caller's buffer already holds zeros, so ignored rows are not written.
     config: a launch configuration from ``tuning`` (default: the tuning table's choice).
     """
-    _check_transform(softcap, logit_scale)
-    num_rows, vocab_size = logits.shape
-    acc_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    row_loss = torch.empty(num_rows, dtype=acc_dtype, device=logits.device)
-    if num_rows == 0:
-        return row_loss
+    check_softcap(softcap)
+    check_logit_scale(logit_scale)
+    vocab_size = logits.shape[1]
     if config is None:
         config = launch_config(vocab_size, logits.dtype, logits.device)
     if config.single_block and config.block_v < vocab_size:
         raise ValueError(f"single-block config with block_v={config.block_v} cannot hold a row of V={vocab_size}")
-    num_programs = persistent_programs(num_rows, config, logits.device)
-    with torch.cuda.device(logits.device) if logits.device.type == "cuda" else contextlib.nullcontext():
-        _smoothed_ga_rows_kernel[(num_programs,)](
-            logits,
-            logits.stride(0),
-            labels,
-            weights if weights is not None else row_loss,  # never read when HAS_WEIGHTS is False
-            grad_norm,
-            grad_buffer if grad_buffer is not None else logits,  # never written when WRITE_GRAD is False
-            grad_buffer.stride(0) if grad_buffer is not None else 0,
-            row_loss,
-            num_rows,
-            vocab_size,
-            float(smoothing),
-            float(sign),
-            int(ignore_index),
-            float(softcap) if softcap is not None else 1.0,
-            float(logit_scale),
-            _planted_gradient_multiplier(),
-            HAS_WEIGHTS=weights is not None,
-            WRITE_GRAD=grad_buffer is not None,
-            ZERO_IGNORED_ROWS=not grad_buffer_zeroed,
-            HAS_SMOOTHING=smoothing != 0.0,
-            HAS_SOFTCAP=softcap is not None,
-            ACC_DTYPE=_ACC_DTYPES.get(logits.dtype, tl.float32),
-            BLOCK_V=config.block_v,
-            SINGLE_BLOCK=config.single_block,
-            NUM_STAGES=config.num_stages,
-            REVERSE_SWEEP2=config.reverse_sweep2,
-            CACHE_HINTS=config.cache_hints,
-            FTZ_EXP2=config.ftz_exp2 and not _INTERPRETED and logits.dtype != torch.float64,
-            EXPLICIT_BF16_RTNE=_INTERPRETED,
-            num_warps=config.num_warps,
-        )
-    return row_loss
+    scalars = (
+        float(smoothing),
+        float(sign),
+        int(ignore_index),
+        float(softcap) if softcap is not None else 1.0,
+        float(logit_scale),
+        _planted_gradient_multiplier(),
+    )
+    return launch_rows(
+        _smoothed_ga_rows_kernel,
+        logits,
+        labels,
+        weights,
+        grad_norm,
+        grad_buffer,
+        scalars,
+        config,
+        ZERO_IGNORED_ROWS=not grad_buffer_zeroed,
+        HAS_SMOOTHING=smoothing != 0.0,
+        HAS_SOFTCAP=softcap is not None,
+        SINGLE_BLOCK=config.single_block,
+        NUM_STAGES=config.num_stages,
+        REVERSE_SWEEP2=config.reverse_sweep2,
+        CACHE_HINTS=config.cache_hints,
+        FTZ_EXP2=config.ftz_exp2 and not _INTERPRETED and logits.dtype != torch.float64,
+    )
 
 
 def scale_rows_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:

@@ -265,11 +265,13 @@ def _as_plain_model(model: torch.nn.Module) -> Iterator[None]:
 
 
 def save_final_model(
-    accelerator, model: torch.nn.Module, state_dict: dict[str, torch.Tensor], tokenizer, path: str | os.PathLike
+    accelerator, model: torch.nn.Module, state_dict: dict[str, torch.Tensor], tokenizer, path: str | os.PathLike,
+    *, json_files: Optional[dict[str, Any]] = None, manifest: bool = False,
 ) -> Path:
     """``save_pretrained`` (safetensors) of the unwrapped ``model`` with ``state_dict`` (gathered by
     ``accelerator.get_state_dict``) and its tokenizer, written to a temporary folder and renamed. A peft
-    model saves its adapter only (load it with peft on top of the base model)."""
+    model saves its adapter only (load it with peft on top of the base model). ``json_files`` (name ->
+    value) are written beside them and, with ``manifest``, a manifest.json of every file, before the rename."""
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")
     if accelerator.is_main_process:
@@ -277,6 +279,10 @@ def save_final_model(
         with _as_plain_model(model):
             model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
+        for name, value in (json_files or {}).items():
+            (tmp / name).write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
+        if manifest:
+            write_manifest(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

@@ -215,6 +215,7 @@ def _unlearn(args: argparse.Namespace) -> int:
         summary = {
             "status": result.status, "step": result.step, "total_steps": result.total_steps, "reason": result.reason,
             "final_model": result.final_model and str(result.final_model), "checkpoint": result.checkpoint and str(result.checkpoint),
+            "best_model": result.best_model and str(result.best_model),
         }
         print(json.dumps(summary))
         if result.status == "interrupted":

@@ -6,6 +6,7 @@ A config file has one mapping per section, each key a field of that section's da
     data:   {dataset: tofu, tofu_split: forget01, data_dir: ../shared/data/tofu}
     method: {name: sga, rate: 0.5, num_classes: 2}
     train:  {output_dir: runs/sga, learning_rate: 1.0e-5, epochs: 5}
+    evaluation: {eval_every: 50, best_metric: forget_quality, utility_floor: 0.9, retain_reference: retain.json}
 
 Every field carries its help text and its flag name in ``metadata``; ``sga.cli`` builds its flags from
 them, so a field, its YAML key, its flag and its ``--help`` line cannot drift apart. ``validate()``
@@ -280,6 +281,53 @@ class TrainConfig:
             raise ConfigError("train.output_dir is empty")
 
 
+EVAL_BENCHMARKS = ("tofu", "muse")
+
+
+@dataclass
+class EvaluationConfig:
+    """Evaluation during training (``sga.train_eval``): a benchmark every N steps and the best model kept.
+    None of it changes what the run trains: a resumed run may change any of it but the criterion."""
+
+    eval_every: int = _opt(0, "evaluate every N optimizer steps and after the last one (0: off)", "--eval-every", trajectory=False)
+    benchmark: str = _opt("tofu", "benchmark whose metrics are computed", "--eval-benchmark", choices=EVAL_BENCHMARKS, trajectory=False)
+    data_dir: Optional[str] = _opt(
+        None, "folder of the benchmark's JSON files; none: data.data_dir for tofu, else the hub dataset", "--eval-data-dir", trajectory=False
+    )
+    tofu_split: Optional[str] = _opt(None, "TOFU forget split evaluated; none: data.tofu_split", "--eval-tofu-split", choices=TOFU_FORGET_SPLITS, trajectory=False)
+    max_samples: Optional[int] = _opt(None, "only the first N items of each evaluation set; none: all", "--eval-max-samples", trajectory=False)
+    batch_size: int = _opt(8, "sequences per evaluation forward pass", "--eval-batch-size", trajectory=False)
+    max_new_tokens: int = _opt(128, "greedy generation budget of the ROUGE answers (muse: of verbmem)", "--eval-max-new-tokens", trajectory=False)
+    retain_reference: Optional[str] = _opt(
+        None, "a retain model's evaluation log (sga eval --output JSON or open-unlearning's TOFU_EVAL.json / MUSE_EVAL.json): "
+        "forget quality (tofu) and privleak", "--eval-retain-reference", trajectory=False,
+    )
+    mia: bool = _opt(False, "also run the membership-inference metrics (tofu: needs the holdout split)", "--eval-mia", trajectory=False)
+    eval_at_start: bool = _opt(True, "also evaluate the model before unlearning (step 0; the baseline of utility_floor)", trajectory=False)
+    best_metric: Optional[str] = _opt(
+        None, "keep the best model in output_dir/best by this metric (e.g. forget_quality, model_utility); none: keep none",
+        "--best-metric", trajectory=False,
+    )
+    utility_floor: Optional[float] = _opt(
+        None, "only evaluations whose utility (tofu: model_utility, muse: knowmem_r) is >= this fraction of step 0's compete for best",
+        "--utility-floor", trajectory=False,
+    )
+
+    def validate(self) -> None:
+        _check_finite(self, "evaluation")
+        if self.eval_every < 0:
+            raise ConfigError(f"evaluation.eval_every must be >= 0 (0 turns evaluation off), got {self.eval_every}")
+        for name in ("batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"evaluation.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ConfigError(f"evaluation.max_samples must be >= 1 or none, got {self.max_samples}")
+        if self.data_dir is not None and not Path(self.data_dir).is_dir():
+            raise ConfigError(f"evaluation.data_dir: no such folder: {self.data_dir}")
+        if self.retain_reference is not None and not Path(self.retain_reference).is_file():
+            raise ConfigError(f"evaluation.retain_reference: no such file: {self.retain_reference}")
+
+
 @dataclass
 class UnlearnConfig:
     """Everything one ``sga unlearn`` / ``sga estimate-rate`` run needs."""
@@ -288,11 +336,15 @@ class UnlearnConfig:
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def validate(self) -> "UnlearnConfig":
         """Check every section; raise :class:`ConfigError` on the first bad value. Returns self."""
+        from .train_eval import check_evaluation_config
+
         for section in SECTIONS:
             getattr(self, section).validate()
+        check_evaluation_config(self)  # the criterion, the benchmark's files and reference, against the data section
         return self
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -309,7 +361,9 @@ class UnlearnConfig:
         }
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "method": MethodConfig, "train": TrainConfig}
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig, "data": DataConfig, "method": MethodConfig, "train": TrainConfig, "evaluation": EvaluationConfig,
+}
 
 
 def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:

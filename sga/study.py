@@ -45,6 +45,7 @@ import torch
 from .config import ConfigError, DataConfig, MethodConfig, ModelConfig, TrainConfig, UnlearnConfig
 from .study_config import RATE_ADAPTIVE, RATE_ESTIMATE, RunSetting, StudyConfig
 from .study_summary import TARGET_RUN
+from .train_eval import TrainerCallback
 
 RESULTS_FILE = "results.jsonl"
 SUMMARY_MD = "summary.md"
@@ -252,11 +253,18 @@ def _train_config(
     ).validate()
 
 
-def evaluating_trainer(model, tokenizer, config: UnlearnConfig, on_step: Optional[Callable[[int, Any], None]] = None):
-    """An UnlearningTrainer for ``config``; ``on_step(step, objective)`` runs after every optimizer step.
+class _OnStep(TrainerCallback):
+    """Calls ``on_step(step, objective)`` after every optimizer step."""
 
-    The trainer has no callback argument; the hook rides on its per-step logging method (``_log``). A
-    public ``on_step_end`` callback in ``sga.trainer`` would be the better hook."""
+    def __init__(self, on_step: Callable[[int, Any], None]) -> None:
+        self.on_step = on_step
+
+    def on_step_end(self, trainer, step: int, record: dict[str, Any]) -> None:
+        self.on_step(step, trainer.objective)
+
+
+def evaluating_trainer(model, tokenizer, config: UnlearnConfig, on_step: Optional[Callable[[int, Any], None]] = None):
+    """An UnlearningTrainer for ``config``; ``on_step(step, objective)`` runs after every optimizer step."""
     from .data import build_unlearning_data
     from .objectives import build_objective
     from .trainer import UnlearningTrainer
@@ -264,14 +272,8 @@ def evaluating_trainer(model, tokenizer, config: UnlearnConfig, on_step: Optiona
     objective = build_objective(config.method, backend=config.train.backend)
     normal = config.method.num_classes - 1 if objective.uses_normal else 0
     data = build_unlearning_data(config.data, tokenizer, normal_per_sample=normal)
-
-    class EvaluatingTrainer(UnlearningTrainer):
-        def _log(self, record, metrics_file, history):
-            super()._log(record, metrics_file, history)
-            if on_step is not None and "event" not in record:
-                on_step(int(record["step"]), self.objective)
-
-    return EvaluatingTrainer(model, tokenizer, data, config, objective=objective)
+    callbacks = [_OnStep(on_step)] if on_step is not None else []
+    return UnlearningTrainer(model, tokenizer, data, config, objective=objective, callbacks=callbacks)
 
 
 def _train(trainer) -> None:

@@ -27,6 +27,10 @@ Divergence. A non-finite loss, NLL or gradient norm (computed every step, one fu
 with status "diverged" before anything of that step is saved: no final model, no checkpoint; the last
 good checkpoint stays. metrics.jsonl stays strict JSON: a non-finite number is written as the string
 "NaN", "Infinity" or "-Infinity".
+
+Evaluation and callbacks. ``evaluation.eval_every`` evaluates a benchmark during training and keeps the
+best model under a declared criterion (``sga.train_eval``); ``callbacks`` (``TrainerCallback``) are told
+about every step and evaluation.
 """
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
@@ -49,6 +53,7 @@ from .data import BatchSchedule, UnlearningData, data_fingerprint
 from .distributed import is_dtensor
 from .objectives import Objective, build_objective, reference_sequence_nll
 from .rate import clip_rate, estimate_rate
+from .train_eval import BEST_DIR, BEST_FILE, Evaluator, TrainerCallback, TrainingEvaluation, clear_best
 
 METRICS_FILE = "metrics.jsonl"
 RUN_FILE = "run.json"  # the batch layout and distributed setup of the run
@@ -73,6 +78,7 @@ class TrainResult:
     final_model: Optional[Path] = None
     history: list[dict[str, Any]] = field(default_factory=list)
     reason: Optional[str] = None
+    best_model: Optional[Path] = None  # output_dir/best when evaluation kept a best model
 
 
 def _strict_json(record: dict[str, Any]) -> dict[str, Any]:
@@ -166,6 +172,8 @@ class UnlearningTrainer:
         config: the run config (model section: LoRA, gradient checkpointing; method; train).
         objective: defaults to ``build_objective(config.method)``.
         accelerator: defaults to :func:`make_accelerator`.
+        callbacks: ``TrainerCallback`` objects told about every step and evaluation.
+        evaluator: replaces the benchmark of ``config.evaluation`` (``sga.train_eval.Evaluator``).
     """
 
     def __init__(
@@ -177,6 +185,8 @@ class UnlearningTrainer:
         *,
         objective: Optional[Objective] = None,
         accelerator=None,
+        callbacks: Sequence[TrainerCallback] = (),
+        evaluator: Optional[Evaluator] = None,
     ) -> None:
         self.config = config
         self.tokenizer = tokenizer
@@ -199,6 +209,8 @@ class UnlearningTrainer:
             raise ConfigError(f"train.warmup_steps ({config.train.warmup_steps}) exceeds the {self.total_steps} steps of the run")
         self.model = model
         data.check_labels(_head_rows(model))
+        self.callbacks = list(callbacks)
+        self.evaluation = TrainingEvaluation(config, self.accelerator, evaluator) if config.evaluation.eval_every else None
 
     def _check_adaptive(self) -> None:
         from accelerate.utils import DistributedType
@@ -308,10 +320,10 @@ class UnlearningTrainer:
         if not self.accelerator.is_main_process:
             return None
         if resumed_step and path.is_file():
-            # Drop records the resumed run writes again: steps past the checkpoint, and rate estimates
-            # made at or after its step (an estimate at step s is logged before step s + 1 runs).
+            # Drop records the resumed run writes again: steps and evaluations past the checkpoint, and rate
+            # estimates made at or after its step (an estimate at step s is logged before step s + 1 runs).
             def before_checkpoint(record: dict) -> bool:
-                return record["step"] < resumed_step if record.get("event") else record["step"] <= resumed_step
+                return record["step"] < resumed_step if record.get("event") == "rate" else record["step"] <= resumed_step
 
             lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
             kept = [line for line in lines if before_checkpoint(json.loads(line))]
@@ -347,6 +359,10 @@ class UnlearningTrainer:
             # before any state is loaded: another architecture or a LoRA / full mismatch is named, not a traceback
             resume_state = checkpoint.read_state(resume_path)
             self._check_fingerprint(resume_path, resume_state)
+            if self.evaluation is not None:
+                self.evaluation.restore(resume_state.get("evaluation"), int(resume_state["step"]), self.output_dir)
+        elif acc.is_main_process:
+            clear_best(self.output_dir)  # a previous run's best model is not this run's
         if acc.is_main_process:
             self._write_config()
 
@@ -387,6 +403,8 @@ class UnlearningTrainer:
         try:
             # the guard covers the final save too: a signal there must not lose the run
             with _InterruptFlag() as interrupt:
+                if self.evaluation is not None and step == 0 and self.config.evaluation.eval_at_start:
+                    self._evaluate(0, module, metrics_file, history)  # the model before unlearning
                 while step < self.total_steps:
                     every = self.config.method.adaptive_rate_every
                     if every and step % every == 0:
@@ -398,7 +416,9 @@ class UnlearningTrainer:
                         epochs_done = step * train_cfg.batch_size * train_cfg.grad_accum / len(self.data)
                         record.update(self.objective.after_step(record, epochs_done))
                     record.update(step=step, time_s=round(time.monotonic() - start, 3))
-                    self._log(record, metrics_file, history)
+                    logged = self._log(record, metrics_file, history)
+                    for callback in self.callbacks:
+                        callback.on_step_end(self, step, logged)
                     if progress is not None:
                         progress.update(1)
                         progress.set_postfix({k: f"{record[k]:.4g}" for k in ("forget_nll", "normal_nll") if k in record})
@@ -406,6 +426,8 @@ class UnlearningTrainer:
                     if non_finite:
                         status, reason, bad_step = "diverged", f"non-finite {', '.join(non_finite)} at step {step}", True
                         break
+                    if self.evaluation is not None and self.evaluation.due(step, self.total_steps):
+                        self._evaluate(step, module, metrics_file, history)  # before an interrupt: its checkpoint has it
                     if record.pop("_interrupted") and step < self.total_steps:
                         status = "interrupted"
                         break
@@ -430,7 +452,8 @@ class UnlearningTrainer:
                 progress.close()
             if metrics_file is not None:
                 metrics_file.close()
-        return TrainResult(status, step, self.total_steps, self.output_dir, checkpoint_path, final_model, history, reason)
+        best_model = self.output_dir / BEST_DIR if self.evaluation is not None and self.evaluation.best is not None else None
+        return TrainResult(status, step, self.total_steps, self.output_dir, checkpoint_path, final_model, history, reason, best_model)
 
     def _save_final_or_checkpoint(self, module, step: int, status: str, interrupt: _InterruptFlag):
         """Write final/; if that fails or a second Ctrl-C aborts it, write a checkpoint (signals deferred)
@@ -483,11 +506,27 @@ class UnlearningTrainer:
         (self.output_dir / CONFIG_FILE).write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False), encoding="utf-8")
 
     def _save_final(self, module) -> Path:
+        return self._export_model(module, self.output_dir / FINAL_MODEL_DIR)
+
+    def _export_model(self, module, path: Path, **options) -> Path:
+        """The trained model (unwrapped, gathered) and the tokenizer as a model folder (every process)."""
         acc = self.accelerator
         inner = acc.unwrap_model(module).model
         state_dict = acc.get_state_dict(module)
         state_dict = {key.removeprefix("model."): value for key, value in state_dict.items()} if state_dict else state_dict
-        return checkpoint.save_final_model(acc, inner, state_dict, self.tokenizer, self.output_dir / FINAL_MODEL_DIR)
+        return checkpoint.save_final_model(acc, inner, state_dict, self.tokenizer, path, **options)
+
+    def _evaluate(self, step: int, module, metrics_file, history: list[dict[str, Any]]) -> None:
+        """Evaluate the model after ``step`` (on the main process, the others waiting), log the record, write
+        best/ when the criterion says so, then tell the callbacks (``sga.train_eval``)."""
+        began = time.monotonic()
+        metrics = self.evaluation.evaluate(self.accelerator.unwrap_model(module).model, self.tokenizer, step)
+        is_best = self.evaluation.observe(step, metrics)
+        if is_best:
+            self._export_model(module, self.output_dir / BEST_DIR, json_files={BEST_FILE: self.evaluation.best}, manifest=True)
+        record = self._log(self.evaluation.record(step, metrics, is_best, time.monotonic() - began), metrics_file, history)
+        for callback in self.callbacks:
+            callback.on_evaluate(self, step, record)
 
     def _record_batch_layout(self) -> None:
         """Print the step's batch sizes (per device x accumulation x processes = effective) and store them, with
@@ -610,12 +649,14 @@ class UnlearningTrainer:
         self.objective.rate = clip_rate(raw, method.rate_min, method.rate_max)
         return {"event": "rate", "step": step, "rate_estimate": raw, "rate": self.objective.rate, "grad_ff": stats.ff, "grad_fn": stats.fn, "grad_nn": stats.nn}
 
-    def _log(self, record: dict[str, Any], metrics_file, history: list[dict[str, Any]]) -> None:
+    def _log(self, record: dict[str, Any], metrics_file, history: list[dict[str, Any]]) -> dict[str, Any]:
+        """Append the record (its public keys) to the history and metrics.jsonl; returns what was logged."""
         public = {k: v for k, v in record.items() if not k.startswith("_")}
         history.append(public)
         if metrics_file is not None:
             metrics_file.write(json.dumps(_strict_json(public), allow_nan=False) + "\n")
             metrics_file.flush()
+        return public
 
     def _save_checkpoint(self, step: int) -> Path:
         state: dict[str, Any] = {"fingerprint": self._fingerprint()}
@@ -623,5 +664,7 @@ class UnlearningTrainer:
             state["rate"] = self.objective.rate
         if hasattr(self.objective, "checkpoint_state"):
             state["objective_state"] = self.objective.checkpoint_state()
+        if self.evaluation is not None:
+            state["evaluation"] = self.evaluation.state()
         tensors = {"reference_nll": self.data.reference_nll} if self.data.reference_nll is not None else {}
         return checkpoint.save_checkpoint(self.accelerator, self.output_dir, step, state, tensors, keep=self.config.train.save_total_limit)
