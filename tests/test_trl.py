@@ -92,18 +92,22 @@ def assert_same_training(theirs, ours):
 def masked_labels(trainer):
     """The share of label positions of real (non-padding) tokens that the trainer's collator ignores."""
     batch = next(iter(trainer.get_train_dataloader()))
-    real = batch["attention_mask"].bool()
+    real = batch.get("attention_mask", torch.ones_like(batch["labels"])).bool()  # padding-free batches have no padding
     return ((batch["labels"] == -100) & real).sum().item() / real.sum().item()
 
 
-@pytest.mark.parametrize("kind", sorted(DATASETS))
-def test_fused_sft_trainer_gives_sft_trainers_own_training(tmp_path, kind):
+@pytest.mark.parametrize(
+    "kind, packing", [("text", False), ("prompt_completion", False), ("assistant_only", False), ("prompt_completion", True)]
+)
+def test_fused_sft_trainer_gives_sft_trainers_own_training(tmp_path, kind, packing):
     """Same logged losses and same weights after three SGD steps as SFTTrainer with its own (TRL's fused-head) loss,
-    for full-sequence, completion-only and assistant-only masks."""
-    theirs = train(trl.SFTTrainer, kind, tmp_path / "own")
-    ours = train(FusedSFTTrainer, kind, tmp_path / "fused")
+    for full-sequence, completion-only and assistant-only masks, and packed (padding-free) batches."""
+    config = {"packing": True, "max_length": 64} if packing else {}
+    theirs = train(trl.SFTTrainer, kind, tmp_path / "own", config=config)
+    ours = train(FusedSFTTrainer, kind, tmp_path / "fused", config=config)
     their_trainer, our_trainer = theirs[0], ours[0]
     assert our_trainer.completion_only_loss == (kind == "prompt_completion")  # TRL's default for the data
+    assert our_trainer.padding_free == packing  # packing's default strategy (bfd) is padding-free
     masked = masked_labels(our_trainer)
     assert masked > 0.2 if kind != "text" else masked == pytest.approx(0.0)  # the premise: prompts are masked
     initial = dict(tiny_random_model("llama", tokenizer_for(kind)).named_parameters())
