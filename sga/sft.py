@@ -14,14 +14,14 @@ padding-free batches, PEFT. The loss is the Trainer's own path, ``model(**inputs
 (``transformers.Trainer.compute_loss``), reaching the :func:`sga.hf.fused_causal_lm_loss` patch that this class
 installs on the model after ``SFTTrainer`` has added its head:
 
-    loss = sum over the window's non-ignored tokens of s * ((1 - eps) (lse - z_y) + eps (lse - mean_v z_v)) / N
+    loss of a micro-batch = sum over its non-ignored tokens of s * ((1 - eps) (lse - z_y) + eps (lse - mean_v z_v)) / N
 
 with N the Trainer's ``num_items_in_batch`` (the label tokens of the whole accumulation window over all processes),
 so with smoothing 0 and descent it is ``SFTTrainer``'s own negative log-likelihood, and with smoothing eps the
 label-smoothed loss of its ``label_smoothing_factor = eps`` (without computing the logits).
 
-Not logged: TRL's ``entropy``, ``mean_token_accuracy`` and ``num_tokens`` metrics (its fused head computes them
-from the full next-token distributions, which the fused loss does not form).
+Not logged: TRL's ``entropy`` and ``mean_token_accuracy`` (its fused head computes them from the full next-token
+distributions, which the fused loss does not form) and ``num_tokens`` (counted in ``SFTTrainer.compute_loss``).
 """
 from __future__ import annotations
 
