@@ -158,12 +158,12 @@ def test_bf16_autocast_is_as_close_to_float32_as_sft_trainers_own(tmp_path):
 
 def test_fused_sft_trainer_evaluates_as_sft_trainer(tmp_path):
     """evaluate(): the eval loss (micro-batch means, no num_items_in_batch) is SFTTrainer's own, and it is the fused
-    loss that is evaluated (smoothing changes it)."""
+    loss that is evaluated (with ascent=True it is the negated loss)."""
     tok = tokenizer_for("prompt_completion")
     dataset = datasets.Dataset.from_list([DATASETS["prompt_completion"](i) for i in range(6)])
     losses = []
     for name, trainer_class, kwargs in (
-        ("own", trl.SFTTrainer, {}), ("fused", FusedSFTTrainer, {}), ("smoothed", FusedSFTTrainer, {"smoothing": 0.3})
+        ("own", trl.SFTTrainer, {}), ("fused", FusedSFTTrainer, {}), ("ascent", FusedSFTTrainer, {"ascent": True})
     ):
         trainer = trainer_class(
             model=tiny_random_model("llama", tok), args=sft_config(tmp_path / name, per_device_eval_batch_size=4),
@@ -171,7 +171,7 @@ def test_fused_sft_trainer_evaluates_as_sft_trainer(tmp_path):
         )
         losses.append(trainer.evaluate()["eval_loss"])
     assert losses[1] == pytest.approx(losses[0], rel=1e-6)
-    assert abs(losses[2] - losses[0]) > 1e-3
+    assert losses[2] == pytest.approx(-losses[0], rel=1e-6)
 
 
 def test_fused_sft_trainer_refusals(tmp_path):
