@@ -29,7 +29,11 @@ from typing import Any, Optional
 
 import torch
 from transformers import Trainer
-from trl import SFTTrainer
+
+try:
+    from trl import SFTTrainer
+except ImportError as error:
+    raise ImportError(f"sga.sft needs TRL ({error}): pip install 'trl>=1.16' (the extra sga[trl])") from error
 
 from .hf import _base_model, _installed_patch, fused_causal_lm_loss
 
