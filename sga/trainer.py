@@ -50,6 +50,7 @@ import torch
 from . import checkpoint
 from .config import ConfigError, UnlearnConfig
 from .data import BatchSchedule, UnlearningData, data_fingerprint
+from .distributed import is_dtensor
 from .objectives import Objective, build_objective, reference_sequence_nll
 from .rate import clip_rate, estimate_rate
 from .train_eval import BEST_DIR, BEST_FILE, Evaluator, TrainerCallback, TrainingEvaluation, clear_best
@@ -126,6 +127,8 @@ def make_accelerator(config: UnlearnConfig):
         precision = launched or ("bf16" if cuda and torch.cuda.is_bf16_supported() else "no")
     if precision != "no" and not cuda:
         raise ConfigError(f"train.mixed_precision={precision} needs a CUDA GPU")
+    if not cuda and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":  # accelerate drops FSDP on CPU
+        raise ConfigError("FSDP (accelerate launch --use_fsdp) needs CUDA GPUs: on CPU accelerate trains unsharded (DDP); drop --use_fsdp")
     return Accelerator(
         cpu=not cuda,
         mixed_precision=precision,
@@ -623,7 +626,8 @@ class UnlearningTrainer:
         acc = self.accelerator
         max_norm = self.config.train.max_grad_norm
         if max_norm is not None or acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-            return acc.clip_grad_norm_(module.parameters(), max_norm if max_norm is not None else math.inf)
+            norm = acc.clip_grad_norm_(module.parameters(), max_norm if max_norm is not None else math.inf)
+            return norm.full_tensor() if is_dtensor(norm) else norm  # FSDP2's norm of DTensor gradients is a DTensor
         acc.unscale_gradients()
         grads = [p.grad for p in module.parameters() if p.grad is not None]
         return torch.nn.utils.get_total_norm(grads, foreach=True) if grads else None

@@ -5,10 +5,6 @@ Under both frameworks the LM head's weight is not the whole matrix outside its m
 ZeRO-3 placeholder of shape [0]); sga.hf computes the loss inside that call (sga.distributed.call_inside), where
 the framework has gathered it, and the framework reduces the gradients as for any module.
 """
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,19 +15,11 @@ transformers = pytest.importorskip("transformers")
 from sga import distributed  # noqa: E402
 from sga.hf import causal_lm_loss  # noqa: E402
 from test_hf import make_batch, make_model  # noqa: E402
-
-WORKER = Path(__file__).with_name("sharded_worker.py")
+from torchrun_helpers import run_worker  # noqa: E402
 
 
 def _launch(framework: str, out_dir: Path) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER), str(out_dir),
-        framework,
-    ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=480)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads((out_dir / "result.json").read_text())
+    return run_worker("sharded_worker.py", 2, out_dir, framework, env={"DS_ACCELERATOR": "cpu"})
 
 
 def _assert_matches_one_process(result: dict) -> None:

@@ -1,8 +1,5 @@
 """The fused loss and the unlearning objectives inside Hugging Face's transformers.Trainer (CPU, tiny models)."""
 import copy
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +16,7 @@ from sga.hf import fused_causal_lm_loss  # noqa: E402
 from sga.hf_trainer import HFUnlearningTrainer, UnlearningCollator, _needs_the_engine  # noqa: E402
 from sga.models import tiny_random_model  # noqa: E402
 from sga.objectives import OBJECTIVES, build_objective  # noqa: E402
+from torchrun_helpers import run_worker  # noqa: E402
 
 
 def training_args(tmp_path, **overrides):
@@ -196,20 +194,11 @@ def test_hf_unlearning_trainer_refusals(tmp_path, paired_data):
         HFUnlearningTrainer(model, args, data=unpaired, method="sga", pad_token_id=0)
 
 
-def _launch_worker(nproc, out_dir):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    worker = Path(__file__).with_name("hf_trainer_worker.py")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(worker), str(out_dir)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads((out_dir / "result.json").read_text())
-
-
 def test_hf_unlearning_trainer_two_processes_match_one(tmp_path):
     """Under torchrun the Trainer wraps the model in DDP: the objective must run through that wrapper (so DDP
     reduces the gradients) and be normalized by N / P, or the weights after two steps differ from one process's."""
-    one = _launch_worker(1, tmp_path / "one")
-    two = _launch_worker(2, tmp_path / "two")
+    one = run_worker("hf_trainer_worker.py", 1, tmp_path / "one")
+    two = run_worker("hf_trainer_worker.py", 2, tmp_path / "two")
     assert one["world"] == 1 and two["world"] == 2
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
     for name, values in one["params"].items():
