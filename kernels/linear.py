@@ -10,7 +10,7 @@ Two entry points:
 
 Chunked algorithm (every backend): the M kept token rows (labels != ignore_index, see "Ignored rows") go
 through in chunks of R rows. Per chunk
-    Z    = a * (H_c @ W^T + b)         one GEMM into an [R, V] buffer (a = logit_scale; one chunk at a time)
+    Z    = a * (H_c @ W^T + b)         one GEMM into the [R, V] workspace (a = logit_scale), reused by every chunk
     t    = tanh(Z / c), Zc = c * t      (softcap only: t stays in the first buffer, Zc goes to a second one)
     G    = dL/dZc                       the row kernel, in place over Zc (unnormalized, token weight applied)
     G   *= 1 - t^2                      (softcap only) chain rule: dL/dZ = dL/dZc * (1 - tanh^2(Z / c))
@@ -43,8 +43,10 @@ float64 input):
   chunk (no [V, D] buffer; what memory-lean fused losses do).
 A float32 accumulator of low-precision GEMMs is updated by one GEMM with float32 output
 (``torch.addmm(..., out_dtype=torch.float32)``, CUDA, where the torch version has it; detected once per
-device), else by GEMMs over vocabulary blocks whose rounded products are added (no temporary larger than a
-chunk buffer; the CPU path: its torch has no float32-output bf16 GEMM).
+device), else by GEMMs over vocabulary blocks whose rounded products are added (at most 4 MiB and a chunk
+buffer each; the CPU path: its torch has no float32-output bf16 GEMM). The GEMMs themselves are
+``_linear_gemms``'s: on the CPU in float32 they run on oneDNN, which is about 2x MKL's sgemm on the AMD CPU
+of bench/NOTES.md ("v4").
 
 Like the logits kernel, the gradient is computed in the forward pass when the loss is reduced to a scalar
 and backward only scales it by grad_output, in place (skipped on CPU tensors when grad_output is exactly 1).
@@ -63,7 +65,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import ops
+from . import _linear_gemms, ops
 from ._linear_validation import (
     check_chunk_options,
     check_kept_rows,
@@ -179,46 +181,6 @@ class FusedLinearConfig:
     accumulate_in_float32: bool = True
 
 
-_ADDMM_OUT_DTYPE: dict[torch.device, bool] = {}
-
-
-def _addmm_out_dtype_works(device: torch.device) -> bool:
-    """Whether ``torch.addmm(acc, a, b, out_dtype=float32, out=acc)`` accumulates bf16 products into a float32
-    acc on this device (CUDA with a recent torch; not the CPU). Tried once per device on a tiny case."""
-    if device not in _ADDMM_OUT_DTYPE:
-        works = False
-        if device.type == "cuda":
-            try:
-                a = torch.ones(2, 3, dtype=torch.bfloat16, device=device)
-                acc = torch.ones(2, 2, dtype=torch.float32, device=device)
-                torch.addmm(acc, a, a.t(), out_dtype=torch.float32, out=acc)
-                works = bool((acc == 4.0).all())  # 1 + 3: the product was added, not stored
-            except (RuntimeError, TypeError, NotImplementedError):
-                works = False
-        _ADDMM_OUT_DTYPE[device] = works
-    return _ADDMM_OUT_DTYPE[device]
-
-
-def _accumulate_weight_grad(dw: torch.Tensor, grad: torch.Tensor, hidden_chunk: torch.Tensor, block: int) -> None:
-    """dW += G^T @ H_c into the accumulator dw.
-
-    Same dtype as the GEMMs: one GEMM straight into dw (for a low-precision dw that is one rounding per chunk).
-    A wider dw: one GEMM with dw's output dtype where the device has it, else GEMMs in the compute precision
-    over blocks of `block` vocabulary rows, each rounded product added into dw (a temporary no larger than the
-    chunk buffer).
-    """
-    if dw.dtype == grad.dtype:
-        dw.addmm_(grad.t(), hidden_chunk)
-        return
-    if _addmm_out_dtype_works(dw.device):
-        torch.addmm(dw, grad.t(), hidden_chunk, out_dtype=dw.dtype, out=dw)
-        return
-    vocab_size = grad.shape[1]
-    for start in range(0, vocab_size, block):
-        stop = min(start + block, vocab_size)
-        dw[start:stop].add_(torch.mm(grad[:, start:stop].t(), hidden_chunk))
-
-
 def _chunked_pass(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -254,9 +216,12 @@ def _chunked_pass(
 
     weight_c = weight.to(compute_dtype)  # no copy without autocast
     bias_c = None if bias is None else bias.to(compute_dtype)
-    dw_block = max(1, min(config.chunk_rows, num_kept) * vocab_size // hidden_size)
-    weight_t = weight_c.t()
-    scale = config.logit_scale
+    # the [R, V] chunk buffers, allocated once per call and reused by every chunk (out=): a fresh buffer per chunk
+    # pays its first-touch page faults every time on the CPU (a 63 MiB one is mmapped and unmapped by glibc:
+    # ~60 ms a chunk, bench/NOTES.md "v4"); CUDA's caching allocator would hand back the same block anyway
+    chunk_shape = (min(config.chunk_rows, num_kept), vocab_size)
+    workspace = torch.empty(chunk_shape, dtype=compute_dtype, device=device)
+    capped = None if config.softcap is None else torch.empty(chunk_shape, dtype=compute_dtype, device=device)
     for start in range(0, num_kept, config.chunk_rows):
         stop = min(start + config.chunk_rows, num_kept)
         if kept_rows is None:
@@ -269,18 +234,12 @@ def _chunked_pass(
             hidden_chunk = hidden.index_select(0, index).to(compute_dtype)
             labels_chunk = labels.index_select(0, index)
             weights_chunk = None if row_weights is None else row_weights.index_select(0, index)
-        logits = tanh = grad = None  # drop the previous chunk's [R, V] buffers before the next product
-        # a fresh [R, V] product per chunk: the allocator hands back the previous chunk's block (CUDA's caching
-        # allocator, glibc's heap), and the CPU GEMM writes it directly where out= would go through a temporary
-        if bias_c is None:
-            logits = torch.mm(hidden_chunk, weight_t)  # Z = H_c W^T
-            if scale != 1.0:
-                logits.mul_(scale)  # Z = a H_c W^T
-        else:
-            logits = torch.addmm(bias_c, hidden_chunk, weight_t, beta=scale, alpha=scale)  # Z = a (H_c W^T + b)
-        if config.softcap is not None:
+        logits = workspace[: stop - start]
+        _linear_gemms.logits_into(logits, hidden_chunk, weight_c, bias_c, config.logit_scale)  # Z = a (H_c W^T + b)
+        tanh = None
+        if capped is not None:
             tanh = logits.div_(config.softcap).tanh_()  # t = tanh(Z / c), kept for the chain rule
-            logits = tanh * config.softcap  # Zc = c t
+            logits = torch.mul(tanh, config.softcap, out=capped[: stop - start])  # Zc = c t
         # G = dL/dZc overwrites Zc (in place) when a gradient is needed
         chunk_loss = config.row_kernel(logits, labels_chunk, weights_chunk, need_any)
         if index is None:
@@ -293,14 +252,13 @@ def _chunked_pass(
         if tanh is not None:
             grad.mul_(tanh.square_().neg_().add_(1.0))  # dL/dZ = dL/dZc * (1 - t^2); the factor a comes later
         if dh is not None:
+            hidden_grad = _linear_gemms.hidden_grad(grad, weight_c)  # dH_c = G W
             if index is not None:
-                dh.index_copy_(0, index, torch.mm(grad, weight_c).to(dh.dtype))  # dH_c = G W, scattered
-            elif dh.dtype == compute_dtype:
-                torch.mm(grad, weight_c, out=dh[start:stop])  # dH_c = G W
+                dh.index_copy_(0, index, hidden_grad.to(dh.dtype))  # scattered to the kept rows' places
             else:
-                dh[start:stop] = torch.mm(grad, weight_c)  # dH_c = G W, cast back to the hidden dtype
+                dh[start:stop] = hidden_grad  # cast back to the hidden dtype
         if dw is not None:
-            _accumulate_weight_grad(dw, grad, hidden_chunk, dw_block)  # dW += G^T H_c
+            _linear_gemms.accumulate_weight_grad(dw, grad, hidden_chunk)  # dW += G^T H_c
         if db is not None:
             db.add_(grad.sum(dim=0, dtype=acc_dtype))  # db += sum_r G_r
     return row_loss, (dh, dw, db)
