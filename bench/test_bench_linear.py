@@ -43,7 +43,7 @@ from alternatives import LINEAR_ALTERNATIVES, SMOOTHING, materialized_logits
 from conftest import DEVICE, SHAPE_SET
 from harness import environment, peak_extra_bytes, synchronize, time_phase, write_rows
 from sga.kernels import linear_smoothed_ga_loss, smoothed_ga_loss
-from sga.kernels.linear import default_chunk_rows
+from sga.kernels.linear import default_chunk_rows, min_chunk_rows
 
 # ours first (a device run cut short by its time limit still has ours); each later row gets its ratios against
 # the ones measured before it
@@ -216,10 +216,12 @@ def _check_memory_bounds(row: dict, shape: tuple) -> None:
         assert row["peak_extra_over_logits"] <= MAX_EXTRA_OVER_LOGITS, row
     if row["implementation"] == "ours" and dtype_name != "float32":
         # the float32 [V, D] dW accumulator (DESIGN.md 3) and each chunk's bf16 dW product, which goes through
-        # a temporary of at most one chunk's size, on top of the chunk buffers; 2% for the row kernel and slack
+        # a temporary of at most one chunk's size (4 MiB blocks), on top of the chunk buffers; 2% for the row
+        # kernel and slack
         num_buffers = 1 if softcap is None else 2
         kept = num_tokens - round(ignored * num_tokens)
-        chunk_bytes = default_chunk_rows(kept, num_buffers) * vocab_size * 2
+        min_rows = min_chunk_rows(getattr(torch, dtype_name), torch.device(DEVICE))
+        chunk_bytes = default_chunk_rows(kept, num_buffers, min_rows=min_rows) * vocab_size * 2
         budget = 4 * vocab_size * hidden_size + (num_buffers + 1) * chunk_bytes + 0.02 * row["logits_bytes"]
         assert row["peak_extra_bytes"] <= budget, row
 

@@ -30,7 +30,8 @@ Chunk rows R (:func:`default_chunk_rows`). The dW update of a chunk reads and wr
 accumulator (8 V D bytes) for 2 R V D flops: R / 4 flop per byte, so it is memory bound unless R is about
 4x the device's flop-per-byte ridge (~260 on an H100: R ~ 1024). R is therefore as large as the memory budget
 of the [R, V] chunk buffers allows (``chunk_budget_bytes``, default 1/16 of the M-row logits, at least 128
-rows), rounded down to a multiple of 128 and capped at 1024 rows; ``chunk_size`` sets R directly.
+rows; 256 for bf16 / fp16 on the CPU, where the 16-bit GEMMs outrun the float32 dW traffic), rounded down to a
+multiple of 128 and capped at 1024 rows; ``chunk_size`` sets R directly.
 
 Precision. The GEMMs and the chunk buffers use the compute dtype: the inputs' dtype, or the autocast dtype
 under ``torch.autocast`` (then hidden, W and b keep their own dtype as inputs and are cast inside, chunk by
@@ -90,6 +91,11 @@ from .torch_backend import compute_dtype_for
 # per-chunk dW update, R / 4 flop per byte, is compute bound on an H100-class GPU; larger only costs memory).
 CHUNK_FRACTION = 16
 MIN_CHUNK_ROWS = 128
+# 16-bit GEMMs on the CPU: at least twice that. The dW update's share of a chunk's time grows with the GEMM
+# rate (its float32 accumulator traffic does not shrink), and a bf16 GEMM runs at ~2.4x the float32 one there;
+# measured (bf16, V = 64128, D = 2048, 1 thread): the three GEMMs take 1.2x longer per row at R = 128 than at
+# R = 256 (bench/NOTES.md, fused linear "v4"). Not applied on GPUs (not measured there).
+MIN_CHUNK_ROWS_CPU_16BIT = 2 * MIN_CHUNK_ROWS
 ROW_MULTIPLE = 128
 MAX_CHUNK_ROWS = 1024
 
@@ -108,18 +114,30 @@ A row kernel that can cap the logits itself has ``with_softcap(c) -> RowKernel``
 as raw values x, scores z = c tanh(x / c) and writes dL/dx); the loop then leaves the softcap to it."""
 
 
+def min_chunk_rows(compute_dtype: torch.dtype, device: torch.device) -> int:
+    """The default budget's floor in rows: MIN_CHUNK_ROWS, or MIN_CHUNK_ROWS_CPU_16BIT for 16-bit GEMMs on
+    the CPU."""
+    if device.type == "cpu" and compute_dtype in (torch.bfloat16, torch.float16):
+        return MIN_CHUNK_ROWS_CPU_16BIT
+    return MIN_CHUNK_ROWS
+
+
 def default_chunk_rows(
-    num_rows: int, num_buffers: int, row_bytes: int = 1, budget_bytes: Optional[int] = None
+    num_rows: int,
+    num_buffers: int,
+    row_bytes: int = 1,
+    budget_bytes: Optional[int] = None,
+    min_rows: int = MIN_CHUNK_ROWS,
 ) -> int:
     """Token rows per chunk R for num_rows kept rows and num_buffers [R, V] buffers of row_bytes per row.
 
-    The budget (bytes of all chunk buffers) defaults to 1/16 of the num_rows-row logits, at least 128 rows'
-    worth. R = the budget's rows rounded down to a multiple of 128 (if at least 128), at most 1024, at most
-    num_rows, at least 1.
+    The budget (bytes of all chunk buffers) defaults to 1/16 of the num_rows-row logits, at least min_rows
+    rows' worth (:func:`min_chunk_rows`). R = the budget's rows rounded down to a multiple of 128 (if at least
+    128), at most 1024, at most num_rows, at least 1.
     """
     per_row = row_bytes * num_buffers
     if budget_bytes is None:
-        rows = max(-(-num_rows // (CHUNK_FRACTION * num_buffers)), MIN_CHUNK_ROWS)
+        rows = max(-(-num_rows // (CHUNK_FRACTION * num_buffers)), min_rows)
     else:
         rows = budget_bytes // per_row
     if rows >= ROW_MULTIPLE:
@@ -268,17 +286,22 @@ def _finished(
     grads: Grads, factor: Union[None, float, torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor]
 ) -> Grads:
     """Multiply the accumulated gradients by factor (a / D; None: nothing to multiply, no pass over dW) and
-    cast dW, db to the parameter dtypes."""
+    cast dW, db to the parameter dtypes: an accumulator wider than its parameter is multiplied and cast in one
+    pass (the float32 [V, D] accumulator of a bf16 head is read once, not read, written and read again)."""
+
+    def finish(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if factor is None:
+            return grad.to(dtype)
+        if grad.dtype == dtype:
+            return grad.mul_(factor)
+        return torch.mul(grad, factor, out=torch.empty(grad.shape, dtype=dtype, device=grad.device))
+
     dh, dw, db = grads
-    if factor is not None:
-        for grad in grads:
-            if grad is not None:
-                grad.mul_(factor)
-    if dw is not None:
-        dw = dw.to(weight.dtype)
-    if db is not None:
-        db = db.to(bias.dtype)
-    return dh, dw, db
+    return (
+        None if dh is None else finish(dh, dh.dtype),
+        None if dw is None else finish(dw, weight.dtype),
+        None if db is None else finish(db, bias.dtype),
+    )
 
 
 def _inverse_divisor(
@@ -440,7 +463,7 @@ def fused_linear_rows(
         skip_ignored: False runs every row through the GEMMs (no nonzero, no host sync) when kept_rows is None.
         chunk_budget_bytes: memory budget of the [R, V] chunk buffers in bytes (R = the rows that fit, rounded
             down to a multiple of 128, at most 1024); default 1/16 of the kept rows' logits, at least 128
-            rows. Ignored when chunk_size is given.
+            rows (256 for bf16 / fp16 on the CPU). Ignored when chunk_size is given.
         backend: runs the in-place gradient scaling ("triton", "torch" or "auto").
         return_token_losses: also return the per-token losses L_r of the same pass (detached, shaped like
             labels, 0 on ignored tokens): ``(loss, token_losses)``.
@@ -501,7 +524,10 @@ def fused_linear_rows(
         backend=resolved_backend,
         softcap=softcap,
         logit_scale=logit_scale,
-        chunk_rows=chunk_size or default_chunk_rows(num_kept, num_buffers, row_bytes, chunk_budget_bytes),
+        chunk_rows=chunk_size
+        or default_chunk_rows(
+            num_kept, num_buffers, row_bytes, chunk_budget_bytes, min_chunk_rows(compute_dtype, hidden.device)
+        ),
         compute_dtype=compute_dtype,
         accumulate_in_float32=accumulate_in_float32,
     )
@@ -572,7 +598,7 @@ def linear_smoothed_ga_loss(
         chunk_size: token rows per chunk (R). Default: as many as ``chunk_budget_bytes`` allows.
         chunk_budget_bytes: bytes the [R, V] chunk buffers (one, two with softcap) may take; R is rounded down
             to a multiple of 128 and capped at 1024 (where the per-chunk dW update becomes compute bound on a
-            GPU). Default: 1/16 of the kept rows' logits, at least 128 rows.
+            GPU). Default: 1/16 of the kept rows' logits, at least 128 rows (256 for bf16 / fp16 on the CPU).
         accumulate_in_float32: for a bfloat16 / float16 weight, accumulate dW across chunks in a float32
             [V, D] buffer (default; 4 V D bytes, as large as the bf16 logits of N = 2 D tokens). False sums
             the chunks' products straight into a bfloat16 gradient: no such buffer, at the cost of one

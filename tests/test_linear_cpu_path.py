@@ -1,5 +1,5 @@
-"""The chunk GEMMs of the fused linear loss (kernels/_linear_gemms.py): the oneDNN float32 path in vocabulary
-blocks, its fallback, and the reused chunk workspace.
+"""The CPU path of the fused linear loss: its chunk GEMMs (kernels/_linear_gemms.py: the oneDNN float32 path in
+vocabulary blocks and its fallback), the reused chunk workspace and the 16-bit chunk-row floor.
 
 The oneDNN path runs only for GEMMs of at least ONEDNN_MIN_FLOPS; the tests lower that threshold and the block
 size so that small cases take it with several blocks, a partial last one included.
@@ -7,8 +7,9 @@ size so that small cases take it with several blocks, a partial last one include
 import pytest
 import torch
 
-from test_linear import FP32_TOL, assert_matches_truth, make_case, ours, truth
+from test_linear import FP32_TOL, RecordOps, assert_matches_truth, make_case, ours, truth
 from sga.kernels import _linear_gemms, linear_smoothed_ga_loss
+from sga.kernels.linear import MIN_CHUNK_ROWS, MIN_CHUNK_ROWS_CPU_16BIT, min_chunk_rows
 
 needs_onednn = pytest.mark.skipif(not _linear_gemms._onednn_works(), reason="oneDNN float32 linear unavailable")
 
@@ -101,3 +102,16 @@ def test_every_chunk_reuses_one_workspace(softcap):
     assert len(storages) == -(-kept // 8) > 1 and len(set(storages)) == 1
     expected = linear_smoothed_ga_loss(hidden, weight.detach(), labels, softcap=softcap, smoothing=0.1)
     torch.testing.assert_close(loss.detach(), expected, **FP32_TOL)
+
+
+def test_16_bit_chunks_on_the_cpu_have_at_least_256_rows():
+    """bf16 on the CPU: the default budget (600 / 16 = 38 rows) is raised to 256 rows; float32 and GPUs keep 128."""
+    assert min_chunk_rows(torch.bfloat16, torch.device("cpu")) == MIN_CHUNK_ROWS_CPU_16BIT == 256
+    assert min_chunk_rows(torch.float16, torch.device("cpu")) == 256
+    assert min_chunk_rows(torch.float32, torch.device("cpu")) == MIN_CHUNK_ROWS == 128
+    assert min_chunk_rows(torch.bfloat16, torch.device("cuda")) == 128
+    hidden, weight, _, labels = make_case(600, 4, 50, bias=False, seed=55)
+    for dtype, rows in ((torch.bfloat16, [256, 256, 88]), (torch.float32, [128] * 4 + [88])):
+        with RecordOps() as record:
+            linear_smoothed_ga_loss(hidden.to(dtype), weight.to(dtype), labels, skip_ignored=False)
+        assert [shape[0] for shape in record.gemms()] == rows
