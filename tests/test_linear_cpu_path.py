@@ -115,3 +115,16 @@ def test_16_bit_chunks_on_the_cpu_have_at_least_256_rows():
         with RecordOps() as record:
             linear_smoothed_ga_loss(hidden.to(dtype), weight.to(dtype), labels, skip_ignored=False)
         assert [shape[0] for shape in record.gemms()] == rows
+
+
+def test_scaled_cast_in_row_blocks(monkeypatch):
+    """dW = (a / D) * accumulator in the weight's dtype, in row blocks on the CPU (a whole-tensor mixed-dtype out=
+    would first compute a float32 temporary of the accumulator's size); a partial last block included."""
+    from sga.kernels import linear
+
+    monkeypatch.setattr(_linear_gemms, "PRODUCT_BLOCK_BYTES", 3 * 7 * 4)  # blocks of 3 rows of 7 float32
+    accumulator = torch.randn(10, 7, generator=torch.Generator().manual_seed(56))
+    factor = torch.tensor(0.37)
+    result = linear._scaled_cast(accumulator, factor, torch.bfloat16)
+    assert result.dtype == torch.bfloat16
+    assert torch.equal(result, (accumulator * factor).to(torch.bfloat16))
