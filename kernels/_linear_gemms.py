@@ -8,7 +8,7 @@ at hand:
 CPU float32 runs on oneDNN: ``torch.mm`` of float32 CPU tensors calls MKL's sgemm, which on the AMD EPYC (Zen 5)
 of bench/NOTES.md ("v4") reaches ~90 GF/s a core, while oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``,
 X W^T: the kernel inductor calls for CPU linear layers) reaches 150-190 GF/s on the same shapes. oneDNN returns
-a fresh product, so products go through it in vocabulary blocks of about ``PRODUCT_BLOCK_BYTES`` (cache
+a fresh product, so products go through it in vocabulary blocks of about ``ONEDNN_BLOCK_BYTES`` (cache
 resident) that are copied (Z) or added (dW) into the caller's buffers: no [R, V] or [V, D] temporary and no
 first-touch page faults per chunk. It is used for GEMMs of at least ``ONEDNN_MIN_FLOPS`` when the op exists
 and matches ``torch.mm`` on a probe (once per process); ``SGA_ONEDNN_GEMM=0`` turns it off. Everything else
@@ -21,10 +21,15 @@ from typing import Optional
 
 import torch
 
-# Bytes of one block product (the oneDNN blocks and the float32 accumulation of low-precision products): small
-# enough to stay in L2 / L3 until it is copied or added, large enough that each block is an efficient GEMM
-# (measured at V = 128256, D = 512 fp32 and V = 64128, D = 2048 bf16: 2-8 MiB within 5%, 32 MiB 2x slower).
-PRODUCT_BLOCK_BYTES = 4 << 20
+# Bytes of one block product of the float32 accumulation of low-precision products: it stays in L3 until it is
+# added (the mixed-dtype add first casts it to a float32 temporary twice its size). Measured at V = 64128,
+# D = 2048 bf16, R = 256, 1 thread: 2-8 MiB products within 10%, 16 MiB 1.4-1.9x and 32 MiB 2x slower; the
+# largest good size, since every block is two parallel regions (see ONEDNN_BLOCK_BYTES).
+PRODUCT_BLOCK_BYTES = 8 << 20
+# Bytes of one oneDNN float32 block product: measured at V = 128256, D = 512, R = 128: 4-16 MiB within 5%. The
+# largest of those: every block is a parallel region (two with its copy or add), and on a machine whose other
+# cores are busy each region waits for its threads (~8 ms a region at 2 threads here under load).
+ONEDNN_BLOCK_BYTES = 16 << 20
 # Below this many flops (2 M N K) a GEMM runs on torch.mm: the blocks' per-call overhead is not worth it.
 ONEDNN_MIN_FLOPS = 1 << 26
 ENABLED_BY_ENVIRONMENT = os.environ.get("SGA_ONEDNN_GEMM", "1") != "0"
@@ -63,9 +68,9 @@ def use_onednn(a: torch.Tensor, rows: int, columns: int, inner: int) -> bool:
     )
 
 
-def _block(row_bytes: int) -> int:
+def _block(row_bytes: int, block_bytes: int) -> int:
     """Rows (or columns) of one block product of row_bytes each."""
-    return max(1, PRODUCT_BLOCK_BYTES // row_bytes)
+    return max(1, block_bytes // row_bytes)
 
 
 def logits_into(
@@ -74,7 +79,7 @@ def logits_into(
     """out[R, V] = scale * (hidden[R, D] @ weight[V, D]^T + bias), written into out (contiguous)."""
     num_rows, vocab_size = out.shape
     if use_onednn(out, num_rows, vocab_size, hidden.shape[1]):
-        step = _block(num_rows * out.element_size())  # vocabulary columns per block
+        step = _block(num_rows * out.element_size(), ONEDNN_BLOCK_BYTES)  # vocabulary columns per block
         for start in range(0, vocab_size, step):
             stop = min(start + step, vocab_size)
             product = _linear(hidden, weight[start:stop], None if bias is None else bias[start:stop])
@@ -126,7 +131,7 @@ def accumulate_weight_grad(dw: torch.Tensor, grad: torch.Tensor, hidden: torch.T
     - a wider dw: one GEMM with dw's output dtype where the device has it (CUDA), else the rounded products of
       vocabulary blocks (at most PRODUCT_BLOCK_BYTES and at most a chunk buffer's elements), each added into dw
       (the CPU: its torch has no float32-output bf16 GEMM);
-    - float32 on oneDNN: the float32 products of the same blocks, each added into dw.
+    - float32 on oneDNN: the float32 products of blocks of at most ONEDNN_BLOCK_BYTES, each added into dw.
     """
     vocab_size, hidden_size = dw.shape
     onednn = use_onednn(grad, vocab_size, hidden_size, grad.shape[0])
@@ -137,8 +142,10 @@ def accumulate_weight_grad(dw: torch.Tensor, grad: torch.Tensor, hidden: torch.T
         torch.addmm(dw, grad.t(), hidden, out_dtype=dw.dtype, out=dw)
         return
     hidden_t = hidden.t().contiguous() if onednn else None  # oneDNN's "weight" operand H_c^T [D, R], small
-    # vocabulary rows per block: a product of at most PRODUCT_BLOCK_BYTES and at most the chunk's R V elements
-    step = min(_block(hidden_size * grad.element_size()), max(1, grad.numel() // hidden_size))
+    # vocabulary rows per block: a product of at most ONEDNN_BLOCK_BYTES (oneDNN) or PRODUCT_BLOCK_BYTES, and of
+    # at most the chunk's R V elements
+    block_bytes = ONEDNN_BLOCK_BYTES if onednn else PRODUCT_BLOCK_BYTES
+    step = min(_block(hidden_size * grad.element_size(), block_bytes), max(1, grad.numel() // hidden_size))
     for start in range(0, vocab_size, step):
         stop = min(start + step, vocab_size)
         block_grad = grad[:, start:stop].t()

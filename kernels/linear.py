@@ -98,6 +98,9 @@ MIN_CHUNK_ROWS = 128
 MIN_CHUNK_ROWS_CPU_16BIT = 2 * MIN_CHUNK_ROWS
 ROW_MULTIPLE = 128
 MAX_CHUNK_ROWS = 1024
+# Row blocks of the final scaled cast of a wide dW accumulator on the CPU (:func:`_scaled_cast`): few blocks
+# (each is a parallel region), each one's float32 temporary still L3-sized.
+CAST_BLOCK_BYTES = 16 << 20
 
 Grads = tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]  # (dH, dW, db)
 
@@ -305,12 +308,12 @@ def _finished(
 
 
 def _scaled_cast(grad: torch.Tensor, factor: Union[float, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """factor * grad in dtype, one pass. On the CPU in row blocks of about PRODUCT_BLOCK_BYTES: a mixed-dtype out=
+    """factor * grad in dtype, one pass. On the CPU in row blocks of about CAST_BLOCK_BYTES: a mixed-dtype out=
     there computes into a temporary of the whole input's dtype and size first (a second float32 [V, D] buffer)."""
     out = torch.empty(grad.shape, dtype=dtype, device=grad.device)
     step = grad.shape[0]
     if grad.device.type == "cpu" and grad.dim() > 1:
-        step = max(1, _linear_gemms.PRODUCT_BLOCK_BYTES // (grad[0].numel() * grad.element_size()))
+        step = max(1, CAST_BLOCK_BYTES // (grad[0].numel() * grad.element_size()))
     for start in range(0, grad.shape[0], step):
         torch.mul(grad[start : start + step], factor, out=out[start : start + step])
     return out

@@ -18,7 +18,7 @@ needs_onednn = pytest.mark.skipif(not _linear_gemms._onednn_works(), reason="one
 def onednn_calls(monkeypatch):
     """Every GEMM on oneDNN, in blocks of 40 float32 elements; returns the list of oneDNN product shapes."""
     monkeypatch.setattr(_linear_gemms, "ONEDNN_MIN_FLOPS", 0)
-    monkeypatch.setattr(_linear_gemms, "PRODUCT_BLOCK_BYTES", 160)
+    monkeypatch.setattr(_linear_gemms, "ONEDNN_BLOCK_BYTES", 160)
     calls = []
     original = _linear_gemms._linear
 
@@ -122,7 +122,7 @@ def test_scaled_cast_in_row_blocks(monkeypatch):
     would first compute a float32 temporary of the accumulator's size); a partial last block included."""
     from sga.kernels import linear
 
-    monkeypatch.setattr(_linear_gemms, "PRODUCT_BLOCK_BYTES", 3 * 7 * 4)  # blocks of 3 rows of 7 float32
+    monkeypatch.setattr(linear, "CAST_BLOCK_BYTES", 3 * 7 * 4)  # blocks of 3 rows of 7 float32
     accumulator = torch.randn(10, 7, generator=torch.Generator().manual_seed(56))
     factor = torch.tensor(0.37)
     result = linear._scaled_cast(accumulator, factor, torch.bfloat16)
