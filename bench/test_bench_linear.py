@@ -5,8 +5,8 @@ extra memory (forward+backward).
 
 Implementations, each from hidden [N, D] and head weight [V, D] (both requiring grad) to dH and dW:
 - ours: linear_smoothed_ga_loss with its defaults (kept rows counted by the loss: ignored tokens never reach the
-  GEMMs; chunks of 1/16 of the kept rows' logits, multiples of 128 rows; dW of a bf16 head accumulated in a
-  float32 [V, D] buffer);
+  GEMMs; chunks of 1/16 of the kept rows' logits, multiples of 128 rows, at least 256 for bf16 on the CPU; dW of
+  a bf16 head accumulated in a float32 [V, D] buffer);
 - ours_low_memory: chunks of N / 32 rows and accumulate_in_float32=False (dW summed in the head's dtype, one
   rounding per chunk): the configuration for the "extra memory under 5% of the bf16 logits" goal;
 - materialized_kernel: logits = hidden @ W^T through autograd, then smoothed_ga_loss with inplace_backward=True
