@@ -128,3 +128,16 @@ def test_scaled_cast_in_row_blocks(monkeypatch):
     result = linear._scaled_cast(accumulator, factor, torch.bfloat16)
     assert result.dtype == torch.bfloat16
     assert torch.equal(result, (accumulator * factor).to(torch.bfloat16))
+
+
+@needs_onednn
+def test_onednn_blocks_take_non_contiguous_operands(onednn_calls):
+    """A head stored transposed (weight a [D, V] tensor's .t()) and strided hidden states: same result."""
+    generator = torch.Generator().manual_seed(57)
+    weight = torch.randn(7, 53, generator=generator).t()
+    hidden = torch.randn(7, 20, generator=generator).t()
+    labels = torch.randint(0, 53, (20,), generator=generator)
+    assert not weight.is_contiguous() and not hidden.is_contiguous()
+    result = ours(hidden, weight, None, labels, chunk_size=6, smoothing=0.1)
+    assert onednn_calls
+    assert_matches_truth(result, truth(hidden, weight, None, labels, smoothing=0.1))
