@@ -30,7 +30,7 @@ Chunk rows R (:func:`default_chunk_rows`). The dW update of a chunk reads and wr
 accumulator (8 V D bytes) for 2 R V D flops: R / 4 flop per byte, so it is memory bound unless R is about
 4x the device's flop-per-byte ridge (~260 on an H100: R ~ 1024). R is therefore as large as the memory budget
 of the [R, V] chunk buffers allows (``chunk_budget_bytes``, default 1/16 of the M-row logits, at least 128
-rows; 256 for bf16 / fp16 on the CPU, where the 16-bit GEMMs outrun the float32 dW traffic), rounded down to a
+rows; 256 for bf16 / fp16 on the CPU, where 16-bit GEMMs need more rows per call), rounded down to a
 multiple of 128 and capped at 1024 rows; ``chunk_size`` sets R directly.
 
 Precision. The GEMMs and the chunk buffers use the compute dtype: the inputs' dtype, or the autocast dtype
@@ -44,7 +44,7 @@ float64 input):
   chunk (no [V, D] buffer; what memory-lean fused losses do).
 A float32 accumulator of low-precision GEMMs is updated by one GEMM with float32 output
 (``torch.addmm(..., out_dtype=torch.float32)``, CUDA, where the torch version has it; detected once per
-device), else by GEMMs over vocabulary blocks whose rounded products are added (at most 4 MiB and a chunk
+device), else by GEMMs over vocabulary blocks whose rounded products are added (at most 8 MiB and a chunk
 buffer each; the CPU path: its torch has no float32-output bf16 GEMM). The GEMMs themselves are
 ``_linear_gemms``'s: on the CPU in float32 they run on oneDNN, which is about 2x MKL's sgemm on the AMD CPU
 of bench/NOTES.md ("v4").
@@ -91,10 +91,10 @@ from .torch_backend import compute_dtype_for
 # per-chunk dW update, R / 4 flop per byte, is compute bound on an H100-class GPU; larger only costs memory).
 CHUNK_FRACTION = 16
 MIN_CHUNK_ROWS = 128
-# 16-bit GEMMs on the CPU: at least twice that. The dW update's share of a chunk's time grows with the GEMM
-# rate (its float32 accumulator traffic does not shrink), and a bf16 GEMM runs at ~2.4x the float32 one there;
-# measured (bf16, V = 64128, D = 2048, 1 thread): the three GEMMs take 1.2x longer per row at R = 128 than at
-# R = 256 (bench/NOTES.md, fused linear "v4"). Not applied on GPUs (not measured there).
+# 16-bit GEMMs on the CPU: at least twice that. Each GEMM call's fixed work (packing W, the dW blocks' float32
+# adds) is amortized over R rows, and a bf16 GEMM's flops run ~2.4x faster than float32 ones there; measured
+# (bf16, V = 64128, D = 2048, 1 thread): the three GEMMs take 1.2x longer per row at R = 128 than at R = 256
+# (bench/NOTES.md, fused linear "v4"). Not applied on GPUs (not measured there).
 MIN_CHUNK_ROWS_CPU_16BIT = 2 * MIN_CHUNK_ROWS
 ROW_MULTIPLE = 128
 MAX_CHUNK_ROWS = 1024
