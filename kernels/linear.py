@@ -10,7 +10,7 @@ Two entry points:
 
 Chunked algorithm (every backend): the M kept token rows (labels != ignore_index, see "Ignored rows") go
 through in chunks of R rows. Per chunk
-    Z    = a * (H_c @ W^T + b)         one GEMM into an [R, V] buffer (a = logit_scale; one chunk at a time)
+    Z    = a * (H_c @ W^T + b)         one GEMM into the [R, V] workspace (a = logit_scale), reused by every chunk
     t    = tanh(Z / c), Zc = c * t      (softcap only: t stays in the first buffer, Zc goes to a second one)
     G    = dL/dZc                       the row kernel, in place over Zc (unnormalized, token weight applied)
     G   *= 1 - t^2                      (softcap only) chain rule: dL/dZ = dL/dZc * (1 - tanh^2(Z / c))
@@ -30,7 +30,8 @@ Chunk rows R (:func:`default_chunk_rows`). The dW update of a chunk reads and wr
 accumulator (8 V D bytes) for 2 R V D flops: R / 4 flop per byte, so it is memory bound unless R is about
 4x the device's flop-per-byte ridge (~260 on an H100: R ~ 1024). R is therefore as large as the memory budget
 of the [R, V] chunk buffers allows (``chunk_budget_bytes``, default 1/16 of the M-row logits, at least 128
-rows), rounded down to a multiple of 128 and capped at 1024 rows; ``chunk_size`` sets R directly.
+rows; 256 for bf16 / fp16 on the CPU, where 16-bit GEMMs need more rows per call), rounded down to a
+multiple of 128 and capped at 1024 rows; ``chunk_size`` sets R directly.
 
 Precision. The GEMMs and the chunk buffers use the compute dtype: the inputs' dtype, or the autocast dtype
 under ``torch.autocast`` (then hidden, W and b keep their own dtype as inputs and are cast inside, chunk by
@@ -43,8 +44,10 @@ float64 input):
   chunk (no [V, D] buffer; what memory-lean fused losses do).
 A float32 accumulator of low-precision GEMMs is updated by one GEMM with float32 output
 (``torch.addmm(..., out_dtype=torch.float32)``, CUDA, where the torch version has it; detected once per
-device), else by GEMMs over vocabulary blocks whose rounded products are added (no temporary larger than a
-chunk buffer; the CPU path: its torch has no float32-output bf16 GEMM).
+device), else by GEMMs over vocabulary blocks whose rounded products are added (at most 8 MiB and a chunk
+buffer each; the CPU path: its torch has no float32-output bf16 GEMM). The GEMMs themselves are
+``_linear_gemms``'s: on the CPU in float32 they run on oneDNN, which is about 2x MKL's sgemm on the AMD CPU
+of bench/NOTES.md ("v4").
 
 Like the logits kernel, the gradient is computed in the forward pass when the loss is reduced to a scalar
 and backward only scales it by grad_output, in place (skipped on CPU tensors when grad_output is exactly 1).
@@ -63,7 +66,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import ops
+from . import _linear_gemms, ops
 from ._linear_validation import (
     check_chunk_options,
     check_kept_rows,
@@ -88,8 +91,16 @@ from .torch_backend import compute_dtype_for
 # per-chunk dW update, R / 4 flop per byte, is compute bound on an H100-class GPU; larger only costs memory).
 CHUNK_FRACTION = 16
 MIN_CHUNK_ROWS = 128
+# 16-bit GEMMs on the CPU: at least twice that. Each GEMM call's fixed work (packing W, the dW blocks' float32
+# adds) is amortized over R rows, and a bf16 GEMM's flops run ~2.4x faster than float32 ones there; measured
+# (bf16, V = 64128, D = 2048, 1 thread): the three GEMMs take 1.2x longer per row at R = 128 than at R = 256
+# (bench/NOTES.md, fused linear "v4"). Not applied on GPUs (not measured there).
+MIN_CHUNK_ROWS_CPU_16BIT = 2 * MIN_CHUNK_ROWS
 ROW_MULTIPLE = 128
 MAX_CHUNK_ROWS = 1024
+# Row blocks of the final scaled cast of a wide dW accumulator on the CPU (:func:`_scaled_cast`): few blocks
+# (each is a parallel region), each one's float32 temporary still L3-sized.
+CAST_BLOCK_BYTES = 16 << 20
 
 Grads = tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]  # (dH, dW, db)
 
@@ -106,18 +117,30 @@ A row kernel that can cap the logits itself has ``with_softcap(c) -> RowKernel``
 as raw values x, scores z = c tanh(x / c) and writes dL/dx); the loop then leaves the softcap to it."""
 
 
+def min_chunk_rows(compute_dtype: torch.dtype, device: torch.device) -> int:
+    """The default budget's floor in rows: MIN_CHUNK_ROWS, or MIN_CHUNK_ROWS_CPU_16BIT for 16-bit GEMMs on
+    the CPU."""
+    if device.type == "cpu" and compute_dtype in (torch.bfloat16, torch.float16):
+        return MIN_CHUNK_ROWS_CPU_16BIT
+    return MIN_CHUNK_ROWS
+
+
 def default_chunk_rows(
-    num_rows: int, num_buffers: int, row_bytes: int = 1, budget_bytes: Optional[int] = None
+    num_rows: int,
+    num_buffers: int,
+    row_bytes: int = 1,
+    budget_bytes: Optional[int] = None,
+    min_rows: int = MIN_CHUNK_ROWS,
 ) -> int:
     """Token rows per chunk R for num_rows kept rows and num_buffers [R, V] buffers of row_bytes per row.
 
-    The budget (bytes of all chunk buffers) defaults to 1/16 of the num_rows-row logits, at least 128 rows'
-    worth. R = the budget's rows rounded down to a multiple of 128 (if at least 128), at most 1024, at most
-    num_rows, at least 1.
+    The budget (bytes of all chunk buffers) defaults to 1/16 of the num_rows-row logits, at least min_rows
+    rows' worth (:func:`min_chunk_rows`). R = the budget's rows rounded down to a multiple of 128 (if at least
+    128), at most 1024, at most num_rows, at least 1.
     """
     per_row = row_bytes * num_buffers
     if budget_bytes is None:
-        rows = max(-(-num_rows // (CHUNK_FRACTION * num_buffers)), MIN_CHUNK_ROWS)
+        rows = max(-(-num_rows // (CHUNK_FRACTION * num_buffers)), min_rows)
     else:
         rows = budget_bytes // per_row
     if rows >= ROW_MULTIPLE:
@@ -179,46 +202,6 @@ class FusedLinearConfig:
     accumulate_in_float32: bool = True
 
 
-_ADDMM_OUT_DTYPE: dict[torch.device, bool] = {}
-
-
-def _addmm_out_dtype_works(device: torch.device) -> bool:
-    """Whether ``torch.addmm(acc, a, b, out_dtype=float32, out=acc)`` accumulates bf16 products into a float32
-    acc on this device (CUDA with a recent torch; not the CPU). Tried once per device on a tiny case."""
-    if device not in _ADDMM_OUT_DTYPE:
-        works = False
-        if device.type == "cuda":
-            try:
-                a = torch.ones(2, 3, dtype=torch.bfloat16, device=device)
-                acc = torch.ones(2, 2, dtype=torch.float32, device=device)
-                torch.addmm(acc, a, a.t(), out_dtype=torch.float32, out=acc)
-                works = bool((acc == 4.0).all())  # 1 + 3: the product was added, not stored
-            except (RuntimeError, TypeError, NotImplementedError):
-                works = False
-        _ADDMM_OUT_DTYPE[device] = works
-    return _ADDMM_OUT_DTYPE[device]
-
-
-def _accumulate_weight_grad(dw: torch.Tensor, grad: torch.Tensor, hidden_chunk: torch.Tensor, block: int) -> None:
-    """dW += G^T @ H_c into the accumulator dw.
-
-    Same dtype as the GEMMs: one GEMM straight into dw (for a low-precision dw that is one rounding per chunk).
-    A wider dw: one GEMM with dw's output dtype where the device has it, else GEMMs in the compute precision
-    over blocks of `block` vocabulary rows, each rounded product added into dw (a temporary no larger than the
-    chunk buffer).
-    """
-    if dw.dtype == grad.dtype:
-        dw.addmm_(grad.t(), hidden_chunk)
-        return
-    if _addmm_out_dtype_works(dw.device):
-        torch.addmm(dw, grad.t(), hidden_chunk, out_dtype=dw.dtype, out=dw)
-        return
-    vocab_size = grad.shape[1]
-    for start in range(0, vocab_size, block):
-        stop = min(start + block, vocab_size)
-        dw[start:stop].add_(torch.mm(grad[:, start:stop].t(), hidden_chunk))
-
-
 def _chunked_pass(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -254,9 +237,12 @@ def _chunked_pass(
 
     weight_c = weight.to(compute_dtype)  # no copy without autocast
     bias_c = None if bias is None else bias.to(compute_dtype)
-    dw_block = max(1, min(config.chunk_rows, num_kept) * vocab_size // hidden_size)
-    weight_t = weight_c.t()
-    scale = config.logit_scale
+    # the [R, V] chunk buffers, allocated once per call and reused by every chunk (out=): a fresh buffer per chunk
+    # pays its first-touch page faults every time on the CPU (a 63 MiB one is mmapped and unmapped by glibc:
+    # ~60 ms a chunk, bench/NOTES.md "v4"); CUDA's caching allocator would hand back the same block anyway
+    chunk_shape = (min(config.chunk_rows, num_kept), vocab_size)
+    workspace = torch.empty(chunk_shape, dtype=compute_dtype, device=device)
+    capped = None if config.softcap is None else torch.empty(chunk_shape, dtype=compute_dtype, device=device)
     for start in range(0, num_kept, config.chunk_rows):
         stop = min(start + config.chunk_rows, num_kept)
         if kept_rows is None:
@@ -269,18 +255,12 @@ def _chunked_pass(
             hidden_chunk = hidden.index_select(0, index).to(compute_dtype)
             labels_chunk = labels.index_select(0, index)
             weights_chunk = None if row_weights is None else row_weights.index_select(0, index)
-        logits = tanh = grad = None  # drop the previous chunk's [R, V] buffers before the next product
-        # a fresh [R, V] product per chunk: the allocator hands back the previous chunk's block (CUDA's caching
-        # allocator, glibc's heap), and the CPU GEMM writes it directly where out= would go through a temporary
-        if bias_c is None:
-            logits = torch.mm(hidden_chunk, weight_t)  # Z = H_c W^T
-            if scale != 1.0:
-                logits.mul_(scale)  # Z = a H_c W^T
-        else:
-            logits = torch.addmm(bias_c, hidden_chunk, weight_t, beta=scale, alpha=scale)  # Z = a (H_c W^T + b)
-        if config.softcap is not None:
+        logits = workspace[: stop - start]
+        _linear_gemms.logits_into(logits, hidden_chunk, weight_c, bias_c, config.logit_scale)  # Z = a (H_c W^T + b)
+        tanh = None
+        if capped is not None:
             tanh = logits.div_(config.softcap).tanh_()  # t = tanh(Z / c), kept for the chain rule
-            logits = tanh * config.softcap  # Zc = c t
+            logits = torch.mul(tanh, config.softcap, out=capped[: stop - start])  # Zc = c t
         # G = dL/dZc overwrites Zc (in place) when a gradient is needed
         chunk_loss = config.row_kernel(logits, labels_chunk, weights_chunk, need_any)
         if index is None:
@@ -293,14 +273,13 @@ def _chunked_pass(
         if tanh is not None:
             grad.mul_(tanh.square_().neg_().add_(1.0))  # dL/dZ = dL/dZc * (1 - t^2); the factor a comes later
         if dh is not None:
+            hidden_grad = _linear_gemms.hidden_grad(grad, weight_c)  # dH_c = G W
             if index is not None:
-                dh.index_copy_(0, index, torch.mm(grad, weight_c).to(dh.dtype))  # dH_c = G W, scattered
-            elif dh.dtype == compute_dtype:
-                torch.mm(grad, weight_c, out=dh[start:stop])  # dH_c = G W
+                dh.index_copy_(0, index, hidden_grad.to(dh.dtype))  # scattered to the kept rows' places
             else:
-                dh[start:stop] = torch.mm(grad, weight_c)  # dH_c = G W, cast back to the hidden dtype
+                dh[start:stop] = hidden_grad  # cast back to the hidden dtype
         if dw is not None:
-            _accumulate_weight_grad(dw, grad, hidden_chunk, dw_block)  # dW += G^T H_c
+            _linear_gemms.accumulate_weight_grad(dw, grad, hidden_chunk)  # dW += G^T H_c
         if db is not None:
             db.add_(grad.sum(dim=0, dtype=acc_dtype))  # db += sum_r G_r
     return row_loss, (dh, dw, db)
@@ -310,17 +289,34 @@ def _finished(
     grads: Grads, factor: Union[None, float, torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor]
 ) -> Grads:
     """Multiply the accumulated gradients by factor (a / D; None: nothing to multiply, no pass over dW) and
-    cast dW, db to the parameter dtypes."""
+    cast dW, db to the parameter dtypes: an accumulator wider than its parameter is multiplied and cast in one
+    pass (the float32 [V, D] accumulator of a bf16 head is read once, not read, written and read again)."""
+
+    def finish(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if factor is None:
+            return grad.to(dtype)
+        if grad.dtype == dtype:
+            return grad.mul_(factor)
+        return _scaled_cast(grad, factor, dtype)
+
     dh, dw, db = grads
-    if factor is not None:
-        for grad in grads:
-            if grad is not None:
-                grad.mul_(factor)
-    if dw is not None:
-        dw = dw.to(weight.dtype)
-    if db is not None:
-        db = db.to(bias.dtype)
-    return dh, dw, db
+    return (
+        None if dh is None else finish(dh, dh.dtype),
+        None if dw is None else finish(dw, weight.dtype),
+        None if db is None else finish(db, bias.dtype),
+    )
+
+
+def _scaled_cast(grad: torch.Tensor, factor: Union[float, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """factor * grad in dtype, one pass. On the CPU in row blocks of about CAST_BLOCK_BYTES: a mixed-dtype out=
+    there computes into a temporary of the whole input's dtype and size first (a second float32 [V, D] buffer)."""
+    out = torch.empty(grad.shape, dtype=dtype, device=grad.device)
+    step = grad.shape[0]
+    if grad.device.type == "cpu" and grad.dim() > 1:
+        step = max(1, CAST_BLOCK_BYTES // (grad[0].numel() * grad.element_size()))
+    for start in range(0, grad.shape[0], step):
+        torch.mul(grad[start : start + step], factor, out=out[start : start + step])
+    return out
 
 
 def _inverse_divisor(
@@ -482,7 +478,7 @@ def fused_linear_rows(
         skip_ignored: False runs every row through the GEMMs (no nonzero, no host sync) when kept_rows is None.
         chunk_budget_bytes: memory budget of the [R, V] chunk buffers in bytes (R = the rows that fit, rounded
             down to a multiple of 128, at most 1024); default 1/16 of the kept rows' logits, at least 128
-            rows. Ignored when chunk_size is given.
+            rows (256 for bf16 / fp16 on the CPU). Ignored when chunk_size is given.
         backend: runs the in-place gradient scaling ("triton", "torch" or "auto").
         return_token_losses: also return the per-token losses L_r of the same pass (detached, shaped like
             labels, 0 on ignored tokens): ``(loss, token_losses)``.
@@ -543,7 +539,10 @@ def fused_linear_rows(
         backend=resolved_backend,
         softcap=softcap,
         logit_scale=logit_scale,
-        chunk_rows=chunk_size or default_chunk_rows(num_kept, num_buffers, row_bytes, chunk_budget_bytes),
+        chunk_rows=chunk_size
+        or default_chunk_rows(
+            num_kept, num_buffers, row_bytes, chunk_budget_bytes, min_chunk_rows(compute_dtype, hidden.device)
+        ),
         compute_dtype=compute_dtype,
         accumulate_in_float32=accumulate_in_float32,
     )
@@ -614,7 +613,7 @@ def linear_smoothed_ga_loss(
         chunk_size: token rows per chunk (R). Default: as many as ``chunk_budget_bytes`` allows.
         chunk_budget_bytes: bytes the [R, V] chunk buffers (one, two with softcap) may take; R is rounded down
             to a multiple of 128 and capped at 1024 (where the per-chunk dW update becomes compute bound on a
-            GPU). Default: 1/16 of the kept rows' logits, at least 128 rows.
+            GPU). Default: 1/16 of the kept rows' logits, at least 128 rows (256 for bf16 / fp16 on the CPU).
         accumulate_in_float32: for a bfloat16 / float16 weight, accumulate dW across chunks in a float32
             [V, D] buffer (default; 4 V D bytes, as large as the bf16 logits of N = 2 D tokens). False sums
             the chunks' products straight into a bfloat16 gradient: no such buffer, at the cost of one

@@ -1,0 +1,153 @@
+"""The three GEMMs of one chunk of the fused linear loss (``linear._chunked_pass``), each on the fastest kernel
+at hand:
+
+    Z    = a (H_c W^T + b)    into the caller's [R, V] workspace                 (:func:`logits_into`)
+    dH_c = G W                                                                  (:func:`hidden_grad`)
+    dW  += G^T H_c             into the float32 (or same-dtype) accumulator      (:func:`accumulate_weight_grad`)
+
+CPU float32 runs on oneDNN: ``torch.mm`` of float32 CPU tensors calls MKL's sgemm, which on the AMD EPYC (Zen 5)
+of bench/NOTES.md ("v4") reaches ~90 GF/s a core, while oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``,
+X W^T: the kernel inductor calls for CPU linear layers) reaches 150-190 GF/s on the same shapes. oneDNN returns
+a fresh product, so products go through it in vocabulary blocks of about ``ONEDNN_BLOCK_BYTES`` (cache
+resident) that are copied (Z) or added (dW) into the caller's buffers: no [R, V] or [V, D] temporary and no
+first-touch page faults per chunk. It is used for GEMMs of at least ``ONEDNN_MIN_FLOPS`` when the op exists
+and matches ``torch.mm`` on a probe (once per process); ``SGA_ONEDNN_GEMM=0`` turns it off. Everything else
+(other dtypes: bfloat16 / float16 CPU mm is oneDNN already; CUDA: cuBLAS; small GEMMs) calls torch.mm with out=.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+# Bytes of one block product of the float32 accumulation of low-precision products: it stays in L3 until it is
+# added (the mixed-dtype add first casts it to a float32 temporary twice its size). Measured at V = 64128,
+# D = 2048 bf16, R = 256, 1 thread: 2-8 MiB products within 10%, 16 MiB 1.4-1.9x and 32 MiB 2x slower; the
+# largest good size, since every block is two parallel regions (see ONEDNN_BLOCK_BYTES).
+PRODUCT_BLOCK_BYTES = 8 << 20
+# Bytes of one oneDNN float32 block product: measured at V = 128256, D = 512, R = 128: 4-16 MiB within 5%. The
+# largest of those: every block is a parallel region (two with its copy or add), and on a machine whose other
+# cores are busy each region waits for its threads (~8 ms a region at 2 threads here under load).
+ONEDNN_BLOCK_BYTES = 16 << 20
+# Below this many flops (2 M N K) a GEMM runs on torch.mm: the blocks' per-call overhead is not worth it.
+ONEDNN_MIN_FLOPS = 1 << 26
+ENABLED_BY_ENVIRONMENT = os.environ.get("SGA_ONEDNN_GEMM", "1") != "0"
+
+_ONEDNN_WORKS: Optional[bool] = None
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x @ weight^T (+ bias) on oneDNN, a fresh float32 tensor."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _onednn_works() -> bool:
+    """Whether oneDNN's float32 linear exists here and agrees with torch.mm (probed once per process)."""
+    global _ONEDNN_WORKS
+    if _ONEDNN_WORKS is None:
+        works = False
+        if ENABLED_BY_ENVIRONMENT and torch.backends.mkldnn.is_available():
+            try:
+                x = torch.arange(6.0).reshape(2, 3)
+                weight = torch.arange(12.0).reshape(4, 3) / 7
+                works = bool(torch.allclose(_linear(x, weight), x @ weight.t()))
+            except (AttributeError, RuntimeError, TypeError, NotImplementedError):
+                works = False
+        _ONEDNN_WORKS = works
+    return _ONEDNN_WORKS
+
+
+def use_onednn(a: torch.Tensor, rows: int, columns: int, inner: int) -> bool:
+    """Whether a [rows, inner] x [inner, columns] product of float32 CPU tensors like a goes through oneDNN."""
+    return (
+        a.device.type == "cpu"
+        and a.dtype == torch.float32
+        and 2 * rows * columns * inner >= ONEDNN_MIN_FLOPS
+        and _onednn_works()
+    )
+
+
+def _block(row_bytes: int, block_bytes: int) -> int:
+    """Rows (or columns) of one block product of row_bytes each."""
+    return max(1, block_bytes // row_bytes)
+
+
+def logits_into(
+    out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float
+) -> None:
+    """out[R, V] = scale * (hidden[R, D] @ weight[V, D]^T + bias), written into out (contiguous)."""
+    num_rows, vocab_size = out.shape
+    if use_onednn(out, num_rows, vocab_size, hidden.shape[1]):
+        step = _block(num_rows * out.element_size(), ONEDNN_BLOCK_BYTES)  # vocabulary columns per block
+        for start in range(0, vocab_size, step):
+            stop = min(start + step, vocab_size)
+            product = _linear(hidden, weight[start:stop], None if bias is None else bias[start:stop])
+            if scale != 1.0:
+                torch.mul(product, scale, out=out[:, start:stop])  # Z = a (H_c W^T + b), one block
+            else:
+                out[:, start:stop].copy_(product)
+        return
+    if bias is None:
+        torch.mm(hidden, weight.t(), out=out)  # Z = H_c W^T
+        if scale != 1.0:
+            out.mul_(scale)  # Z = a H_c W^T
+    else:
+        torch.addmm(bias, hidden, weight.t(), beta=scale, alpha=scale, out=out)  # Z = a (H_c W^T + b)
+
+
+def hidden_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """dH_c = G[R, V] @ W[V, D], a fresh [R, D] tensor in the compute dtype."""
+    if use_onednn(grad, grad.shape[0], weight.shape[1], grad.shape[1]):
+        return _linear(grad, weight.t())
+    return torch.mm(grad, weight)
+
+
+_ADDMM_OUT_DTYPE: dict[torch.device, bool] = {}
+
+
+def _addmm_out_dtype_works(device: torch.device) -> bool:
+    """Whether ``torch.addmm(acc, a, b, out_dtype=float32, out=acc)`` accumulates bf16 products into a float32
+    acc on this device (CUDA with a recent torch; not the CPU). Tried once per device on a tiny case."""
+    if device not in _ADDMM_OUT_DTYPE:
+        works = False
+        if device.type == "cuda":
+            try:
+                a = torch.ones(2, 3, dtype=torch.bfloat16, device=device)
+                acc = torch.ones(2, 2, dtype=torch.float32, device=device)
+                torch.addmm(acc, a, a.t(), out_dtype=torch.float32, out=acc)
+                works = bool((acc == 4.0).all())  # 1 + 3: the product was added, not stored
+            except (RuntimeError, TypeError, NotImplementedError):
+                works = False
+        _ADDMM_OUT_DTYPE[device] = works
+    return _ADDMM_OUT_DTYPE[device]
+
+
+def accumulate_weight_grad(dw: torch.Tensor, grad: torch.Tensor, hidden: torch.Tensor) -> None:
+    """dW[V, D] += G[R, V]^T @ H_c[R, D] into the accumulator dw.
+
+    - same dtype as the GEMMs, torch.mm: one ``addmm_`` straight into dw (for a low-precision dw that is one
+      rounding per chunk);
+    - a wider dw: one GEMM with dw's output dtype where the device has it (CUDA), else the rounded products of
+      vocabulary blocks (at most PRODUCT_BLOCK_BYTES and at most a chunk buffer's elements), each added into dw
+      (the CPU: its torch has no float32-output bf16 GEMM);
+    - float32 on oneDNN: the float32 products of blocks of at most ONEDNN_BLOCK_BYTES, each added into dw.
+    """
+    vocab_size, hidden_size = dw.shape
+    onednn = use_onednn(grad, vocab_size, hidden_size, grad.shape[0])
+    if dw.dtype == grad.dtype and not onednn:
+        dw.addmm_(grad.t(), hidden)
+        return
+    if dw.dtype != grad.dtype and _addmm_out_dtype_works(dw.device):
+        torch.addmm(dw, grad.t(), hidden, out_dtype=dw.dtype, out=dw)
+        return
+    hidden_t = hidden.t().contiguous() if onednn else None  # oneDNN's "weight" operand H_c^T [D, R], small
+    # vocabulary rows per block: a product of at most ONEDNN_BLOCK_BYTES (oneDNN) or PRODUCT_BLOCK_BYTES, and of
+    # at most the chunk's R V elements
+    block_bytes = ONEDNN_BLOCK_BYTES if onednn else PRODUCT_BLOCK_BYTES
+    step = min(_block(hidden_size * grad.element_size(), block_bytes), max(1, grad.numel() // hidden_size))
+    for start in range(0, vocab_size, step):
+        stop = min(start + step, vocab_size)
+        block_grad = grad[:, start:stop].t()
+        product = _linear(block_grad, hidden_t) if onednn else torch.mm(block_grad, hidden)
+        dw[start:stop].add_(product)
