@@ -532,9 +532,10 @@ class _Study:
             self.time("train", time.monotonic() - clock["train"])
             begin = time.monotonic()
             metrics = evaluate(model, self.tokenizer, self.data, self.config, reference)
-            self.time("evaluate", time.monotonic() - begin)
+            elapsed = time.monotonic() - begin
+            self.time("evaluate", elapsed)
             rate = {"rate": objective.rate} if hasattr(objective, "rate") else {}
-            self.results.append(self.row(run, setting, seed, step, metrics, {**extra, **rate, "eval_s": round(time.monotonic() - begin, 2)}))
+            self.results.append(self.row(run, setting, seed, step, metrics, {**extra, **rate, "eval_s": round(elapsed, 2)}))
             self.bar.update(1)
             clock["train"] = time.monotonic()
 
