@@ -26,10 +26,12 @@ import torch
 # D = 2048 bf16, R = 256, 1 thread: 2-8 MiB products within 10%, 16 MiB 1.4-1.9x and 32 MiB 2x slower; the
 # largest good size, since every block is two parallel regions (see ONEDNN_BLOCK_BYTES).
 PRODUCT_BLOCK_BYTES = 8 << 20
-# Bytes of one oneDNN float32 block product: measured at V = 128256, D = 512, R = 128: 4-16 MiB within 5%. The
-# largest of those: every block is a parallel region (two with its copy or add), and on a machine whose other
-# cores are busy each region waits for its threads (~8 ms a region at 2 threads here under load).
-ONEDNN_BLOCK_BYTES = 16 << 20
+# Bytes of one oneDNN float32 block product: measured at V = 128256, D = 512, R = 128, 1 thread: 4-16 MiB within
+# 5% (4 MiB: 5.50 s CPU time for forward+backward, 16 MiB: 5.85 s, bench/NOTES.md "v5"). The smallest of those:
+# each product is a fresh allocation (oneDNN has no out=), and with 16 MiB ones the call's peak resident memory
+# varied from 7% to 12% of the float32 logits between identical runs (heap fragmentation and oneDNN's per-shape
+# scratch), against 6.6-8.2% with 4 MiB ones.
+ONEDNN_BLOCK_BYTES = 4 << 20
 # Below this many flops (2 M N K) a GEMM runs on torch.mm: the blocks' per-call overhead is not worth it.
 ONEDNN_MIN_FLOPS = 1 << 26
 ENABLED_BY_ENVIRONMENT = os.environ.get("SGA_ONEDNN_GEMM", "1") != "0"
@@ -73,6 +75,18 @@ def _block(row_bytes: int, block_bytes: int) -> int:
     return max(1, block_bytes // row_bytes)
 
 
+def _even_blocks(total: int, most: int) -> list[tuple[int, int]]:
+    """(start, stop) of ceil(total / most) blocks of near-equal size covering range(total).
+
+    Equal sizes matter on the CPU: every block product is a fresh allocation, freed before the next one, and
+    glibc hands a freed chunk back to a request of the same size; blocks of two sizes (a short last block)
+    leave the heap fragmented, which showed as 2-10% of the logits of extra resident memory, varying from
+    run to run (bench/NOTES.md, fused linear "v5")."""
+    count = -(-total // most)
+    edges = [total * i // count for i in range(count + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
 def logits_into(
     out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float
 ) -> None:
@@ -80,13 +94,13 @@ def logits_into(
     num_rows, vocab_size = out.shape
     if use_onednn(out, num_rows, vocab_size, hidden.shape[1]):
         step = _block(num_rows * out.element_size(), ONEDNN_BLOCK_BYTES)  # vocabulary columns per block
-        for start in range(0, vocab_size, step):
-            stop = min(start + step, vocab_size)
+        for start, stop in _even_blocks(vocab_size, step):
             product = _linear(hidden, weight[start:stop], None if bias is None else bias[start:stop])
             if scale != 1.0:
                 torch.mul(product, scale, out=out[:, start:stop])  # Z = a (H_c W^T + b), one block
             else:
                 out[:, start:stop].copy_(product)
+            del product  # freed before the next block is allocated: one block product alive at a time
         return
     if bias is None:
         torch.mm(hidden, weight.t(), out=out)  # Z = H_c W^T
@@ -146,8 +160,8 @@ def accumulate_weight_grad(dw: torch.Tensor, grad: torch.Tensor, hidden: torch.T
     # at most the chunk's R V elements
     block_bytes = ONEDNN_BLOCK_BYTES if onednn else PRODUCT_BLOCK_BYTES
     step = min(_block(hidden_size * grad.element_size(), block_bytes), max(1, grad.numel() // hidden_size))
-    for start in range(0, vocab_size, step):
-        stop = min(start + step, vocab_size)
+    for start, stop in _even_blocks(vocab_size, step):
         block_grad = grad[:, start:stop].t()
         product = _linear(block_grad, hidden_t) if onednn else torch.mm(block_grad, hidden)
         dw[start:stop].add_(product)
+        del product  # one block product alive at a time

@@ -36,14 +36,24 @@ def onednn_calls(monkeypatch):
 @pytest.mark.parametrize("softcap, logit_scale", [(None, 1.0), (None, 0.5), (4.0, 1.0)])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_onednn_blocks_match_float64_oracle(onednn_calls, has_bias, softcap, logit_scale, reduction):
-    """V = 97 in blocks of 40 // R columns (Z) and 40 // D rows (dW): every block boundary and a partial tail."""
+    """V = 97 in near-equal blocks of at most 40 // R columns (Z) and 40 // D rows (dW): every block boundary."""
     hidden, weight, bias, labels = make_case(29, 5, 97, bias=has_bias, seed=50)
     grad_output = torch.randn(29, generator=torch.Generator().manual_seed(51)) if reduction == "none" else None
     options = dict(softcap=softcap, logit_scale=logit_scale, smoothing=0.1, reduction=reduction)
     result = ours(hidden, weight, bias, labels, grad_output, chunk_size=4, backend="torch", **options)
-    assert {(4, 10), (8, 5)} <= set(onednn_calls)  # Z blocks of 40 // 4 columns, dW blocks of 40 // 5 rows
+    # Z: 10 blocks of 9-10 of at most 40 // 4 columns; dW: 13 blocks of 7-8 of at most 40 // 5 rows
+    assert {(4, 9), (4, 10), (7, 5), (8, 5)} <= set(onednn_calls)
     assert (4, 5) in onednn_calls  # dH_c = G W
     assert_matches_truth(result, truth(hidden, weight, bias, labels, grad_output, **options))
+
+
+@pytest.mark.parametrize("total, most", [(97, 10), (97, 97), (97, 200), (1, 1), (128256, 8192), (10, 3)])
+def test_even_blocks_cover_the_range_in_near_equal_sizes(total, most):
+    blocks = _linear_gemms._even_blocks(total, most)
+    assert blocks[0][0] == 0 and blocks[-1][1] == total
+    assert all(stop == next_start for (_, stop), (next_start, _) in zip(blocks, blocks[1:]))
+    sizes = [stop - start for start, stop in blocks]
+    assert len(blocks) == -(-total // most) and max(sizes) <= most and max(sizes) - min(sizes) <= 1
 
 
 @needs_onednn
