@@ -2,7 +2,10 @@
 
 - copy bandwidth: a device-to-device copy of a large buffer, bytes read + written per second;
 - matmul throughput: a square matrix product, 2 * n**3 flops per product, per dtype (bf16 and fp32 GEMMs
-  differ by 4x or more, on the CPU too where AMX runs bf16).
+  differ by 4x or more, on the CPU too where AMX runs bf16), on the fastest GEMM at hand: for float32 on the
+  CPU also oneDNN's, which the fused linear loss uses there and which runs at about twice MKL's sgemm (what
+  torch.mm calls) on AMD CPUs (bench/NOTES.md, fused linear "v4"); with torch.mm alone ours ran "faster than
+  the floor".
 """
 from __future__ import annotations
 
@@ -42,5 +45,12 @@ def matmul_throughput(device: str, dtype: torch.dtype, size: int = 8192) -> floa
     size = size if device == "cuda" else 2048
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    seconds = _time(lambda: a @ b, device, repeats=10)
+    products = [lambda: a @ b]
+    if device == "cpu" and dtype == torch.float32:
+        from sga.kernels import _linear_gemms
+
+        if _linear_gemms._onednn_works():
+            b_transposed = b.t().contiguous()
+            products.append(lambda: _linear_gemms._linear(a, b_transposed))  # a @ b on oneDNN
+    seconds = min(_time(product, device, repeats=10) for product in products)
     return 2 * size**3 / seconds

@@ -189,7 +189,11 @@ def _measure(benchmark, floors: dict, implementation: str, shape_name: str, shap
         **environment(DEVICE),
     }
     if phase == "forward+backward":
-        warmup_args = (implementation, *WARMUP_SHAPE, dtype_name, softcap, ignored, DEVICE)
+        # ours_low_memory's warm-up chunks (N / 32 = 4 rows) are below the compiled path's size: its warm-up runs
+        # ours, which compiles the same row function (measured: otherwise its first call's compilation added
+        # 46 MiB at its peak, 9% of the bf16 logits, to the call's)
+        warmup_implementation = "ours" if implementation == "ours_low_memory" else implementation
+        warmup_args = (warmup_implementation, *WARMUP_SHAPE, dtype_name, softcap, ignored, DEVICE)
         extra = peak_extra_bytes(make_case, case_args, warmup_args, DEVICE) - grad_bytes
         row["peak_extra_bytes"] = extra
         row["peak_extra_over_logits"] = extra / logits_bytes
@@ -208,9 +212,9 @@ def _check_memory_bounds(row: dict, shape: tuple) -> None:
     """The memory each of ours is designed to stay within (a broken chunking shows here at once)."""
     num_tokens, hidden_size, vocab_size, dtype_name, softcap, ignored = shape
     if row["implementation"] == "ours_low_memory":
-        # the goal is stated for the GPU (allocator-exact); on the CPU the RSS high-water mark also holds
-        # glibc's and oneDNN's scratch (measured: 4.6% at the bf16 shape, of which the chunk is 3.1%)
-        limit = LOW_MEMORY_GOAL if DEVICE == "cuda" and softcap is None else MAX_EXTRA_OVER_LOGITS
+        # the goal (5% of the bf16 logits) holds on the CPU's RSS high-water mark too (measured 3.2-3.5% at the
+        # bf16 shapes, of which the chunk is 3.1%); float32 and softcap (two chunk buffers) get the 10% bound
+        limit = LOW_MEMORY_GOAL if dtype_name == "bfloat16" and softcap is None else MAX_EXTRA_OVER_LOGITS
         assert row["peak_extra_over_logits"] < limit, row
     if row["implementation"] == "ours" and dtype_name == "float32":
         assert row["peak_extra_over_logits"] <= MAX_EXTRA_OVER_LOGITS, row
