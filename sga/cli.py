@@ -173,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--out", default="sga-study", help="output folder; rerun with the same one to continue (default: sga-study)")
     study.add_argument("--cache-dir", help="where the fine-tuned target and retain models are cached (default: ~/.cache/sga/study-models)")
     study.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    study.add_argument("--report", action="store_true", help="only write summary.md / summary.json and the plots of "
+                       "the evaluations in --out so far (no training; safe while the study runs there)")
     return parser
 
 
@@ -357,12 +359,15 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _study(args: argparse.Namespace) -> int:
-    from .study import DEFAULT_CACHE_DIR, StudyOptions, default_data_dir, run_study
+    from .study import DEFAULT_CACHE_DIR, StudyOptions, default_data_dir, report_study, run_study
     from .study_config import QUICK_CONFIG, load_study_config
 
     if args.quick and args.config:
         raise ConfigError("--quick runs its own config (sga/configs/study_quick.yaml); drop --config or --quick")
     config = load_study_config(QUICK_CONFIG if args.quick else args.config)
+    if args.report:
+        report_study(Path(args.out), config)
+        return 0
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
     options = StudyOptions(config=config, out=Path(args.out), data_dir=data_dir,
                            cache_dir=Path(args.cache_dir) if args.cache_dir else DEFAULT_CACHE_DIR, threads=args.threads)

@@ -319,6 +319,19 @@ def finetuned_model(base: BaseModel, kind: str, records_file: Path, config: Stud
 # ------------------------------------------------------------------------------------------ results
 
 
+def read_results(path: Path) -> tuple[list[dict[str, Any]], bool]:
+    """The rows of a ``results.jsonl`` up to its first unreadable line (a torn last line left by a kill), and
+    whether such a line was met. Only reads."""
+    rows: list[dict[str, Any]] = []
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows, len(rows) != len(lines)
+
+
 class Results:
     """``results.jsonl``: one JSON object per evaluation, appended one at a time (write + fsync)."""
 
@@ -326,14 +339,9 @@ class Results:
         self.path = path
         self.rows: list[dict[str, Any]] = []
         if path.is_file():
-            lines = path.read_text(encoding="utf-8").splitlines()
-            for line in lines:
-                try:
-                    self.rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    break  # a torn last line (killed mid-write): dropped, and the file rewritten without it
-            if len(self.rows) != len([line for line in lines if line.strip()]):
-                _write_jsonl(path, self.rows)
+            self.rows, torn = read_results(path)
+            if torn:
+                _write_jsonl(path, self.rows)  # the torn line dropped, so that appends start on a clean line
 
     def done(self, run: str, step: int) -> Optional[dict[str, Any]]:
         return next((row for row in self.rows if row["run"] == run and row["step"] == step), None)
@@ -549,6 +557,28 @@ def _write_json(path: Path, value: dict) -> None:
     tmp = path.with_name(f".tmp-{path.name}")
     tmp.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def report_study(out: Path, config: StudyConfig) -> dict[str, Any]:
+    """Write ``summary.md`` / ``summary.json`` and the plots from the evaluations recorded in ``out`` so far,
+    and return the summary: no data, no model, no training. It only reads ``results.jsonl``, so it is safe
+    while the study runs in the same folder (a line being written is left out). ConfigError (one line) when
+    ``out`` holds no study of this config."""
+    from .study_plots import plot_study
+    from .study_summary import summarize, write_summary
+
+    study, results = out / STUDY_FILE, out / RESULTS_FILE
+    if not study.is_file() or not results.is_file():
+        raise ConfigError(f"--report: {out} holds no study results ({STUDY_FILE} and {RESULTS_FILE})")
+    if json.loads(study.read_text(encoding="utf-8")).get("config_hash") != config.digest():
+        raise ConfigError(f"--report: {out} holds a study with another config; pass that study's --config")
+    rows, _ = read_results(results)
+    summary = summarize(rows, config)
+    write_summary(summary, out / SUMMARY_MD, out / SUMMARY_JSON)
+    seeds = sorted({row["seed"] for row in rows if row.get("seed") is not None})
+    plot_study(rows, out, title=f"sga study: {config.model} ({len(rows)} evaluations so far; seeds {seeds})")
+    _say(f"wrote {SUMMARY_MD}, {SUMMARY_JSON} and the plots in {out} from {len(rows)} evaluations")
+    return summary
 
 
 def run_study(options: StudyOptions) -> dict[str, Any]:

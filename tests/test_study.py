@@ -225,6 +225,35 @@ def test_bad_options_give_one_line_errors(tmp_path, capsys, resumed_study):
         assert err.startswith("sga study: error: ") and message in err and err.count("\n") == 1, err
 
 
+def test_report_summarizes_a_partial_study_and_only_reads_it(resumed_study, tmp_path, capsys):
+    """--report on a study stopped after its first seed, with a line being written: the summary and plots of
+    what is there, results.jsonl unchanged, and a one-line error for a folder without a study or of another
+    config."""
+    rows = _rows(resumed_study["out"])
+    first_seed = [row for row in rows if row["seed"] in (None, 0)]
+    assert len(first_seed) < len(rows)
+    out = tmp_path / "partial"
+    out.mkdir()
+    (out / study.STUDY_FILE).write_bytes((resumed_study["out"] / study.STUDY_FILE).read_bytes())
+    written = "".join(json.dumps(row) + "\n" for row in first_seed) + '{"run": "ga/seed1", "st'
+    (out / study.RESULTS_FILE).write_text(written)
+    assert main(["study", "--quick", "--report", "--out", str(out)]) == 0
+    assert (out / study.RESULTS_FILE).read_text() == written  # read, not repaired: a study may be writing it
+    summary = json.loads((out / study.SUMMARY_JSON).read_text())
+    config = load_study_config(QUICK_CONFIG)
+    assert summary == summarize(first_seed, config)
+    assert all(entry["seeds"] == [0] for entry in summary["settings"].values())
+    assert all((out / name).stat().st_size > 10_000 for name in ("forget_quality_vs_utility.png", "utility_and_rouge_vs_epoch.png"))
+    capsys.readouterr()
+    for args, message in (
+        (["--quick", "--out", str(tmp_path / "none")], "holds no study results"),
+        (["--config", str(DEFAULT_CONFIG), "--out", str(out)], "holds a study with another config"),
+    ):
+        assert main(["study", "--report", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("sga study: error: --report: ") and message in err and err.count("\n") == 1, err
+
+
 def test_config_from_dict_expands_lists():
     config = config_from_dict({"grid": [{"method": "sga", "num_classes": [2, 3], "rate": [0.1, 0.9]}], "seeds": [3]})
     assert [s.label for s in config.settings()] == ["sga_K2_r0.1", "sga_K2_r0.9", "sga_K3_r0.1", "sga_K3_r0.9"]
