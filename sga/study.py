@@ -439,6 +439,8 @@ class _Study:
             "rate_mode": setting.rate_mode if setting else None, "seed": seed, "step": step,
             "epoch": round(step / steps_per_epoch, 4), **metrics, **extra,
             "config_hash": self.config.digest(), "config": self.config_dict, "versions": self.versions,
+            # threads change the GEMMs' summation order (results equal to rounding, not bit for bit)
+            "torch_threads": torch.get_num_threads(),
         }
 
     # ---------------------------------------------------------------- references

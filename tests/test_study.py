@@ -88,6 +88,7 @@ def test_quick_study_end_to_end(resumed_study):
         assert len(row["forget_truth_ratios"]) == config.data.forget_questions
         assert row["config_hash"] == config.digest() and row["config"] == config.to_dict()
         assert {"sga", "torch", "transformers", "python"} <= set(row["versions"])
+        assert row["torch_threads"] == 1  # the fixture's --threads 1
     for row in rows[1:]:
         assert row["method"] == expected[row["run"]].method and row["step"] in steps
     # the rate modes: r* estimated once per K and used; the adaptive rate re-estimated during the run
