@@ -550,7 +550,6 @@ class _Study:
             clock["train"] = time.monotonic()
 
         _train(evaluating_trainer(model, self.tokenizer, cfg, on_step))
-        del model  # no gc.collect() per run: it costs seconds on a large heap, and the tensors are freed by refcount
         shutil.rmtree(run_dir / "final", ignore_errors=True)  # 0.5 GB per run for SmolLM2: the rows are what is kept
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
 
