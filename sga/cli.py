@@ -173,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--out", default="sga-study", help="output folder; rerun with the same one to continue (default: sga-study)")
     study.add_argument("--cache-dir", help="where the fine-tuned target and retain models are cached (default: ~/.cache/sga/study-models)")
     study.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    study.add_argument("--first", default="", metavar="LABELS", help="comma-separated setting labels (as in "
+                       "summary.md) to run, for every seed, before the rest; only the order changes, not the study")
     study.add_argument("--report", action="store_true", help="only write summary.md / summary.json and the plots of "
                        "the evaluations in --out so far (no training; safe while the study runs there)")
     return parser
@@ -370,7 +372,8 @@ def _study(args: argparse.Namespace) -> int:
         return 0
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
     options = StudyOptions(config=config, out=Path(args.out), data_dir=data_dir,
-                           cache_dir=Path(args.cache_dir) if args.cache_dir else DEFAULT_CACHE_DIR, threads=args.threads)
+                           cache_dir=Path(args.cache_dir) if args.cache_dir else DEFAULT_CACHE_DIR, threads=args.threads,
+                           first=tuple(label for label in args.first.split(",") if label))
     run_study(options.validate())
     return 0
 

@@ -380,6 +380,7 @@ class StudyOptions:
     data_dir: Optional[Path] = None
     cache_dir: Path = DEFAULT_CACHE_DIR
     threads: Optional[int] = None
+    first: tuple[str, ...] = ()  # setting labels run before the others (``schedule``)
     quiet: bool = False  # no progress bar
 
     def validate(self) -> "StudyOptions":
@@ -398,6 +399,7 @@ class StudyOptions:
             if missing:
                 raise ConfigError(f"--data-dir: {self.data_dir} lacks {', '.join(missing)}")
         check_out_and_threads(self.out, self.threads)
+        schedule(self.config.settings(), self.config.seeds, self.first)  # unknown --first labels, before any work
         study = self.out / STUDY_FILE
         if study.is_file() and json.loads(study.read_text(encoding="utf-8")).get("config_hash") != self.config.digest():
             raise ConfigError(f"--out: {self.out} holds a study with another config; use a new --out folder to run this one")
@@ -554,6 +556,21 @@ class _Study:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
 
 
+def schedule(settings: list[RunSetting], seeds: list[int], first: tuple[str, ...] = ()) -> list[tuple[RunSetting, int]]:
+    """The order of the runs: the settings labelled in ``first`` (in that order) for every seed, then the rest.
+
+    Each part is seed-major, and within a seed the cheaper settings come first (training costs ~K passes per
+    step): a study stopped early has most settings at its first seeds, not some settings at all. The order only
+    decides what a partial study holds; every run depends on its setting and seed alone."""
+    by_label = {setting.label: setting for setting in settings}
+    unknown = [label for label in first if label not in by_label]
+    if unknown:
+        raise ConfigError(f"--first: no setting {', '.join(unknown)} in the grid; its settings are {', '.join(by_label)}")
+    leading = [by_label[label] for label in dict.fromkeys(first)]
+    rest = sorted((s for s in settings if s.label not in first), key=lambda setting: setting.method.get("num_classes", 1))
+    return [(setting, seed) for part in (leading, rest) for seed in seeds for setting in part]
+
+
 def _write_json(path: Path, value: dict) -> None:
     tmp = path.with_name(f".tmp-{path.name}")
     tmp.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
@@ -601,12 +618,8 @@ def run_study(options: StudyOptions) -> dict[str, Any]:
         _say(f"{len(study.settings)} settings x {len(options.config.seeds)} seeds, evaluated at steps {study.steps}; data: {study.data.source}")
         try:
             target, reference = study.references()
-            # seed-major, and within a seed the cheaper settings first (training costs ~K passes per step): a
-            # study stopped early has most settings at its first seeds, not some settings at all
-            by_cost = sorted(study.settings, key=lambda setting: setting.method.get("num_classes", 1))
-            for seed in options.config.seeds:
-                for setting in by_cost:
-                    study.run(target, reference, setting, seed)
+            for setting, seed in schedule(study.settings, options.config.seeds, options.first):
+                study.run(target, reference, setting, seed)
         finally:
             study.bar.close()
         summary = summarize(study.results.rows, options.config)

@@ -217,6 +217,7 @@ def test_bad_options_give_one_line_errors(tmp_path, capsys, resumed_study):
         (["--config", str(DEFAULT_CONFIG), "--data-dir", str(tmp_path / "none")], "--data-dir: no such folder"),
         (["--config", str(DEFAULT_CONFIG), "--data-dir", str(tmp_path)], "lacks forget01_perturbed.json"),
         (["--config", str(tmp_path / "missing.yaml")], "--config: no such file"),
+        (["--quick", "--first", "ga,sga_K9_r0.5", "--out", str(tmp_path / "first")], "--first: no setting sga_K9_r0.5 in the grid"),
         # a folder holding another config's study is not mixed with this one
         (["--config", str(DEFAULT_CONFIG), "--data-dir", str(resumed_study["out"] / "synthetic"), "--out", str(resumed_study["out"])], "holds a study with another config"),
     ]
@@ -253,6 +254,22 @@ def test_report_summarizes_a_partial_study_and_only_reads_it(resumed_study, tmp_
         assert main(["study", "--report", *args]) == 2, args
         err = capsys.readouterr().err
         assert err.startswith("sga study: error: --report: ") and message in err and err.count("\n") == 1, err
+
+
+def test_schedule_runs_the_first_settings_for_every_seed_then_the_rest_by_cost():
+    config = load_study_config(DEFAULT_CONFIG)
+    settings, seeds = config.settings(), config.seeds
+    order = [(setting.label, seed) for setting, seed in study.schedule(settings, seeds, ("sga_K4_r0.8", "ga"))]
+    assert sorted(order) == sorted((s.label, seed) for s in settings for seed in seeds)  # every run once
+    leading = [(label, seed) for seed in seeds for label in ("sga_K4_r0.8", "ga")]
+    assert order[: len(leading)] == leading
+    rest = order[len(leading):]
+    assert [seed for _, seed in rest] == sorted(seed for _, seed in rest)  # seed-major
+    cost = {s.label: s.method.get("num_classes", 1) for s in settings}
+    for seed in seeds:
+        within = [cost[label] for label, s in rest if s == seed]
+        assert within == sorted(within) and len(within) == len(settings) - 2
+    assert study.schedule(settings, seeds) == [(s, seed) for seed in seeds for s in sorted(settings, key=lambda s: cost[s.label])]
 
 
 def test_config_from_dict_expands_lists():
