@@ -1,5 +1,6 @@
 """The summary of a study: per grid point, mean and standard deviation over seeds at the selection rule
-(declared in the config before the run) and at the final evaluation; a Markdown table and JSON."""
+(declared in the config before the run), at the final evaluation and at every evaluation step (the mean
+trajectory); Markdown tables and JSON."""
 from __future__ import annotations
 
 import json
@@ -23,6 +24,13 @@ SUMMARY_COLUMNS = (
     ("privleak", "privleak %"),
 )
 POINTS = ("selected", "final")
+# (row key, header) of the trajectory tables: one table per metric, one column per evaluation step.
+TRAJECTORY_COLUMNS = (
+    ("model_utility", "model utility"),
+    ("forget_quality", "forget quality"),
+    ("forget_prob", "forget P"),
+    ("forget_rouge", "forget ROUGE-L"),
+)
 
 
 def trajectories(rows: list[dict[str, Any]]) -> tuple[Optional[dict], dict[str, dict[int, list[dict]]]]:
@@ -65,10 +73,17 @@ def summarize(rows: list[dict[str, Any]], config: StudyConfig) -> dict[str, Any]
         complete = {seed: t for seed, t in seeds.items() if t[-1]["step"] == last_step}
         points = {"selected": [selected(t, target["model_utility"], fraction) for t in complete.values()],
                   "final": [t[-1] for t in complete.values()]}
+        by_step: dict[int, list[dict]] = {}
+        for trajectory in complete.values():
+            for row in trajectory:
+                by_step.setdefault(row["step"], []).append(row)
         settings[label] = {
             "seeds": sorted(complete),
             "rate": _stats([t[-1].get("rate") for t in complete.values()]),
             **{point: {key: _stats([row.get(key) for row in chosen]) for key, _ in SUMMARY_COLUMNS} for point, chosen in points.items()},
+            # the mean trajectory over the complete seeds: step -> metric -> mean / std (JSON keys: the steps)
+            "trajectory": {str(step): {key: _stats([row.get(key) for row in at_step]) for key, _ in TRAJECTORY_COLUMNS}
+                           for step, at_step in sorted(by_step.items())},
         }
     return {
         "selection_rule": f"last evaluation with model utility >= {fraction:g} x the target's ({fraction * target['model_utility']:.4f})",
@@ -89,7 +104,8 @@ def _cell(stat: dict[str, Optional[float]], key: str) -> str:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    """Markdown: the selection rule, the target and retain models, and one table per point (selected, final)."""
+    """Markdown: the selection rule, the target and retain models, one table per point (selected, final) and
+    one trajectory table per metric of TRAJECTORY_COLUMNS."""
     if summary["target"] is None:
         return "No results yet.\n"
     lines = [f"Selection rule (declared before the run): {summary['selection_rule']}.", ""]
@@ -102,6 +118,15 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines += ["", f"### {title} (mean ± std over seeds)", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for label, s in summary["settings"].items():
             cells = [label, str(len(s["seeds"]))] + [_cell(s[point][key], key) for key, _ in SUMMARY_COLUMNS]
+            lines.append("| " + " | ".join(cells) + " |")
+    steps = sorted({int(step) for s in summary["settings"].values() for step in s.get("trajectory", {})})
+    for key, title in TRAJECTORY_COLUMNS:
+        header = ["setting", "seeds"] + [f"step {step}" for step in steps]
+        lines += ["", f"### Trajectory: {title} (mean ± std over seeds)", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for label, s in summary["settings"].items():
+            trajectory = s.get("trajectory", {})
+            cells = [label, str(len(s["seeds"]))]
+            cells += [_cell(trajectory[str(step)][key], key) if str(step) in trajectory else "n/a" for step in steps]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -106,7 +106,15 @@ def test_quick_study_end_to_end(resumed_study):
         assert entry["seeds"] == seeds, label
         for point in ("selected", "final"):
             assert entry[point]["forget_quality"]["std"] is not None
+    for label, entry in summary["settings"].items():
+        trajectory = entry["trajectory"]
+        assert list(trajectory) == [str(step) for step in [0, *steps]], label
+        final = trajectory[str(steps[-1])]
+        assert final["model_utility"] == entry["final"]["model_utility"] and final["forget_quality"] == entry["final"]["forget_quality"]
+        utilities = [r["model_utility"] for r in rows if r["label"] == label and r["step"] == steps[0]]
+        assert trajectory[str(steps[0])]["model_utility"]["mean"] == pytest.approx(sum(utilities) / len(utilities))
     markdown = (out / study.SUMMARY_MD).read_text()
+    assert "### Trajectory: model utility" in markdown and "| step 0 |" in markdown
     assert "Selection rule" in markdown and all(f"| {s.label} | {len(seeds)} |" in markdown for s in settings)
     for name in ("forget_quality_vs_utility.png", "utility_and_rouge_vs_epoch.png"):
         png = out / name
