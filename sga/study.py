@@ -582,28 +582,32 @@ def report_study(out: Path, config: StudyConfig) -> dict[str, Any]:
     and return the summary: no data, no model, no training. It only reads ``results.jsonl``, so it is safe
     while the study runs in the same folder (a line being written is left out). ConfigError (one line) when
     ``out`` holds no study of this config."""
-    from .study_plots import plot_study
-    from .study_summary import summarize, write_summary
-
     study, results = out / STUDY_FILE, out / RESULTS_FILE
     if not study.is_file() or not results.is_file():
         raise ConfigError(f"--report: {out} holds no study results ({STUDY_FILE} and {RESULTS_FILE})")
     if json.loads(study.read_text(encoding="utf-8")).get("config_hash") != config.digest():
         raise ConfigError(f"--report: {out} holds a study with another config; pass that study's --config")
     rows, _ = read_results(results)
-    summary = summarize(rows, config)
-    write_summary(summary, out / SUMMARY_MD, out / SUMMARY_JSON)
     seeds = sorted({row["seed"] for row in rows if row.get("seed") is not None})
-    plot_study(rows, out, title=f"sga study: {config.model} ({len(rows)} evaluations so far; seeds {seeds})")
+    summary = write_summary_and_plots(out, rows, config, f"sga study: {config.model} ({len(rows)} evaluations so far; seeds {seeds})")
     _say(f"wrote {SUMMARY_MD}, {SUMMARY_JSON} and the plots in {out} from {len(rows)} evaluations")
+    return summary
+
+
+def write_summary_and_plots(out: Path, rows: list[dict[str, Any]], config: StudyConfig, title: str, **extra: Any) -> dict[str, Any]:
+    """summary.md / summary.json (the summary of rows, with extra's keys added) and the plots in out; returns
+    the summary. Shared by the end of a study and ``--report``."""
+    from .study_plots import plot_study
+    from .study_summary import summarize, write_summary
+
+    summary = {**summarize(rows, config), **extra}
+    write_summary(summary, out / SUMMARY_MD, out / SUMMARY_JSON)
+    plot_study(rows, out, title=title)
     return summary
 
 
 def run_study(options: StudyOptions) -> dict[str, Any]:
     """Run (or continue) the study and write the results, the summary and the plots; returns the summary."""
-    from .study_plots import plot_study
-    from .study_summary import summarize, write_summary
-
     options.validate()
     options.out.mkdir(parents=True, exist_ok=True)
     _write_json(options.out / STUDY_FILE, {"config_hash": options.config.digest(), "config": options.config.to_dict()})
@@ -622,10 +626,9 @@ def run_study(options: StudyOptions) -> dict[str, Any]:
                 study.run(target, reference, setting, seed)
         finally:
             study.bar.close()
-        summary = summarize(study.results.rows, options.config)
-        summary["wall_s_this_session"] = round(time.monotonic() - began, 1)
-        write_summary(summary, options.out / SUMMARY_MD, options.out / SUMMARY_JSON)
-        plot_study(study.results.rows, options.out, title=f"sga study: {options.config.model}, {study.data.source}")
+        summary = write_summary_and_plots(options.out, study.results.rows, options.config,
+                                          f"sga study: {options.config.model}, {study.data.source}",
+                                          wall_s_this_session=round(time.monotonic() - began, 1))
     finally:
         torch.set_num_threads(previous)
         if previous_tqdm is None:
