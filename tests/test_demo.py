@@ -8,10 +8,8 @@ import pytest
 
 from sga import demo
 from sga.cli import main
+from tofu_data import TOFU_DIR
 
-# the real TOFU files beside the checkout (../shared/data/tofu), or in /work/shared/data/tofu for a worktree
-TOFU_DIR = next((d for d in (Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu", Path("/work/shared/data/tofu")) if d.is_dir()),
-                Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu")
 REPORT_KEYS = {"model", "data", "protocol", "torch_threads", "methods", "table", "results", "trajectories", "training", "plot", "timings_s", "total_s"}
 
 

@@ -2,8 +2,6 @@
 TOFU MIA / memorization metrics on the real forget01 / holdout01 files, and `sga eval` writing and
 reading the logs. The TOFU tests read the real files from ../shared/data/tofu and skip only without them."""
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,8 +15,8 @@ from sga.benchmarks.scoring import token_statistics
 from sga.benchmarks.tofu import evaluate_tofu, load_tofu_split
 from sga.cli import DEFAULT_MIA_ATTACKS, MIA_ATTACKS, main
 from sga.models import tiny_random_model, tiny_tokenizer
+from tofu_data import TOFU_DIR
 
-TOFU_DIR = Path(os.environ.get("SGA_TOFU_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"))
 needs_tofu = pytest.mark.skipif(
     not (TOFU_DIR / "holdout01.json").is_file(),
     reason=f"TOFU data (with holdout01.json) not found in {TOFU_DIR} (set SGA_TOFU_DIR)",

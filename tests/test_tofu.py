@@ -4,7 +4,6 @@ import importlib.util
 import json
 import math
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +15,8 @@ from sga.benchmarks.prompts import IGNORE_INDEX, encode_qa, encode_text
 from sga.benchmarks.scoring import greedy_generate, token_logprobs
 from sga.benchmarks.tofu import SPLITS, tofu_forget_truth_ratios
 from sga.models import tiny_random_model, tiny_tokenizer
+from tofu_data import TOFU_DIR
 
-TOFU_DIR = Path(os.environ.get("SGA_TOFU_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"))
 needs_tofu = pytest.mark.skipif(
     not (TOFU_DIR / "forget01_perturbed.json").is_file(),
     reason=f"TOFU data not found in {TOFU_DIR} (set SGA_TOFU_DIR to the folder of TOFU's JSON files)",

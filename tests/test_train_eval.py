@@ -3,7 +3,6 @@ sequences, best/ and best.json, resume after an interrupt or a crash, the real T
 tiny model, the CLI flags and their validation."""
 import dataclasses
 import json
-import math
 import os
 import signal
 from pathlib import Path
