@@ -19,6 +19,8 @@ from typing import Callable, Optional
 
 import torch
 
+from ._bounds import near_equal_bounds
+
 # Below this many elements a call runs eager: a few milliseconds at most, not worth a compile in processes that
 # only ever see small inputs (the test suite).
 COMPILE_MIN_ELEMENTS = 1 << 22
@@ -121,9 +123,7 @@ def use_compiled(logits: torch.Tensor, grad_buffer: Optional[torch.Tensor]) -> b
 def chunk_bounds(num_rows: int, vocab_size: int) -> list[tuple[int, int]]:
     """Near-equal chunks of at least max(2, CHUNK_ELEMENTS // V) rows (never 1 row: no size-1 recompile)."""
     rows_per_chunk = max(2, CHUNK_ELEMENTS // vocab_size)
-    num_chunks = max(1, num_rows // rows_per_chunk)
-    edges = [num_rows * i // num_chunks for i in range(num_chunks + 1)]
-    return list(zip(edges[:-1], edges[1:]))
+    return near_equal_bounds(num_rows, max(1, num_rows // rows_per_chunk))
 
 
 def disable(reason: str) -> None:

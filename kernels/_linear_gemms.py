@@ -21,6 +21,8 @@ from typing import Optional
 
 import torch
 
+from ._bounds import near_equal_bounds
+
 # Bytes of one block product of the float32 accumulation of low-precision products: it stays in L3 until it is
 # added (the mixed-dtype add first casts it to a float32 temporary twice its size). Measured at V = 64128,
 # D = 2048 bf16, R = 256, 1 thread: 2-8 MiB products within 10%, 16 MiB 1.4-1.9x and 32 MiB 2x slower; the
@@ -82,9 +84,7 @@ def _even_blocks(total: int, most: int) -> list[tuple[int, int]]:
     glibc hands a freed chunk back to a request of the same size; blocks of two sizes (a short last block)
     leave the heap fragmented, which showed as 2-10% of the logits of extra resident memory, varying from
     run to run (bench/NOTES.md, fused linear "v5")."""
-    count = -(-total // most)
-    edges = [total * i // count for i in range(count + 1)]
-    return list(zip(edges[:-1], edges[1:]))
+    return near_equal_bounds(total, -(-total // most))
 
 
 def logits_into(

@@ -9,6 +9,7 @@ import torch
 
 from test_linear import FP32_TOL, RecordOps, assert_matches_truth, make_case, ours, truth
 from sga.kernels import _linear_gemms, linear_smoothed_ga_loss
+from sga.kernels._bounds import near_equal_bounds
 from sga.kernels.linear import MIN_CHUNK_ROWS, MIN_CHUNK_ROWS_CPU_16BIT, min_chunk_rows
 
 needs_onednn = pytest.mark.skipif(not _linear_gemms._onednn_works(), reason="oneDNN float32 linear unavailable")
@@ -54,6 +55,17 @@ def test_even_blocks_cover_the_range_in_near_equal_sizes(total, most):
     assert all(stop == next_start for (_, stop), (next_start, _) in zip(blocks, blocks[1:]))
     sizes = [stop - start for start, stop in blocks]
     assert len(blocks) == -(-total // most) and max(sizes) <= most and max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("total, count", [(97, 10), (10, 10), (5, 1), (7, 3)])
+def test_near_equal_bounds_sizes_differ_by_at_most_one(total, count):
+    sizes = [stop - start for start, stop in near_equal_bounds(total, count)]
+    assert len(sizes) == count and sum(sizes) == total and max(sizes) - min(sizes) <= 1
+
+
+def test_near_equal_bounds_rejects_no_parts():
+    with pytest.raises(ValueError, match="count must be at least 1"):
+        near_equal_bounds(10, 0)
 
 
 @needs_onednn
