@@ -589,7 +589,7 @@ def report_study(out: Path, config: StudyConfig) -> dict[str, Any]:
         raise ConfigError(f"--report: {out} holds a study with another config; pass that study's --config")
     rows, _ = read_results(results)
     seeds = sorted({row["seed"] for row in rows if row.get("seed") is not None})
-    summary = write_summary_and_plots(out, rows, config, f"sga study: {config.model} ({len(rows)} evaluations so far; seeds {seeds})")
+    summary = write_summary_and_plots(out, rows, config, f"sga study: {config.model} ({len(rows)} evaluations recorded; seeds {seeds})")
     _say(f"wrote {SUMMARY_MD}, {SUMMARY_JSON} and the plots in {out} from {len(rows)} evaluations")
     return summary
 
