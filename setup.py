@@ -1,9 +1,12 @@
-"""Packaging for sga. The Triton kernels live in the top-level folder ``kernels/`` and are installed as
-the subpackage ``sga.kernels`` (the import name ``kernels`` belongs to another PyPI project)."""
+"""Packaging for sga. The Triton kernels live in ``kernels/sga_kernels/`` and are installed as the subpackage
+``sga.kernels``. The top-level ``kernels/`` folder is deliberately not a package: the import name ``kernels`` belongs
+to Hugging Face's PyPI project, which transformers requires and imports, and which setuptools itself imports while
+building (its ``egg_info.writers`` entry point)."""
 from setuptools import find_packages, setup
 
 sga_packages = find_packages(include=["sga", "sga.*"])
-kernel_packages = ["sga.kernels"] + ["sga.kernels." + p for p in find_packages("kernels")]
+KERNEL_SOURCE = "kernels/sga_kernels"
+kernel_packages = ["sga.kernels"] + ["sga.kernels." + p for p in find_packages(KERNEL_SOURCE)]
 
 setup(
     name="sga",
@@ -13,7 +16,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=sga_packages + kernel_packages,
-    package_dir={"sga.kernels": "kernels"},
+    package_dir={"sga.kernels": KERNEL_SOURCE},
     package_data={"sga": ["configs/*.yaml"]},
     install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
     extras_require={

@@ -31,9 +31,21 @@ else
         python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
             > "$WORK/wheels.log" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     fi
-    python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$WORK/install.log" 2>&1 \
-        || cat "$WORK/install.log"
+    # the project: an editable install (needs setuptools >= 64 there); else a staging folder that lays the package
+    # out as installed (sga/ with kernels/sga_kernels/ as sga/kernels), first on PYTHONPATH
+    if ! python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$WORK/install.log" 2>&1; then
+        mkdir -p "$WORK/staged/sga"
+        ln -s "$ROOT"/sga/* "$WORK/staged/sga/" && ln -s "$ROOT/kernels/sga_kernels" "$WORK/staged/sga/kernels"
+        export PYTHONPATH="$WORK/staged${PYTHONPATH:+:$PYTHONPATH}"
+        echo "editable install failed (above); using the staged package in $WORK/staged" >> "$WORK/install.log"
+    fi
     SWEEP_ARGS="--budget-s ${SGA_SWEEP_BUDGET_S:-150}"
+fi
+if ! python3 -c "import sga.kernels" >> "$WORK/install.log" 2>&1 \
+        || ! (cd bench && python3 -c "import sga.kernels") >> "$WORK/install.log" 2>&1; then
+    { echo "== STOPPED: import sga.kernels fails after the install; install.log:"; cat "$WORK/install.log"; } \
+        | tee "$OUT/summary.txt"
+    exit 1
 fi
 limit() { echo $(( $1 * TIME_SCALE )); }
 last_line() { grep -v '^\s*$' "$1" | tail -1; }

@@ -1,4 +1,4 @@
-"""Time every variant of the logits row kernel (kernels/tuning.py) and print the winners as the tuning table.
+"""Time every variant of the logits row kernel (kernels/sga_kernels/tuning.py) and print the winners as the tuning table.
 
     python bench/gpu_sweep.py --out DIR [--budget-s 240] [--smoke]
 
@@ -9,7 +9,7 @@ out the sweep stops cleanly after the variant in flight and writes what it has. 
 first rows are checked against the torch backend before its time counts; a wrong variant is never chosen.
 
 Writes DIR/sweep.jsonl (one row per variant and case), DIR/sweep_table.txt (the ratio table) and
-DIR/tuning_table.py (the TABLE entries to paste into kernels/tuning.py). --smoke: tiny shapes on the CPU under
+DIR/tuning_table.py (the TABLE entries to paste into kernels/sga_kernels/tuning.py). --smoke: tiny shapes on the CPU under
 Triton's interpreter, small blocks, for the test suite.
 """
 from __future__ import annotations
@@ -141,7 +141,7 @@ def best_per_case(rows: list[dict]) -> dict:
 
 
 def tuning_table_source(best: dict, architecture: str) -> str:
-    """The TABLE entries for kernels/tuning.py, one per case, each with its time as a comment."""
+    """The TABLE entries for kernels/sga_kernels/tuning.py, one per case, each with its time as a comment."""
     lines = ["TABLE: dict[tuple[str, str, int], KernelConfig] = {"]
     for (dtype_name, vocab_size), row in sorted(best.items()):
         arguments = ", ".join(f"{name}={value!r}" for name, value in row["config"].items())

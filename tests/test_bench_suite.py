@@ -43,7 +43,7 @@ def test_gpu_check_dry_run_packs_everything_into_few_files(tmp_path):
     from sga.kernels.tuning import KernelConfig
 
     namespace = {"KernelConfig": KernelConfig}
-    exec(table_source, namespace)  # the table is valid Python to paste into kernels/tuning.py
+    exec(table_source, namespace)  # the table is valid Python to paste into kernels/sga_kernels/tuning.py
     assert set(namespace["TABLE"]) == {("cpu", "bfloat16", 100), ("cpu", "float32", 70)}
 
     rows = {name: [json.loads(line) for line in (results / f"{name}.jsonl").read_text().splitlines()]

@@ -1,4 +1,4 @@
-"""The CPU path of the fused linear loss: its chunk GEMMs (kernels/_linear_gemms.py: the oneDNN float32 path in
+"""The CPU path of the fused linear loss: its chunk GEMMs (kernels/sga_kernels/_linear_gemms.py: the oneDNN float32 path in
 vocabulary blocks and its fallback), the reused chunk workspace and the 16-bit chunk-row floor.
 
 The oneDNN path runs only for GEMMs of at least ONEDNN_MIN_FLOPS; the tests lower that threshold and the block

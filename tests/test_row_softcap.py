@@ -1,7 +1,7 @@
 """The logit softcap and scale fused into the row kernel: z = softcap(a * x), softcap(u) = c * tanh(u / c).
 
 Both backends against the float64 oracle. The Triton cases need the Triton kernel's softcap / logit_scale
-(kernels/triton_backend.py); without it they fail (TypeError), they are never skipped.
+(kernels/sga_kernels/triton_backend.py); without it they fail (TypeError), they are never skipped.
 """
 from unittest import mock
 

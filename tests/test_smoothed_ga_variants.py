@@ -1,4 +1,4 @@
-"""Every variant of the Triton row kernel (kernels/tuning.py) against the float64 oracle, under the interpreter.
+"""Every variant of the Triton row kernel (kernels/sga_kernels/tuning.py) against the float64 oracle, under the interpreter.
 
 The GPU runs few programs per SM, each over many rows, with blocks much smaller than a row; the interpreter's
 default config does the opposite (the whole row in one block). These tests force the GPU's schedule on the

@@ -1,4 +1,4 @@
-"""The torch backend's compiled chunk path (kernels/_compiled_rows.py) and its eager fallback.
+"""The torch backend's compiled chunk path (kernels/sga_kernels/_compiled_rows.py) and its eager fallback.
 
 Large CPU inputs take the compiled path; here the size threshold is lowered so that small inputs take it too.
 Each (dtype, softcap, in-place) variant compiles once per process (a few seconds), so the shapes stay few.

@@ -1,0 +1,29 @@
+"""sga.kernels: fused smoothed gradient-ascent and token-rule unlearning losses (Triton kernels, PyTorch fallbacks,
+autograd Functions).
+
+Importing this package needs only torch, triton and numpy. The source lives in the repository's top-level folder
+``kernels/sga_kernels/`` and is installed as ``sga.kernels`` only (``package_dir`` in setup.py): the top-level
+``kernels/`` folder is not a Python package, so the import name ``kernels`` stays free for Hugging Face's PyPI
+package of that name, which transformers imports.
+"""
+from .linear import FusedLinearFunction, linear_smoothed_ga_loss
+from .reference import smoothed_ga_loss_reference
+from .smoothed_ga import SmoothedGALoss, SmoothedGALossFunction, smoothed_ga_loss
+from .token_loss import TokenLossFunction, linear_token_loss, token_loss
+from .token_reference import token_loss_reference
+from .token_rules import TOKEN_RULES, TokenRule
+
+__all__ = [
+    "FusedLinearFunction",
+    "SmoothedGALoss",
+    "SmoothedGALossFunction",
+    "linear_smoothed_ga_loss",
+    "smoothed_ga_loss",
+    "smoothed_ga_loss_reference",
+    "TOKEN_RULES",
+    "TokenLossFunction",
+    "TokenRule",
+    "linear_token_loss",
+    "token_loss",
+    "token_loss_reference",
+]
