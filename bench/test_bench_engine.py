@@ -7,7 +7,7 @@ forward) against the same step with the model's own loss (``model(**batch).loss`
 Both steps: forward, backward and an AdamW step on the same model and batch (B forget sequences, each with
 K - 1 = 2 normal ones; TOFU-like, the first half of every sequence is an unscored prompt, lengths vary, so
 rows are padded). The loss:
-- ours: ``sga.objectives`` SGA, L = -(1 - r + r/K) l(x_f) + (r/K) sum_k l(x_n^k), one forward over forget and
+- ours: ``sga.methods.base`` SGA, L = -(1 - r + r/K) l(x_f) + (r/K) sum_k l(x_n^k), one forward over forget and
   normal rows and one fused linear call;
 - model_loss: c_f * model(**forget).loss + c_n * model(**normal).loss (HF's token-mean cross-entropy over
   materialized float32-upcast logits), what a user writes without the engine.
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import DEVICE, SHAPE_SET
 from harness import environment, synchronize, write_rows
 
@@ -47,7 +46,7 @@ def make_model(layers: int, hidden_size: int, vocab_size: int):
 
 def make_batch(vocab_size: int, num_forget: int, length: int) -> dict[str, torch.Tensor]:
     """The engine's batch (``UnlearningData.batch``) of num_forget forget samples with K - 1 normal samples each."""
-    from sga.benchmarks.prompts import IGNORE_INDEX, EncodedExample
+    from sga.benchmarks.prompts import EncodedExample, IGNORE_INDEX
     from sga.data import UnlearningData
 
     generator = torch.Generator().manual_seed(1)
@@ -69,8 +68,8 @@ def make_batch(vocab_size: int, num_forget: int, length: int) -> dict[str, torch
 
 def make_step(implementation: str, shape: tuple):
     """A closure running one training step; the model, batch and optimizer are built once."""
-    from sga.objectives import build_objective
     from sga.config import MethodConfig
+    from sga.methods import build_objective
 
     layers, hidden_size, vocab_size, num_forget, length = shape
     model = make_model(layers, hidden_size, vocab_size)

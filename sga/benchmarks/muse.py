@@ -31,7 +31,13 @@ import numpy as np
 
 from . import metrics, mia
 from . import openunlearning_log as log
-from .prompts import PLAIN_STOP_STRINGS, encode_continuation, encode_qa, encode_text, resolve_chat_template
+from .prompts import (
+    PLAIN_STOP_STRINGS,
+    encode_continuation,
+    encode_qa,
+    encode_text,
+    resolve_chat_template,
+)
 from .scoring import greedy_generate, memorization, token_statistics
 from .tofu import read_json_records
 
