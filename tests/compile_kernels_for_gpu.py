@@ -18,10 +18,9 @@ from pathlib import Path
 
 import triton
 import triton.language as tl
+from sga.kernels import triton_backend, tuning
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-
-from sga.kernels import triton_backend, tuning
 
 POINTER_TYPES = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32", "float64": "*fp64"}
 ELEMENT_SIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}

@@ -8,11 +8,10 @@ from __future__ import annotations
 import itertools
 
 import triton.language as tl
-from triton.backends.compiler import GPUTarget
-
 from compile_kernels_for_gpu import POINTER_TYPES, compile_for
 from sga.kernels import token_loss_triton
 from sga.kernels.token_rules import TOKEN_RULES
+from triton.backends.compiler import GPUTarget
 
 
 def variants():

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-
 from sga.kernels import smoothed_ga_loss_reference
 
 BACKENDS = ("torch", "triton")

@@ -2,7 +2,6 @@
 labels' dtype, in-place backward over overlapping logits, a normalizer tensor that requires grad."""
 import pytest
 import torch
-
 from sga.kernels import linear_smoothed_ga_loss, smoothed_ga_loss
 
 BACKENDS = ["torch", "triton"]

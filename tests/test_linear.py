@@ -7,11 +7,10 @@ import math
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
-
 from kernel_oracle import assert_no_worse_than_fp32, max_error
 from sga.kernels import linear_smoothed_ga_loss, smoothed_ga_loss_reference
 from sga.kernels.linear import FusedLinearFunction, default_chunk_rows
+from torch.overrides import TorchFunctionMode
 
 FP32_TOL = dict(atol=2e-5, rtol=2e-5)
 

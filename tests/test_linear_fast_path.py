@@ -7,15 +7,27 @@ import math
 
 import pytest
 import torch
-
 from engine_helpers import make_config, memorized_model, tokenizer, unlearning_data
-from test_linear import FP32_TOL, RecordOps, assert_matches_truth, make_case, ours, truth
+from sga.kernels import linear_smoothed_ga_loss
+from sga.kernels.linear import (
+    MAX_CHUNK_ROWS,
+    SmoothedGARowKernel,
+    default_chunk_rows,
+    fused_linear_rows,
+)
+from test_linear import (
+    FP32_TOL,
+    RecordOps,
+    assert_matches_truth,
+    make_case,
+    ours,
+    truth,
+)
+
 from sga.config import MethodConfig
 from sga.data.unlearning import UnlearningData
-from sga.kernels import linear_smoothed_ga_loss
-from sga.kernels.linear import MAX_CHUNK_ROWS, SmoothedGARowKernel, default_chunk_rows, fused_linear_rows
-from sga.methods import build_objective
 from sga.engine.trainer import UnlearningTrainer
+from sga.methods import build_objective
 
 
 def _kept(labels, ignore_index=-100):
@@ -347,9 +359,8 @@ def test_training_step_reads_nothing_from_the_device(tmp_path, monkeypatch, meth
     even on CUDA), transformers' own causal-mask construction (it inspects the padding mask: the model's
     code, not the loss's) and the fused loss's check of a CPU grad_output for 1 (``is_cpu_unit``: on CUDA it
     reads nothing)."""
-    import transformers.models.llama.modeling_llama as llama
-
     import sga.kernels.linear as linear
+    import transformers.models.llama.modeling_llama as llama
 
     reads = HostReads(monkeypatch)
     for owner, name in ((UnlearningTrainer, "_window"), (UnlearningTrainer, "_step_record"),

@@ -8,8 +8,13 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
-
-from kernel_oracle import BACKENDS, assert_low_precision_rule, loss_and_grad, make_inputs, truth
+from kernel_oracle import (
+    BACKENDS,
+    assert_low_precision_rule,
+    loss_and_grad,
+    make_inputs,
+    truth,
+)
 from sga.kernels import SmoothedGALoss, ops, smoothed_ga_loss, torch_backend
 
 FP32_TOL = dict(atol=2e-5, rtol=2e-5)

@@ -5,7 +5,6 @@ The Triton backend runs in the CPU interpreter here (tests/conftest.py sets TRIT
 import pytest
 import torch
 import torch.nn.functional as F
-
 from kernel_oracle import (
     BACKENDS,
     assert_low_precision_rule,

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from kernel_oracle import assert_no_worse_than_fp32, fp32_eager, make_inputs, truth
 from sga.kernels import smoothed_ga_loss_reference
 

@@ -9,7 +9,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-
 from kernel_oracle import rows_truth
 from sga.kernels import triton_backend, tuning
 

@@ -6,9 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from sga.kernels import TOKEN_RULES, linear_token_loss, token_loss, token_loss_reference
-from sga.kernels import token_loss_triton
+from sga.kernels import (
+    TOKEN_RULES,
+    linear_token_loss,
+    token_loss,
+    token_loss_reference,
+    token_loss_triton,
+)
 from sga.kernels.tuning import KernelConfig
 
 BACKENDS = ("torch", "triton")

@@ -7,7 +7,6 @@ import warnings
 
 import pytest
 import torch
-
 from kernel_oracle import assert_low_precision_rule, loss_and_grad, make_inputs, truth
 from sga.kernels import _compiled_rows, smoothed_ga_loss, torch_backend
 

@@ -57,6 +57,12 @@ ROUGE_STEMMER = {"muse": False, "open-unlearning": True}
 _ROUGE_NAMES = {"verbmem_f": "forget_verbmem_ROUGE", "knowmem_f": "forget_knowmem_ROUGE", "knowmem_r": "retain_knowmem_ROUGE"}
 
 
+def required_files(*, privleak: bool) -> list[str]:
+    """The files of a MUSE-News folder that :func:`evaluate_muse` reads (with ``privleak``: its MIA splits too)."""
+    names = ["verbmem/forget", "knowmem/forget_qa", "knowmem/forget_qa_icl", "knowmem/retain_qa", "knowmem/retain_qa_icl"]
+    return [f"{name}.json" for name in names + (["privleak/forget", "privleak/holdout"] if privleak else [])]
+
+
 def load_muse_split(subset: str, split: str, data_dir: str | os.PathLike | None = None) -> list[dict]:
     """The records of one MUSE-News (subset, split): from ``<data_dir>/<subset>/<split>.json``, or from
     the ``muse-bench/MUSE-News`` hub dataset when ``data_dir`` is None (needs ``datasets``)."""

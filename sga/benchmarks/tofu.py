@@ -83,18 +83,37 @@ def _check_records(records: list[dict], split: str, source: str) -> list[dict]:
     return records
 
 
+def required_files(forget_split: str, *, holdout: bool) -> list[str]:
+    """The files of a TOFU folder that :func:`evaluate_tofu` of ``forget_split`` reads (with ``holdout``: the
+    membership-inference split too)."""
+    names = [f"{forget_split}_perturbed", "retain_perturbed", "real_authors_perturbed", "world_facts_perturbed"]
+    return [f"{name}.json" for name in names + ([forget_split.replace("forget", "holdout")] if holdout else [])]
+
+
 def read_json_records(path: Path) -> list[dict]:
     """Records of a JSON-lines file (one object per line) or of a file holding one JSON array."""
     if not path.is_file():
         raise ValueError(f"data file not found: {path}")
     try:
         text = path.read_text(encoding="utf-8")
-        if text.lstrip().startswith("["):
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err}): fix or re-save the file") from None
+    if text.lstrip().startswith("["):
+        try:
             return json.loads(text)
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        kind = "UTF-8 text" if isinstance(err, UnicodeDecodeError) else "valid JSON / JSON lines"
-        raise ValueError(f"{path} is not {kind} ({err}): fix or re-save the file") from None
+        except json.JSONDecodeError as err:  # its line and column are the file's
+            raise ValueError(f"{path} is not valid JSON ({err}): fix or re-save the file") from None
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:  # the error's own position is within the line: name the file's line
+            raise ValueError(
+                f"{path} is not valid JSON lines: line {number}: {err.msg} (column {err.colno}); fix or re-save the file"
+            ) from None
+    return records
 
 
 def load_tofu_split(split: str, data_dir: str | os.PathLike | None = None) -> list[dict]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
@@ -21,7 +21,12 @@ import torch
 
 from sga.benchmarks.prompts import IGNORE_INDEX, EncodedExample
 from sga.config import ConfigError, DataConfig
-from sga.data.pairing import DEFAULT_CACHE_DIR, embedding_available, pair_normal_samples
+from sga.data.pairing import (
+    DEFAULT_CACHE_DIR,
+    embedding_available,
+    pair_normal_samples,
+    resolve_method,
+)
 from sga.data.records import encode_record, load_records, record_text
 
 
@@ -38,6 +43,7 @@ class UnlearningData:
     normal: list[EncodedExample]
     pairs: Optional[list[list[int]]] = None
     reference_nll: Optional[torch.Tensor] = None
+    pairing: Optional[str] = field(default=None, kw_only=True)  # how the pairs were made, for the run's log
 
     def __post_init__(self) -> None:
         if not self.forget:
@@ -205,11 +211,12 @@ def build_unlearning_data(config: DataConfig, tokenizer, *, normal_per_sample: i
         return UnlearningData(forget, [])
     if not retain_records:
         raise ValueError("this method needs normal data: give a retain file (--retain-file)")
+    method = resolve_method(config.pairing, config.embedding_model)
     pairs = pair_normal_samples(
         [record_text(r) for r in forget_records],
         [record_text(r) for r in retain_records],
         normal_per_sample + 1,
-        method=config.pairing,
+        method=method,
         pairs_file=config.pairs_file,
         embedding_model=config.embedding_model,
         cache_dir=config.pairing_cache_dir or DEFAULT_CACHE_DIR,
@@ -217,4 +224,5 @@ def build_unlearning_data(config: DataConfig, tokenizer, *, normal_per_sample: i
     used = sorted({j for p in pairs for j in p})
     position = {j: i for i, j in enumerate(used)}
     normal = [encode(retain_records[j]) for j in used]
-    return UnlearningData(forget, normal, [[position[j] for j in p] for p in pairs])
+    pairing = f"{method} (auto: no sentence-transformers embedding model installed)" if config.pairing == "auto" and method == "tfidf" else method
+    return UnlearningData(forget, normal, [[position[j] for j in p] for p in pairs], pairing=pairing)

@@ -12,14 +12,15 @@ Every checkpoint ends with ``manifest.json``: the size and SHA-256 of each file 
 resume reads nothing that :func:`verify_checkpoint` has not checked against it, so a deleted, truncated
 or overwritten file (``random_states_0.pkl``, ``model.safetensors``, ...) is detected; ``--resume auto``
 then falls back to the newest checkpoint that verifies (:func:`latest_verified_checkpoint`, with a
-warning). Checkpoints belong to one run: :func:`check_output_dir` refuses a fresh run into a folder that
-holds another run's checkpoints unless asked to overwrite them.
+warning). Checkpoints belong to one run: ``sga.engine.run_folder.check_output_dir`` refuses a fresh run into
+a folder that holds another run unless asked to overwrite it.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -143,39 +144,37 @@ def latest_verified_checkpoint(output_dir: str | os.PathLike) -> Optional[Path]:
     return None
 
 
-def check_output_dir(output_dir: str | os.PathLike, *, resume: Optional[str], overwrite: bool) -> Path:
-    """Make sure ``output_dir`` is a folder we can write (created if missing) and, for a fresh run
-    (``resume`` None), that it holds no other run's checkpoints unless ``overwrite``. Runs before any
-    model or data is loaded; raises :class:`CheckpointError` with the fix."""
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise CheckpointError(f"--output-dir {output_dir} is a file, not a folder: choose another --output-dir")
+class _TiedWeightNotice(logging.Filter):
+    """Drops accelerate's "Removed shared tensor ... This should be OK" notice: a model with tied embeddings
+    (GPT-2, SmolLM2) stores the tied matrix once, and loading the checkpoint ties it again."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()  # accelerate prefixes "[RANK 0] "
+
+
+@contextlib.contextmanager
+def _without_tied_weight_notice() -> Iterator[None]:
+    logger = logging.getLogger("accelerate.utils.other")
+    notice = _TiedWeightNotice()
+    logger.addFilter(notice)
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / f".sga-write-test-{os.getpid()}"  # one per process: every process checks
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise CheckpointError(f"--output-dir {output_dir} is not writable ({err.strerror or err}): choose another --output-dir") from None
-    found = list_checkpoints(output_dir)
-    if resume is None and found and not overwrite:
-        raise CheckpointError(
-            f"{output_dir} holds checkpoints of another run (latest {found[-1].name}): continue it with --resume auto, "
-            "delete them with --overwrite, or choose another --output-dir"
-        )
-    return output_dir
+        yield
+    finally:
+        logger.removeFilter(notice)
 
 
-def clear_run(output_dir: str | os.PathLike, files: tuple[str, ...]) -> None:
-    """Delete a previous run's checkpoints and the named files / folders of ``output_dir`` (``--overwrite``)."""
-    output_dir = Path(output_dir)
-    shutil.rmtree(checkpoint_root(output_dir), ignore_errors=True)
-    for name in files:
-        target = output_dir / name
-        if target.is_dir():
-            shutil.rmtree(target, ignore_errors=True)
-        else:
-            target.unlink(missing_ok=True)
+@contextlib.contextmanager
+def _without_transformers_progress_bars() -> Iterator[None]:
+    """No "Writing model shards" bar while a model is saved: the run's own progress display says what happens."""
+    from transformers.utils import logging as transformers_logging
+
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
 
 
 def save_checkpoint(
@@ -198,7 +197,8 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    with _without_tied_weight_notice():
+        accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()  # every process's shards are on disk before the manifest hashes them
     if accelerator.is_main_process:
         save_file({k: v.detach().contiguous().cpu() for k, v in (tensors or {}).items()}, str(tmp / TENSORS_FILE))
@@ -276,7 +276,7 @@ def save_final_model(
     tmp = path.with_name(f".tmp-{path.name}")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        with _as_plain_model(model):
+        with _as_plain_model(model), _without_transformers_progress_bars():
             model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         for name, value in (json_files or {}).items():

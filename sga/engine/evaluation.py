@@ -57,11 +57,13 @@ from typing import Any, Callable, Mapping, Optional
 
 from sga.benchmarks.mia import METRIC_NAMES
 from sga.benchmarks.muse import evaluate_muse
+from sga.benchmarks.muse import required_files as muse_required_files
 from sga.benchmarks.openunlearning_log import load_retain_reference
 from sga.benchmarks.tofu import evaluate_tofu, read_json_records
+from sga.benchmarks.tofu import required_files as tofu_required_files
 from sga.config import ConfigError, UnlearnConfig
+from sga.engine.run_folder import BEST_DIR
 
-BEST_DIR = "best"
 BEST_FILE = "best.json"
 # the "event" of an evaluation record in metrics.jsonl
 EVAL_EVENT = "eval"
@@ -198,11 +200,8 @@ def _required_files(config: UnlearnConfig) -> list[str]:
     """The files of the benchmark folder that an evaluation reads."""
     e = config.evaluation
     if e.benchmark == "tofu":
-        split = evaluation_tofu_split(config)
-        names = [f"{split}_perturbed", "retain_perturbed", "real_authors_perturbed", "world_facts_perturbed"]
-        return [f"{n}.json" for n in names + ([split.replace("forget", "holdout")] if e.mia else [])]
-    names = ["verbmem/forget", "knowmem/forget_qa", "knowmem/forget_qa_icl", "knowmem/retain_qa", "knowmem/retain_qa_icl"]
-    return [f"{n}.json" for n in names + (["privleak/forget", "privleak/holdout"] if e.mia else [])]
+        return tofu_required_files(evaluation_tofu_split(config), holdout=e.mia)
+    return muse_required_files(privleak=e.mia)
 
 
 def _check_reference(config: UnlearnConfig, data_dir: Optional[str]):
@@ -340,6 +339,7 @@ class TrainingEvaluation:
         self.scoring = {**scoring_settings(config), "evaluator": "benchmark" if evaluator is None else "custom"}
         self.baseline_utility: Optional[float] = None
         self.best: Optional[dict[str, Any]] = None  # {"step", "score", ...}: best.json
+        self.candidates: list[tuple[Any, Any]] = []  # (metric, utility) of the evaluations after step 0, for the log
 
     def due(self, step: int, total_steps: int) -> bool:
         """Evaluate after step ``step``: every eval_every steps and after the last one."""
@@ -379,6 +379,7 @@ class TrainingEvaluation:
             return False
         if self.criterion is None:
             return False
+        self.candidates.append((metrics.get(self.criterion.metric), metrics.get(self.criterion.utility_metric)))
         score = self.criterion.score(metrics, self.baseline_utility)
         if score is None:
             return False
@@ -391,6 +392,19 @@ class TrainingEvaluation:
             "settings": self.scoring,
         }
         return True
+
+    def no_best_reason(self) -> str:
+        """Why no evaluation became the best under the criterion (for a run whose ``best`` is None)."""
+        c = self.criterion
+        if not self.candidates:
+            return f"no evaluation after step 0 ran (criterion: {c.describe()})"
+        finite = [(v, u) for v, u in self.candidates if _finite(v)]
+        if not finite:
+            return f"{c.metric} was not a finite number at any of the {len(self.candidates)} evaluations after step 0"
+        ratios = [u / self.baseline_utility for _, u in finite if _finite(u) and _finite(self.baseline_utility) and self.baseline_utility]
+        best_ratio = f"; the highest was {max(ratios):.3g}x" if ratios else ""
+        return (f"none of the {len(self.candidates)} evaluations after step 0 kept {c.utility_metric} >= "
+                f"{c.utility_floor:g} x step 0's ({self.baseline_utility}){best_ratio}")
 
     def record(self, step: int, metrics: Mapping[str, Any], is_best: bool, seconds: float) -> dict[str, Any]:
         """The metrics.jsonl record of an evaluation."""

@@ -13,7 +13,13 @@ with N the forget samples of the whole gradient-accumulation window over all pro
 ``num_items_in_batch``, counted here in forget samples instead of label tokens), so a window's gradient is that
 of the mean loss over its samples whatever the accumulation and the number of processes.
 
-For plain fine-tuning with the fused loss under any HF Trainer, :func:`sga.hf.loss.fused_causal_lm_loss` patches the
+Logs. Beside the Trainer's ``loss`` and ``learning_rate``, every logging step carries the objective's
+``forget_nll`` and ``normal_nll`` (means over the sequences since the last log, all processes) and its
+smoothing ``rate`` when it has one; with ``evaluator`` and ``eval_every`` the evaluator's metrics are logged as
+``eval_<metric>`` every ``eval_every`` steps. They reach every integration of ``TrainingArguments.report_to``
+(TensorBoard, W&B, MLflow, trackio), as the same values reach ``sga unlearn --report-to``.
+
+For plain fine-tuning with the fused loss under any HF Trainer, :func:`sga.hf.fused_causal_lm_loss` patches the
 model instead (the Trainer's ``num_items_in_batch`` reaches it as the normalizer).
 """
 from __future__ import annotations
@@ -22,10 +28,11 @@ import copy
 from typing import Any, Optional, Union
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from sga.config import MethodConfig
 from sga.data.unlearning import UnlearningData
+from sga.engine.evaluation import Evaluator, scalar_metrics
 from sga.hf.distributed import call_inside
 from sga.methods import Objective, build_objective
 from sga.methods.sequence_nll import reference_sequence_nll
@@ -80,17 +87,46 @@ def _objective_from(method: Union[str, MethodConfig, Objective], backend: str) -
     return build_objective(method, backend=backend)
 
 
+class _EvaluateEvery(TrainerCallback):
+    """Runs the trainer's evaluator after every ``eval_every``-th optimizer step (on the main process, the metrics
+    broadcast) and logs its metrics as ``eval_<name>``."""
+
+    def __init__(self, trainer: "HFUnlearningTrainer", evaluator: Evaluator, eval_every: int) -> None:
+        self.trainer, self.evaluator, self.eval_every = trainer, evaluator, eval_every
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.eval_every:
+            return control
+        from accelerate.utils import broadcast_object_list
+
+        trainer = self.trainer
+        outcome: list[Any] = [None]
+        if trainer.is_world_process_zero():
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+                outcome[0] = scalar_metrics(self.evaluator(model, trainer.processing_class, state.global_step))
+        if trainer.args.world_size > 1:
+            broadcast_object_list(outcome)
+        should_log = control.should_log  # the Trainer's log of this step's loss comes after; logging resets the flag
+        trainer.log({f"eval_{name}": value for name, value in outcome[0].items() if value is not None})
+        control.should_log = should_log
+        return control
+
+
 class HFUnlearningTrainer(Trainer):
     """A ``transformers.Trainer`` that runs an unlearning objective of :mod:`sga.methods.base` on forget samples.
 
     Args:
-        model: the causal LM (a verified family of :mod:`sga.hf.loss`; peft-wrapped works).
+        model: the causal LM (a verified family of :mod:`sga.hf`; peft-wrapped works).
         args: ``TrainingArguments``; ``per_device_train_batch_size`` counts forget samples.
         data: forget sequences and, for methods with normal data, their pairs (``sga.data.unlearning.build_unlearning_data``).
         method: a registered method name (defaults of :class:`sga.config.MethodConfig`), a ``MethodConfig``, or an
             :class:`sga.methods.base.Objective`.
         pad_token_id: the id batches are padded with.
         backend: the loss kernel backend ("auto", "triton", "torch").
+        evaluator: ``(model, tokenizer, step) -> metrics`` (e.g. ``sga.engine.evaluation.benchmark_evaluator(config)``),
+            run every ``eval_every`` optimizer steps; its metrics are logged as ``eval_<name>``.
+        eval_every: the evaluator's period in optimizer steps (with ``evaluator``).
         **kwargs: passed to ``Trainer`` (callbacks, optimizers, processing_class, ...); ``train_dataset`` and
             ``data_collator`` are this class's own.
 
@@ -108,8 +144,12 @@ class HFUnlearningTrainer(Trainer):
         method: Union[str, MethodConfig, Objective] = "sga",
         pad_token_id: int,
         backend: str = "auto",
+        evaluator: Optional[Evaluator] = None,
+        eval_every: int = 0,
         **kwargs: Any,
     ) -> None:
+        if (evaluator is None) != (eval_every == 0) or eval_every < 0:
+            raise ValueError(f"evaluator and eval_every > 0 go together, got evaluator={evaluator!r}, eval_every={eval_every}")
         for own in ("train_dataset", "data_collator"):
             if own in kwargs:
                 raise TypeError(f"HFUnlearningTrainer builds {own} from `data`; do not pass it")
@@ -141,6 +181,10 @@ class HFUnlearningTrainer(Trainer):
         # compute_loss returns the window-normalized loss: the Trainer must not divide it by the accumulation steps
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
+        # forget NLL sum and count, normal NLL sum and count since the last log (training steps only)
+        self._nll_sums = torch.zeros(4, dtype=torch.float64, device=self.args.device)
+        if evaluator is not None:
+            self.add_callback(_EvaluateEvery(self, evaluator, eval_every))
 
     def _get_collator_with_removed_columns(self, data_collator, description: Optional[str] = None):
         return data_collator  # the batches' keys are the objective's, not the model forward's arguments
@@ -163,9 +207,32 @@ class HFUnlearningTrainer(Trainer):
 
         def objective_forward(batch):
             out = self.objective.compute(inner, batch, normalizer)
-            return out.loss, out.forget_nll
+            normal = out.normal_nll if out.normal_nll is not None else out.forget_nll.new_zeros(0)
+            return out.loss, out.forget_nll, normal
 
         # the objective runs as the model's forward, called through the Trainer's wrapper (DDP, FSDP, DeepSpeed), so
         # the wrapper prepares its gradient reduction as for any forward
-        loss, forget_nll = call_inside(inner, objective_forward, inputs, through=model)
+        loss, forget_nll, normal_nll = call_inside(inner, objective_forward, inputs, through=model)
+        if model.training:
+            self._nll_sums += torch.stack([
+                forget_nll.detach().double().sum(), torch.tensor(float(forget_nll.numel()), dtype=torch.float64, device=forget_nll.device),
+                normal_nll.detach().double().sum(), torch.tensor(float(normal_nll.numel()), dtype=torch.float64, device=forget_nll.device),
+            ]).to(self._nll_sums.device)
         return (loss, {"forget_nll": forget_nll}) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """The Trainer's log, with the objective's forget / normal NLL since the last log and its rate added to
+        every training log (module docstring)."""
+        if "loss" in logs:
+            sums = self._nll_sums
+            if self.args.world_size > 1:
+                sums = self.accelerator.reduce(sums, reduction="sum")
+            forget_sum, forget_count, normal_sum, normal_count = sums.tolist()
+            if forget_count:
+                logs["forget_nll"] = forget_sum / forget_count
+            if normal_count:
+                logs["normal_nll"] = normal_sum / normal_count
+            if self.objective.rate is not None:
+                logs["rate"] = self.objective.rate
+            self._nll_sums.zero_()
+        super().log(logs, *args, **kwargs)

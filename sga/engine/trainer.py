@@ -56,22 +56,29 @@ from sga.data.unlearning import (
 )
 from sga.engine import checkpoint
 from sga.engine.evaluation import (
-    BEST_DIR,
     BEST_FILE,
     Evaluator,
     TrainerCallback,
     TrainingEvaluation,
     clear_best,
 )
+from sga.engine.progress import RunLog, format_evaluation
+from sga.engine.run_folder import (
+    BEST_DIR,
+    CONFIG_FILE,
+    FINAL_MODEL_DIR,
+    LOGS_DIR,
+    METRICS_FILE,
+    RUN_FILE,
+    check_output_dir,
+    clear_run,
+    resolve_output_dir,
+)
 from sga.hf.distributed import is_dtensor
 from sga.methods import Objective, build_objective
 from sga.methods.rate import clip_rate, estimate_rate
 from sga.methods.sequence_nll import reference_sequence_nll
 
-METRICS_FILE = "metrics.jsonl"
-RUN_FILE = "run.json"  # the batch layout and distributed setup of the run
-FINAL_MODEL_DIR = "final"
-CONFIG_FILE = "config.yaml"
 # metrics checked for finiteness after every step
 WATCHED_METRICS = ("loss", "forget_nll", "normal_nll", "grad_norm")
 
@@ -92,12 +99,24 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     reason: Optional[str] = None
     best_model: Optional[Path] = None  # output_dir/best when evaluation kept a best model
+    best_model_reason: Optional[str] = None  # why no best model was kept, under a criterion
 
 
 def _strict_json(record: dict[str, Any]) -> dict[str, Any]:
     """A record with its non-finite floats as the strings "NaN", "Infinity", "-Infinity" (strict JSON has no
     such numbers; Python's json module would write bare NaN tokens)."""
     return {k: (json.dumps(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+
+
+def tracker_scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a metrics.jsonl record as tracker scalars: ``train/<key>`` for a step, ``eval/<key>`` for an
+    evaluation, ``rate/<key>`` for a rate estimate (the step itself, booleans and strings left out)."""
+    group = {"eval": "eval", "rate": "rate"}.get(record.get("event"), "train")
+    return {
+        f"{group}/{key}": float(value)
+        for key, value in record.items()
+        if key not in ("step", "event") and isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
 
 
 def _head_rows(model: torch.nn.Module) -> int:
@@ -131,6 +150,7 @@ def make_accelerator(config: UnlearnConfig):
     (``accelerate launch --mixed_precision``) or bf16 autocast on a CUDA GPU that supports it; without a
     GPU it runs on CPU (gloo across processes)."""
     from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
 
     precision = config.train.mixed_precision
     cuda = torch.cuda.is_available()
@@ -142,11 +162,15 @@ def make_accelerator(config: UnlearnConfig):
         raise ConfigError(f"train.mixed_precision={precision} needs a CUDA GPU")
     if not cuda and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":  # accelerate drops FSDP on CPU
         raise ConfigError("FSDP (accelerate launch --use_fsdp) needs CUDA GPUs: on CPU accelerate trains unsharded (DDP); drop --use_fsdp")
+    trackers = config.train.trackers()
+    out = str(config.train.output_dir)
     return Accelerator(
         cpu=not cuda,
         mixed_precision=precision,
         gradient_accumulation_steps=config.train.grad_accum,
         step_scheduler_with_optimizer=False,
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=out, logging_dir=str(Path(out) / LOGS_DIR)) if trackers else None,
     )
 
 
@@ -206,8 +230,8 @@ class UnlearningTrainer:
         self.data = data
         self.objective = objective or build_objective(config.method, backend=config.train.backend)
         self.data = data = self.objective.prepare_data(data, tokenizer, config.data)  # e.g. dpo's preferred answers
+        self.output_dir = resolve_output_dir(config)
         self.accelerator = accelerator or make_accelerator(config)
-        self.output_dir = Path(config.train.output_dir)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if self.pad_token_id is None:
             raise ValueError("the tokenizer has neither a pad nor an EOS token to pad batches with")
@@ -356,10 +380,10 @@ class UnlearningTrainer:
         set_seed(train_cfg.seed)
         self._fingerprint()  # of the model as given, before LoRA adapters are added
         # on every process, so that a refusal stops all of them (none waits at a barrier)
-        checkpoint.check_output_dir(self.output_dir, resume=train_cfg.resume, overwrite=train_cfg.overwrite)
+        check_output_dir(self.output_dir, resume=train_cfg.resume, overwrite=train_cfg.overwrite, model_path=self.config.model.name_or_path)
         acc.wait_for_everyone()
         if acc.is_main_process and train_cfg.overwrite:
-            checkpoint.clear_run(self.output_dir, (METRICS_FILE, FINAL_MODEL_DIR))
+            clear_run(self.output_dir)
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self._record_batch_layout()
@@ -392,6 +416,7 @@ class UnlearningTrainer:
         scheduler = get_scheduler(train_cfg.scheduler, optimizer, num_warmup_steps=train_cfg.warmup_steps, num_training_steps=self.total_steps)
         module, optimizer, scheduler = acc.prepare(ObjectiveModule(model, self.objective), optimizer, scheduler)
         self._module = module
+        self.trained_model = acc.unwrap_model(module).model  # the model being trained (LoRA: its peft wrapper)
 
         step = 0
         if resume_path is not None:
@@ -409,7 +434,11 @@ class UnlearningTrainer:
         bad_step = False  # the last step is non-finite: nothing of it may be saved
         checkpoint_path: Optional[Path] = None
         final_model: Optional[Path] = None
-        progress = self._progress(step)
+        self.log = progress = RunLog(self.total_steps, step, f"training ({self.objective.name})",
+                                     progress=train_cfg.progress, enabled=acc.is_main_process)
+        if step:
+            progress.say(f"resumed from {resume_path} at step {step}/{self.total_steps}")
+        self._start_trackers()
         start = time.monotonic()
         try:
             # the guard covers the final save too: a signal there must not lose the run
@@ -430,9 +459,7 @@ class UnlearningTrainer:
                     logged = self._log(record, metrics_file, history)
                     for callback in self.callbacks:
                         callback.on_step_end(self, step, logged)
-                    if progress is not None:
-                        progress.update(1)
-                        progress.set_postfix({k: f"{record[k]:.4g}" for k in ("forget_nll", "normal_nll") if k in record})
+                    progress.update(step, record)
                     non_finite = self._non_finite(record)
                     if non_finite:
                         status, reason, bad_step = "diverged", f"non-finite {', '.join(non_finite)} at step {step}", True
@@ -448,9 +475,7 @@ class UnlearningTrainer:
                         break
                     if train_cfg.save_every and step % train_cfg.save_every == 0 and step < self.total_steps:
                         checkpoint_path = self._save_checkpoint(step)
-                if progress is not None:
-                    progress.close()
-                    progress = None
+                progress.close()
                 if status == "interrupted":
                     checkpoint_path = self._save_checkpoint(step)
                 elif bad_step:
@@ -459,12 +484,18 @@ class UnlearningTrainer:
                 else:
                     final_model, checkpoint_path, status = self._save_final_or_checkpoint(module, step, status, interrupt)
         finally:
-            if progress is not None:
-                progress.close()
+            progress.close()
             if metrics_file is not None:
                 metrics_file.close()
-        best_model = self.output_dir / BEST_DIR if self.evaluation is not None and self.evaluation.best is not None else None
-        return TrainResult(status, step, self.total_steps, self.output_dir, checkpoint_path, final_model, history, reason, best_model)
+            acc.end_training()  # the trackers' files are complete
+        best_model, best_reason = None, None
+        if self.evaluation is not None and self.evaluation.best is not None:
+            best_model = self.output_dir / BEST_DIR
+        elif self.evaluation is not None and self.evaluation.criterion is not None:
+            best_reason = self.evaluation.no_best_reason()
+            progress.say(f"no best model kept: {best_reason}")
+        return TrainResult(status, step, self.total_steps, self.output_dir, checkpoint_path, final_model, history, reason,
+                           best_model, best_reason)
 
     def _save_final_or_checkpoint(self, module, step: int, status: str, interrupt: _InterruptFlag):
         """Write final/; if that fails or a second Ctrl-C aborts it, write a checkpoint (signals deferred)
@@ -531,33 +562,32 @@ class UnlearningTrainer:
         """Evaluate the model after ``step`` (on the main process, the others waiting), log the record, write
         best/ when the criterion says so, then tell the callbacks (``sga.engine.evaluation``)."""
         began = time.monotonic()
-        metrics = self.evaluation.evaluate(self.accelerator.unwrap_model(module).model, self.tokenizer, step)
-        is_best = self.evaluation.observe(step, metrics)
-        if is_best:
-            self._export_model(module, self.output_dir / BEST_DIR, json_files={BEST_FILE: self.evaluation.best}, manifest=True)
+        with self.log.paused():  # evaluation time is not training time in the progress estimate
+            metrics = self.evaluation.evaluate(self.accelerator.unwrap_model(module).model, self.tokenizer, step)
+            is_best = self.evaluation.observe(step, metrics)
+            if is_best:
+                self._export_model(module, self.output_dir / BEST_DIR, json_files={BEST_FILE: self.evaluation.best}, manifest=True)
+        self.log.say(format_evaluation(step, self.total_steps, metrics, is_best if self.evaluation.criterion else None))
         record = self._log(self.evaluation.record(step, metrics, is_best, time.monotonic() - began), metrics_file, history)
         for callback in self.callbacks:
             callback.on_evaluate(self, step, record)
 
     def _record_batch_layout(self) -> None:
-        """Print the step's batch sizes (per device x accumulation x processes = effective) and store them, with
-        the distributed setup, in output_dir/run.json."""
+        """Print where the run writes, the step's batch sizes (per device x accumulation x processes = effective)
+        and the normal-data pairing; store them, with the distributed setup, in output_dir/run.json."""
         layout = self.schedule.layout(self.config.train.grad_accum)
         layout["distributed_type"] = str(self.accelerator.distributed_type)
+        layout["pairing"] = self.data.pairing
         low, high = layout["per_device_batch_min"], layout["per_device_batch_max"]
         per_device = str(low) if low == high else f"{low}-{high}"
+        print(f"[sga] run folder: {self.output_dir}", flush=True)
         print(
-            f"batch per optimizer step: {per_device} per device x {layout['grad_accum']} accumulation x "
+            f"[sga] batch per optimizer step: {per_device} per device x {layout['grad_accum']} accumulation x "
             f"{layout['num_processes']} processes = {layout['effective_batch']} forget samples"
+            + (f"; normal-data pairing: {self.data.pairing}" if self.data.pairing else ""),
+            flush=True,
         )
         (self.output_dir / RUN_FILE).write_text(json.dumps(layout, indent=1) + "\n", encoding="utf-8")
-
-    def _progress(self, step: int):
-        if not (self.config.train.progress and self.accelerator.is_main_process):
-            return None
-        from tqdm.auto import tqdm
-
-        return tqdm(total=self.total_steps, initial=step, desc=f"training ({self.objective.name})", dynamic_ncols=True)
 
     def _needs_accelerate_backward(self) -> bool:
         """A GradScaler (fp16) or DeepSpeed / Megatron must see the backward pass; otherwise accelerate's backward
@@ -589,6 +619,7 @@ class UnlearningTrainer:
         sums = torch.zeros(3, dtype=torch.float64, device=acc.device)  # loss, forget NLL, normal NLL (on device)
         counts = [0, 0]  # forget / normal sequences (host)
         grad_norm = None
+        step_lr = scheduler.get_last_lr()[0]  # the rate this step's optimizer update uses (the scheduler moves after it)
         for batch in window:
             with acc.accumulate(module):
                 loss, forget_nll, normal_nll = module(batch, normalizer)
@@ -606,9 +637,9 @@ class UnlearningTrainer:
         sums = acc.reduce(torch.cat([sums, host]), reduction="sum")
         if grad_norm is not None:  # the same global norm on every process: appended after the reduction
             sums = torch.cat([sums, torch.as_tensor(grad_norm, dtype=torch.float64, device=sums.device).reshape(1)])
-        return self._step_record(sums, loss_factor, scheduler)
+        return self._step_record(sums, loss_factor, step_lr)
 
-    def _step_record(self, sums: torch.Tensor, loss_factor: int, scheduler) -> dict[str, Any]:
+    def _step_record(self, sums: torch.Tensor, loss_factor: int, step_lr: float) -> dict[str, Any]:
         """The step's log record from the all-reduced [loss, forget NLL sum, normal NLL sum, forget count,
         normal count, interrupted] and, when the window ended in an optimizer step, the gradient norm (the
         step's one device-to-host read)."""
@@ -617,7 +648,7 @@ class UnlearningTrainer:
         record: dict[str, Any] = {
             "loss": loss / loss_factor,
             "forget_nll": forget_sum / forget_count,
-            "lr": scheduler.get_last_lr()[0],
+            "lr": step_lr,
             "_interrupted": interrupted > 0,
         }
         if normal_count > 0:
@@ -661,13 +692,27 @@ class UnlearningTrainer:
         return {"event": "rate", "step": step, "rate_estimate": raw, "rate": self.objective.rate, "grad_ff": stats.ff, "grad_fn": stats.fn, "grad_nn": stats.nn}
 
     def _log(self, record: dict[str, Any], metrics_file, history: list[dict[str, Any]]) -> dict[str, Any]:
-        """Append the record (its public keys) to the history and metrics.jsonl; returns what was logged."""
+        """Append the record (its public keys) to the history, metrics.jsonl and the experiment trackers; returns
+        what was logged."""
         public = {k: v for k, v in record.items() if not k.startswith("_")}
         history.append(public)
         if metrics_file is not None:
             metrics_file.write(json.dumps(_strict_json(public), allow_nan=False) + "\n")
             metrics_file.flush()
+        if self.accelerator.trackers:
+            self.accelerator.log(tracker_scalars(public), step=public["step"])
         return public
+
+    def _start_trackers(self) -> None:
+        """The experiment trackers of ``train.report_to`` (accelerate's), named after the run folder, with every
+        setting of the run as their config."""
+        if not self.config.train.trackers():
+            return
+        settings = {
+            f"{section}.{name}": value if isinstance(value, (int, float, str, bool)) else str(value)
+            for section, values in self.config.to_dict().items() for name, value in values.items()
+        }
+        self.accelerator.init_trackers(self.output_dir.name, config=settings)
 
     def _save_checkpoint(self, step: int) -> Path:
         state: dict[str, Any] = {"fingerprint": self._fingerprint()}

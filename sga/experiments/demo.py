@@ -228,7 +228,7 @@ def _run_config(
     loaded_source: str, gguf_file: Optional[str], method: str, train_file: Path, retain_file: Optional[Path],
     output_dir: Path, protocol: Protocol, *, epochs: int, lr: float, batch_size: int, seed: int, progress: bool,
 ) -> UnlearnConfig:
-    """The ``sga unlearn`` config of one training run (saved beside its output as config.yaml)."""
+    """The ``sga unlearn`` config of one training run (the trainer saves it in the run folder as config.yaml)."""
     return check_run_config(UnlearnConfig(
         model=ModelConfig(name_or_path=loaded_source, gguf_file=gguf_file),
         data=DataConfig(
@@ -239,7 +239,7 @@ def _run_config(
         method=MethodConfig(name=method, rate=protocol.rate, num_classes=protocol.num_classes),
         train=TrainConfig(
             output_dir=str(output_dir), seed=seed, epochs=epochs, batch_size=batch_size, learning_rate=lr,
-            progress=progress,
+            progress=progress, overwrite=True,  # the demo's own run folders: a second demo in --out runs them again
         ),
     ))
 
@@ -249,12 +249,6 @@ def train_run(model: torch.nn.Module, tokenizer, config: UnlearnConfig,
     """Train ``model`` in place with ``UnlearningTrainer`` under ``config`` (``on_step(step, objective)``
     after every optimizer step); returns a summary (status, steps, first and last logged NLLs). Ctrl-C
     leaves a checkpoint and raises KeyboardInterrupt."""
-    import yaml
-
-
-    out = Path(config.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
     trainer = evaluating_trainer(model, tokenizer, config, on_step)
     objective, data = trainer.objective, trainer.data
     result = trainer.train()

@@ -293,14 +293,9 @@ def finetuned_model(base: BaseModel, kind: str, records_file: Path, config: Stud
     final = folder / "model"
     if (final / "config.json").is_file():
         return final
-    loaded = base.load()
     run_dir = work / f"sft-{kind}"
-    train = _train_config(
-        loaded.source, loaded.gguf_file, MethodConfig(name="sft"), records_file, None, run_dir,
-        epochs=f.epochs, lr=f.lr, batch_size=f.batch_size, seed=f.seed, max_length=config.data.max_length,
-        pairing_cache=work / "pairing-cache",
-    )
-    _train(evaluating_trainer(loaded.model, loaded.tokenizer, train))
+    if not (run_dir / "final" / "config.json").is_file():  # else trained, then stopped before the move below
+        _finetune(base, run_dir, records_file, config)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "key.json").write_text(json.dumps({k: v for k, v in key.items() if k != "records"}, indent=2), encoding="utf-8")
     tmp = folder / ".tmp-model"
@@ -308,9 +303,21 @@ def finetuned_model(base: BaseModel, kind: str, records_file: Path, config: Stud
     shutil.move(str(run_dir / "final"), str(tmp))
     os.replace(tmp, final)
     shutil.rmtree(run_dir, ignore_errors=True)
+    return final
+
+
+def _finetune(base: BaseModel, run_dir: Path, records_file: Path, config: StudyConfig) -> None:
+    """Fine-tune the base model on ``records_file`` (the sft objective) into ``run_dir``/final (resumable)."""
+    f = config.finetune
+    loaded = base.load()
+    train = _train_config(
+        loaded.source, loaded.gguf_file, MethodConfig(name="sft"), records_file, None, run_dir,
+        epochs=f.epochs, lr=f.lr, batch_size=f.batch_size, seed=f.seed, max_length=config.data.max_length,
+        pairing_cache=run_dir.parent / "pairing-cache",
+    )
+    _train(evaluating_trainer(loaded.model, loaded.tokenizer, train))
     del loaded
     gc.collect()
-    return final
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -536,7 +543,7 @@ class _Study:
             metrics = evaluate(model, self.tokenizer, self.data, self.config, reference)
             elapsed = time.monotonic() - begin
             self.time("evaluate", elapsed)
-            rate = {"rate": objective.rate} if hasattr(objective, "rate") else {}
+            rate = {"rate": objective.rate} if objective.rate is not None else {}
             self.results.append(self.row(run, setting, seed, step, metrics, {**extra, **rate, "eval_s": round(elapsed, 2)}))
             self.bar.update(1)
             clock["train"] = time.monotonic()

@@ -153,7 +153,7 @@ def own_class(model: torch.nn.Module) -> type:
 
 _ESCAPE_HATCH = (
     "compute the logits and use sga.kernels.smoothed_ga_loss, or, once you have checked that its logits are "
-    "softcap(lm_head(last_hidden_state)), declare it with sga.hf.loss.register_model_type"
+    "softcap(lm_head(last_hidden_state)), declare it with sga.hf.register_model_type"
 )
 
 

@@ -125,16 +125,20 @@ def installed_patch(model: torch.nn.Module) -> Optional[FusedLossPatch]:
 
 
 def fused_causal_lm_loss(
-    model: torch.nn.Module, *, smoothing: float = 0.0, ascent: bool = False, backend: str = "auto"
+    model: torch.nn.Module, *, smoothing: float = 0.0, ascent: bool = True, backend: str = "auto"
 ) -> FusedLossPatch:
     """Patch ``model`` so that ``model(**batch).loss`` is the fused smoothed-GA loss; undo with the handle.
+
+    ``ascent`` defaults to True, as in every loss of the library (``sga.kernels.smoothed_ga_loss``,
+    ``sga.hf.causal_lm_loss``): the patched loss is the negated (smoothed) cross-entropy, for unlearning by
+    gradient ascent; pass ``ascent=False`` to fine-tune with the fused loss.
 
     Behaviour while patched:
     - A call with ``labels`` (or HF's pre-shifted ``shift_labels``) runs the decoder only and returns a
       ``CausalLMOutputWithPast`` with the fused loss, ``logits=None``, and the decoder's cache / hidden states /
       attentions when it produced them (a tuple without the None entries for return_dict=False).
       The loss is the mean over non-ignored shifted labels, or the sum divided by ``num_items_in_batch`` when
-      the caller (e.g. HF's Trainer) passes it; with the defaults (smoothing 0, ascent False) it equals the
+      the caller (e.g. HF's Trainer) passes it; with smoothing 0 and ascent=False it equals the
       model's own cross-entropy loss. ``logits_to_keep`` other than 0 is refused together with labels.
     - A call without labels (generation, evaluation of logits) runs the original forward unchanged.
     - Apply it to the bare model before wrapping it (DDP, FSDP, ``accelerator.prepare``): the wrappers call

@@ -31,7 +31,7 @@ def causal_lm_token_loss(
 
     Args:
         model, input_ids, labels, attention_mask, token_weights, normalizer, backend, validate: as in
-            :func:`sga.hf.loss.causal_lm_loss` (labels aligned with input_ids, shifted inside, -100 ignored).
+            :func:`sga.hf.causal_lm_loss` (labels aligned with input_ids, shifted inside, -100 ignored).
         rule, **rule_params: as in :func:`sga.kernels.token_loss`.
         reduction: "mean" (over the scored tokens, or / normalizer), "sum", or "none" ([B, T - 1]).
 

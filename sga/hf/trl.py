@@ -1,8 +1,8 @@
-"""Supervised fine-tuning with TRL's ``SFTTrainer`` and the fused smoothed loss of :mod:`sga.hf.loss`.
+"""Supervised fine-tuning with TRL's ``SFTTrainer`` and the fused smoothed loss of :mod:`sga.hf`.
 
 TRL's ``SFTTrainer`` (1.x) computes its loss with a fused LM head of its own: it replaces the model's forward
 (``trl.trainer.utils.add_fused_lm_head``) and calls ``model(..., fused_lm_head=True)``, which never reaches the
-model's loss path, so :func:`sga.hf.loss.fused_causal_lm_loss` applied to a model given to a plain ``SFTTrainer`` is
+model's loss path, so :func:`sga.hf.fused_causal_lm_loss` applied to a model given to a plain ``SFTTrainer`` is
 bypassed. :class:`FusedSFTTrainer` is the ``SFTTrainer`` whose loss is sga's fused loss instead::
 
     trainer = FusedSFTTrainer(model, SFTConfig(...), train_dataset=dataset, processing_class=tokenizer, smoothing=0.1)
@@ -11,7 +11,7 @@ bypassed. :class:`FusedSFTTrainer` is the ``SFTTrainer`` whose loss is sga's fus
 Everything of ``SFTTrainer`` before the loss is kept: dataset preparation, its label masking (completion-only for
 prompt-completion data, which is its default there, assistant-only with ``assistant_only_loss``), packing and
 padding-free batches, PEFT. The loss is the Trainer's own path, ``model(**inputs, num_items_in_batch=N).loss``
-(``transformers.Trainer.compute_loss``), reaching the :func:`sga.hf.loss.fused_causal_lm_loss` patch that this class
+(``transformers.Trainer.compute_loss``), reaching the :func:`sga.hf.fused_causal_lm_loss` patch that this class
 installs on the model after ``SFTTrainer`` has added its head:
 
     loss of a micro-batch = sum over its non-ignored tokens of s * ((1 - eps) (lse - z_y) + eps (lse - mean_v z_v)) / N
@@ -40,17 +40,19 @@ from sga.hf.patch import fused_causal_lm_loss, installed_patch
 
 
 class FusedSFTTrainer(SFTTrainer):
-    """TRL's ``SFTTrainer`` whose training and evaluation loss is :func:`sga.hf.loss.fused_causal_lm_loss`.
+    """TRL's ``SFTTrainer`` whose training and evaluation loss is :func:`sga.hf.fused_causal_lm_loss`.
 
     Args:
         model, args, **kwargs: as for ``trl.SFTTrainer`` (a model id, a model of a verified family of
-            :mod:`sga.hf.loss`, or a PEFT model; the model must not carry a fused-loss patch of its own).
+            :mod:`sga.hf`, or a PEFT model; the model must not carry a fused-loss patch of its own).
         smoothing: eps, the smoothing over the vocabulary (PyTorch's convention; 0: plain cross-entropy). Use it
             instead of ``SFTConfig.label_smoothing_factor``, which needs the full logits and is refused here.
-        ascent: gradient ascent (s = -1) instead of descent: the loss is negated.
+        ascent: gradient ascent (s = -1) instead of descent: the loss is negated. Default False: this is a
+            fine-tuning trainer, the one place where the library descends by default (every loss function and
+            ``fused_causal_lm_loss`` default to ascent=True).
         backend: the loss kernel backend ("auto", "triton", "torch").
 
-    The patch is ``self.fused_loss`` (:class:`sga.hf.loss.FusedLossPatch`); ``self.fused_loss.remove()`` restores the
+    The patch is ``self.fused_loss`` (:class:`sga.hf.FusedLossPatch`); ``self.fused_loss.remove()`` restores the
     model's forward. Refused, with a ValueError naming the setting: ``loss_type="dft"``, ``compute_loss_func``,
     ``label_smoothing_factor > 0``, and a mixture-of-experts router loss (``router_aux_loss_coef`` not 0), which
     ``SFTTrainer`` weights differently from the model's own loss.

@@ -165,7 +165,7 @@ class DirectPreferenceOptimization(RetainRegularized):
         preferred = preferred_examples(
             data.forget, self.answers, tokenizer, use_chat_template=data_config.use_chat_template, max_length=data_config.max_length
         )
-        return PreferenceData(data.forget, data.normal, data.pairs, data.reference_nll, preferred)
+        return PreferenceData(data.forget, data.normal, data.pairs, data.reference_nll, preferred, pairing=data.pairing)
 
     def forget_term(self, model, batch):
         lose, win = joint_sequence_nll(model, batch, ("forget", "preferred"), smoothing=0.0, backend=self.backend, validate=False)

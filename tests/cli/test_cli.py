@@ -127,7 +127,7 @@ def test_a_bad_yaml_key_is_a_one_line_error(tmp_path, capsys):
 def test_every_flag_is_documented():
     parser = build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(subparsers.choices) == {"unlearn", "estimate-rate", "eval", "demo", "study"}
+    assert set(subparsers.choices) == {"unlearn", "estimate-rate", "eval", "demo", "study", "compare"}
     for name, sub in subparsers.choices.items():
         for action in sub._actions:
             if action.option_strings and action.dest != "help":

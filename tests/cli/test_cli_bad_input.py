@@ -146,16 +146,17 @@ def test_a_diverged_run_exits_3_and_saves_nothing_of_the_bad_step(assets, tmp_pa
 
 @pytest.fixture
 def checkpointed(assets, tmp_path, capsys):
-    """A finished 3-step ga run with checkpoints after steps 1 and 2."""
+    """A 3-step ga run with checkpoints after steps 1 and 2, stopped before its final model (a run to resume)."""
     out = tmp_path / "run"
     code, _, err = _run(capsys, _args(assets, out, "--method", "ga", "--save-every", "1"))
     assert code == 0, err
     assert [p.name for p in checkpoint.list_checkpoints(out)] == ["step-00000001", "step-00000002"]
+    shutil.rmtree(out / "final")
     return out
 
 
 def test_a_fresh_run_into_another_runs_folder_is_refused_unless_overwritten(assets, checkpointed, capsys):
-    _one_line_error(capsys, _args(assets, checkpointed, "--method", "ga"), "holds checkpoints of another run")
+    _one_line_error(capsys, _args(assets, checkpointed, "--method", "ga"), "holds a started run")
     code, _, err = _run(capsys, _args(assets, checkpointed, "--method", "ga", "--overwrite"))
     assert code == 0, err
     assert checkpoint.list_checkpoints(checkpointed) == []

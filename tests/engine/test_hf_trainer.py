@@ -77,7 +77,7 @@ def test_fused_patch_inside_trainer_gives_the_trainers_own_weights(tmp_path, arc
     dataset = LabelledSequences(len(tok))
     theirs, their_trainer = train_weights(tiny_random_model(arch, tok), training_args(tmp_path / "own"), dataset)
     model = tiny_random_model(arch, tok)
-    with fused_causal_lm_loss(model):
+    with fused_causal_lm_loss(model, ascent=False):
         ours, our_trainer = train_weights(model, training_args(tmp_path / "fused"), dataset)
     assert our_trainer.model_accepts_loss_kwargs
     initial = dict(tiny_random_model(arch, tok).named_parameters())
@@ -97,7 +97,7 @@ def test_fused_patch_without_num_items_would_differ(tmp_path):
     theirs, _ = train_weights(tiny_random_model("llama", tok), training_args(tmp_path / "own"), dataset)
     model = tiny_random_model("llama", tok)
     model.accepts_loss_kwargs = False  # the Trainer then neither passes num_items_in_batch nor trusts the loss
-    with fused_causal_lm_loss(model):
+    with fused_causal_lm_loss(model, ascent=False):
         ours, _ = train_weights(model, training_args(tmp_path / "fused"), dataset)
     worst = max((ours[name] - value).abs().max().item() for name, value in theirs.items())
     assert worst > 1e-5

@@ -3,6 +3,7 @@ checkpointing, the divergence guard, metrics and checkpoints."""
 import json
 import os
 import re
+import shutil
 import signal
 
 import pytest
@@ -143,6 +144,7 @@ def test_periodic_checkpoints_are_complete_and_pruned(tmp_path):
 
 def test_resume_with_other_settings_is_refused(tmp_path):
     _train(make_config(tmp_path, "ga", max_steps=3, save_every=1))
+    shutil.rmtree(tmp_path / "final")  # stopped before its final model: a run to resume
     with pytest.raises(ConfigError, match="other settings"):
         _train(make_config(tmp_path, "ga", max_steps=3, batch_size=2, resume="auto"))
 

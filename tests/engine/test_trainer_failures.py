@@ -154,7 +154,7 @@ def test_a_second_ctrl_c_during_the_final_save_leaves_a_resumable_checkpoint(tmp
 
 def test_a_fresh_run_into_a_folder_with_another_runs_checkpoints_is_refused(tmp_path):
     _train(make_config(tmp_path, "ga", max_steps=3, save_every=1))
-    with pytest.raises(checkpoint.CheckpointError, match=r"holds checkpoints of another run.*--resume auto.*--overwrite"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"holds a finished run.*--overwrite"):
         _train(make_config(tmp_path, "ga", max_steps=2))
     result = _train(make_config(tmp_path, "ga", max_steps=2, overwrite=True))
     assert result.status == "completed" and checkpoint.list_checkpoints(tmp_path) == []
@@ -163,9 +163,10 @@ def test_a_fresh_run_into_a_folder_with_another_runs_checkpoints_is_refused(tmp_
 
 @pytest.fixture(scope="module")
 def saved_run(tmp_path_factory):
-    """A 3-step sga run with checkpoints after steps 1 and 2."""
+    """A 3-step sga run with checkpoints after steps 1 and 2, stopped before its final model (a run to resume)."""
     out = tmp_path_factory.mktemp("saved-run")
     _train(make_config(out, "sga", max_steps=3, save_every=1, save_total_limit=3))
+    shutil.rmtree(out / "final")
     return out
 
 

@@ -164,7 +164,7 @@ def test_the_model_head_is_never_run(monkeypatch):
     monkeypatch.setattr(torch.nn.Linear, "forward", counting_forward)
     input_ids, attention_mask, labels = make_batch()
     causal_lm_loss(model, input_ids, labels, attention_mask=attention_mask).backward()
-    with fused_causal_lm_loss(model):
+    with fused_causal_lm_loss(model, ascent=False):
         model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.backward()
     assert head_calls == []
     model(input_ids=input_ids)  # the check can see a head call
@@ -193,7 +193,7 @@ def test_patch_gives_the_model_loss_without_logits_and_is_undone(model_type):
     input_ids, attention_mask, labels = make_batch()
     theirs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
     theirs_grads = parameter_grads(model, theirs)
-    with fused_causal_lm_loss(model) as patched:
+    with fused_causal_lm_loss(model, ascent=False) as patched:
         assert patched is model
         output = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
         assert output.logits is None
@@ -223,7 +223,7 @@ def test_patch_options_num_items_and_tuple_output():
         pre_shifted = model(input_ids=input_ids, attention_mask=attention_mask, shift_labels=shifted)
         torch.testing.assert_close(pre_shifted.loss, expected, atol=1e-5, rtol=1e-5)
         with pytest.raises(ValueError, match="already carries"):
-            fused_causal_lm_loss(model)
+            fused_causal_lm_loss(model, ascent=False)
         with pytest.raises(ValueError, match="logits_to_keep"):
             model(input_ids=input_ids, labels=labels, logits_to_keep=1)
     finally:
@@ -243,7 +243,7 @@ def test_patch_keeps_an_existing_instance_forward_and_refuses_a_later_wrapper():
         return class_forward(*args, **kwargs)
 
     model.forward = wrapper
-    patch = fused_causal_lm_loss(model)
+    patch = fused_causal_lm_loss(model, ascent=False)
     model(input_ids=input_ids)  # no labels: through the previous (instance) forward
     assert calls == [1]
     fused = model(input_ids, None, labels=labels)  # positional arguments are named by the class's forward
@@ -268,7 +268,7 @@ def test_unverified_architecture_is_refused():
     with pytest.raises(NotImplementedError, match="'bloom'.*register_model_type"):
         causal_lm_loss(model, input_ids, labels)
     with pytest.raises(NotImplementedError, match="bloom"):
-        fused_causal_lm_loss(model)
+        fused_causal_lm_loss(model, ascent=False)
 
 
 def test_hooked_head_is_refused():

@@ -128,7 +128,7 @@ def test_fused_sft_trainer_refusals(tmp_path):
     with pytest.raises(ValueError, match="do not pass compute_loss_func"):
         build(compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.loss)
     patched = tiny_random_model("llama", tok)
-    fused_causal_lm_loss(patched)
+    fused_causal_lm_loss(patched, ascent=False)
     with pytest.raises(ValueError, match="already carries a fused_causal_lm_loss patch: pass the bare model"):
         build(model=patched)
     with pytest.raises(ValueError, match="smoothing"):
@@ -141,7 +141,7 @@ def test_plain_patch_applied_after_sft_trainer_is_refused_at_its_call(tmp_path):
     tok = tokenizer_for("text")
     dataset = datasets.Dataset.from_list([DATASETS["text"](i) for i in range(4)])
     trainer = trl.SFTTrainer(model=tiny_random_model("llama", tok), args=sft_config(tmp_path), train_dataset=dataset, processing_class=tok)
-    fused_causal_lm_loss(trainer.model)
+    fused_causal_lm_loss(trainer.model, ascent=False)
     with pytest.raises(TypeError, match="fused_lm_head=True.*sga.hf.trl.FusedSFTTrainer"):
         trainer.train()
 
@@ -161,7 +161,7 @@ def test_fused_sft_trainer_patch_is_removable(tmp_path):
     assert trainer.model(**batch).logits is not None
     assert abs(fused.item() - own.item()) > 1e-3  # smoothing 0.5 changes the loss
     with torch.no_grad():
-        smoothed = fused_causal_lm_loss(trainer.model, smoothing=0.5)
+        smoothed = fused_causal_lm_loss(trainer.model, smoothing=0.5, ascent=False)
         assert trainer.model(**batch).loss.item() == pytest.approx(fused.item(), rel=1e-6)
         smoothed.remove()
 
