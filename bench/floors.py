@@ -47,10 +47,10 @@ def matmul_throughput(device: str, dtype: torch.dtype, size: int = 8192) -> floa
     b = torch.randn(size, size, device=device, dtype=dtype)
     products = [lambda: a @ b]
     if device == "cpu" and dtype == torch.float32:
-        from sga.kernels import _linear_gemms
+        from sga.kernels import linear_gemms
 
-        if _linear_gemms._onednn_works():
+        if linear_gemms._onednn_works():
             b_transposed = b.t().contiguous()
-            products.append(lambda: _linear_gemms._linear(a, b_transposed))  # a @ b on oneDNN
+            products.append(lambda: linear_gemms._linear(a, b_transposed))  # a @ b on oneDNN
     seconds = min(_time(product, device, repeats=10) for product in products)
     return 2 * size**3 / seconds

@@ -69,7 +69,7 @@ ROUNDS = {"cpu": 3, "cuda": 5}
 MAX_EXTRA_OVER_LOGITS = 0.10  # issue 3: ours at most 10% of the full float32 logits beyond inputs, outputs, grads
 LOW_MEMORY_GOAL = 0.05  # issue 6: under 5% of the bf16 logits
 # (N, D, V) of the memory measurement's warm-up call in the fresh process: large enough that the row kernel's
-# compiled CPU path (chunks of >= 4M elements, V > 4096: kernels/sga_kernels/_compiled_rows.py) is compiled there, since
+# compiled CPU path (chunks of >= 4M elements, V > 4096: kernels/sga_kernels/compiled_rows.py) is compiled there, since
 # compilation is once per process, not the call's memory (counted, it added ~6% of the fp32 logits: inductor's
 # own allocations). Smoke shapes never compile, and their warm-up stays tiny.
 WARMUP_SHAPE = (8, 16, 1000) if SHAPE_SET == "smoke" else (128, 16, 65536)

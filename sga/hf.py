@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from sga import distributed
 from sga.kernels import linear_smoothed_ga_loss
-from sga.kernels._validation import BACKENDS, check_choice, check_smoothing
+from sga.kernels.checks import BACKENDS, check_choice, check_smoothing
 
 IGNORE_INDEX = -100
 

@@ -7,10 +7,10 @@ Importing this package needs only torch, triton and numpy. The source lives in t
 package of that name, which transformers imports.
 """
 from .linear import FusedLinearFunction, linear_smoothed_ga_loss
-from .reference import smoothed_ga_loss_reference
+from .smoothed_ga_reference import smoothed_ga_loss_reference
 from .smoothed_ga import SmoothedGALoss, SmoothedGALossFunction, smoothed_ga_loss
 from .token_loss import TokenLossFunction, linear_token_loss, token_loss
-from .token_reference import token_loss_reference
+from .token_loss_reference import token_loss_reference
 from .token_rules import TOKEN_RULES, TokenRule
 
 __all__ = [

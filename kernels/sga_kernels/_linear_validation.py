@@ -1,6 +1,6 @@
 """Argument checks for the fused linear smoothed-GA loss, run before any GEMM or kernel.
 
-The scalar checks (smoothing, reduction, backend, normalizer, label range) are the ones of ``_validation``;
+The scalar checks (smoothing, reduction, backend, normalizer, label range) are the ones of ``checks``;
 this module adds the checks on hidden states, the head weight and bias, and the logit softcap. Each raises a
 ValueError / TypeError whose message names the offending argument.
 """
@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from ._validation import FLOAT_DTYPES, check_positive_finite, check_token_tensors
+from .checks import FLOAT_DTYPES, check_positive_finite, check_token_tensors
 
 
 def _check_tensor(name: str, value: object) -> torch.Tensor:

@@ -46,7 +46,7 @@ A float32 accumulator of low-precision GEMMs is updated by one GEMM with float32
 (``torch.addmm(..., out_dtype=torch.float32)``, CUDA, where the torch version has it; detected once per
 device), else by GEMMs over vocabulary blocks whose rounded products are added (at most 8 MiB and a chunk
 buffer each; the CPU path: its torch has no float32-output bf16 GEMM). The GEMMs themselves are
-``_linear_gemms``'s: on the CPU in float32 they run on oneDNN, which is about 2x MKL's sgemm on the AMD CPU
+``linear_gemms``'s: on the CPU in float32 they run on oneDNN, which is about 2x MKL's sgemm on the AMD CPU
 of bench/NOTES.md ("v4").
 
 Like the logits kernel, the gradient is computed in the forward pass when the loss is reduced to a scalar
@@ -66,7 +66,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import _linear_gemms, ops
+from . import linear_gemms, ops
 from ._linear_validation import (
     check_chunk_options,
     check_kept_rows,
@@ -75,7 +75,7 @@ from ._linear_validation import (
     check_logit_scale,
     check_softcap,
 )
-from ._validation import (
+from .checks import (
     REDUCTIONS,
     check_choice,
     check_labels_in_range,
@@ -84,7 +84,7 @@ from ._validation import (
     labels_for_kernels,
     resolve_backend,
 )
-from .torch_backend import compute_dtype_for
+from .smoothed_ga_torch import compute_dtype_for
 
 # Default memory budget of the chunk buffers: 1 / CHUNK_FRACTION of the kept rows' full logits, but at least
 # MIN_CHUNK_ROWS rows; R is a multiple of ROW_MULTIPLE (GEMM tiles) and at most MAX_CHUNK_ROWS (where the
@@ -256,7 +256,7 @@ def _chunked_pass(
             labels_chunk = labels.index_select(0, index)
             weights_chunk = None if row_weights is None else row_weights.index_select(0, index)
         logits = workspace[: stop - start]
-        _linear_gemms.logits_into(logits, hidden_chunk, weight_c, bias_c, config.logit_scale)  # Z = a (H_c W^T + b)
+        linear_gemms.logits_into(logits, hidden_chunk, weight_c, bias_c, config.logit_scale)  # Z = a (H_c W^T + b)
         tanh = None
         if capped is not None:
             tanh = logits.div_(config.softcap).tanh_()  # t = tanh(Z / c), kept for the chain rule
@@ -273,13 +273,13 @@ def _chunked_pass(
         if tanh is not None:
             grad.mul_(tanh.square_().neg_().add_(1.0))  # dL/dZ = dL/dZc * (1 - t^2); the factor a comes later
         if dh is not None:
-            hidden_grad = _linear_gemms.hidden_grad(grad, weight_c)  # dH_c = G W
+            hidden_grad = linear_gemms.hidden_grad(grad, weight_c)  # dH_c = G W
             if index is not None:
                 dh.index_copy_(0, index, hidden_grad.to(dh.dtype))  # scattered to the kept rows' places
             else:
                 dh[start:stop] = hidden_grad  # cast back to the hidden dtype
         if dw is not None:
-            _linear_gemms.accumulate_weight_grad(dw, grad, hidden_chunk)  # dW += G^T H_c
+            linear_gemms.accumulate_weight_grad(dw, grad, hidden_chunk)  # dW += G^T H_c
         if db is not None:
             db.add_(grad.sum(dim=0, dtype=acc_dtype))  # db += sum_r G_r
     return row_loss, (dh, dw, db)

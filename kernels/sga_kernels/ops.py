@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from . import torch_backend
+from . import smoothed_ga_torch
 
 
 @torch.library.custom_op("sga::smoothed_ga_rows", mutates_args=("grad_buffer",))
@@ -32,18 +32,18 @@ def smoothed_ga_rows(
     """
     args = (logits, labels, weights, grad_norm, grad_buffer, smoothing, sign, ignore_index)
     if backend == "triton":
-        from . import triton_backend
+        from . import smoothed_ga_triton
 
         # the transform keywords only when used, so a Triton backend without them still runs the plain loss
         transform = {} if softcap is None and logit_scale == 1.0 else dict(softcap=softcap, logit_scale=logit_scale)
-        return triton_backend.rows_forward(*args, **transform)
-    return torch_backend.rows_forward(*args, softcap=softcap, logit_scale=logit_scale)
+        return smoothed_ga_triton.rows_forward(*args, **transform)
+    return smoothed_ga_torch.rows_forward(*args, softcap=softcap, logit_scale=logit_scale)
 
 
 @smoothed_ga_rows.register_fake
 def _(logits, labels, weights, grad_norm, grad_buffer, smoothing, sign, ignore_index, backend, softcap=None,
       logit_scale=1.0):
-    acc_dtype = torch_backend.compute_dtype_for(logits.dtype)
+    acc_dtype = smoothed_ga_torch.compute_dtype_for(logits.dtype)
     return logits.new_empty((logits.shape[0],), dtype=acc_dtype)
 
 
@@ -51,11 +51,11 @@ def _(logits, labels, weights, grad_norm, grad_buffer, smoothing, sign, ignore_i
 def scale_rows_(grad: torch.Tensor, grad_output: torch.Tensor, backend: str) -> None:
     """grad *= grad_output in place (0-dim, or one factor per row)."""
     if backend == "triton":
-        from . import triton_backend
+        from . import smoothed_ga_triton
 
-        triton_backend.scale_rows_(grad, grad_output)
+        smoothed_ga_triton.scale_rows_(grad, grad_output)
     else:
-        torch_backend.scale_rows_(grad, grad_output)
+        smoothed_ga_torch.scale_rows_(grad, grad_output)
 
 
 @scale_rows_.register_fake

@@ -17,8 +17,8 @@ from torch.autograd.function import once_differentiable
 
 from . import ops
 from ._linear_validation import check_softcap
-from .torch_backend import compute_dtype_for
-from ._validation import (
+from .smoothed_ga_torch import compute_dtype_for
+from .checks import (
     REDUCTIONS,
     LossConfig,
     check_choice,

@@ -22,7 +22,7 @@ from torch.autograd.function import once_differentiable
 
 from . import ops, token_loss_torch
 from .linear import fused_linear_rows
-from ._validation import (
+from .checks import (
     REDUCTIONS,
     check_choice,
     check_labels_in_range,
@@ -31,7 +31,7 @@ from ._validation import (
     resolve_backend,
 )
 from .token_rules import TOKEN_RULES, get_rule
-from .torch_backend import compute_dtype_for
+from .smoothed_ga_torch import compute_dtype_for
 
 
 @torch.library.custom_op("sga::token_rule_rows", mutates_args=("grad_buffer",))

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from .token_rules import TokenRule
-from .torch_backend import CHUNK_ELEMENTS, compute_dtype_for
+from .smoothed_ga_torch import CHUNK_ELEMENTS, compute_dtype_for
 
 
 def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """The Triton kernel of the token-rule losses: one kernel for every rule of ``token_rules``.
 
-One program per token row (persistent grid, as in ``triton_backend``). Sweep 1 streams the row once and keeps,
+One program per token row (persistent grid, as in ``smoothed_ga_triton``). Sweep 1 streams the row once and keeps,
 in fp32 registers, the statistics of ``token_rules`` over the non-target classes (the target lane masked to
 -inf): the running max z_k and its index k, sum exp(z - z_k) and sum exp(z - z_k) z (rescaled online), and
 sum z over the whole row; the target logit is one scalar load. The rule, a ``@triton.jit`` function passed as
@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .token_rules import TokenRule
-from .triton_backend import _round_for_store, launch_config, launch_rows
+from .smoothed_ga_triton import _round_for_store, launch_config, launch_rows
 
 
 @triton.jit

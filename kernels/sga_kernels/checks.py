@@ -80,7 +80,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         return "triton" if device.type == "cuda" else "torch"
     if backend == "triton" and device.type != "cuda":
-        from .triton_backend import interpreter_enabled
+        from .smoothed_ga_triton import interpreter_enabled
 
         if not interpreter_enabled():
             raise ValueError(

@@ -30,7 +30,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from ._linear_validation import check_softcap
-from ._validation import check_logit_scale
+from .checks import check_logit_scale
 from .tuning import KernelConfig, config_for, interpreter_config
 
 LOG2E = math.log2(math.e)
@@ -397,7 +397,7 @@ def rows_forward(
     grad_buffer_zeroed: bool = False,
     config: Optional[KernelConfig] = None,
 ) -> torch.Tensor:
-    """Triton launch with the contract of :func:`sga.kernels.torch_backend.rows_forward`.
+    """Triton launch with the contract of :func:`sga.kernels.smoothed_ga_torch.rows_forward`.
 
     logits [N, V] raw logits x with unit stride along V; the loss is taken on z = softcap(logit_scale * x)
     (softcap(u) = c tanh(u / c), identity when softcap is None) and the gradient written into grad_buffer

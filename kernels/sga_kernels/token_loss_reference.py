@@ -15,7 +15,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from .reference import reduce_token_losses
+from .smoothed_ga_reference import reduce_token_losses
 from .token_rules import get_rule
 
 

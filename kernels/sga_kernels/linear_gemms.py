@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from ._bounds import near_equal_bounds
+from .bounds import near_equal_bounds
 
 # Bytes of one block product of the float32 accumulation of low-precision products: it stays in L3 until it is
 # added (the mixed-dtype add first casts it to a float32 temporary twice its size). Measured at V = 64128,
