@@ -12,7 +12,7 @@ from typing import Iterator
 
 # largest row kept whole in registers: 2**15 fp32 values over 32 warps is 32 registers a thread per array
 SINGLE_BLOCK_MAX_V = 1 << 15
-# more values a thread than this spill on sm_90 (tests/compile_kernels_for_gpu.py --report: 64 a thread at
+# more values a thread than this spill on sm_90 (tests/kernels/compile_kernels_for_gpu.py --report: 64 a thread at
 # 4 or 8 warps hit the 255-register cap and kilobytes of stack)
 MAX_ELEMENTS_PER_THREAD = 32
 

@@ -9,7 +9,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+BENCH = Path(__file__).resolve().parents[2] / "bench"
 DEVICE_FILE_LIMIT = 8  # the device machine returns at most 8 files from $OUT
 
 

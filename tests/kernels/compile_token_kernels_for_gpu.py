@@ -1,7 +1,7 @@
 """Compile the token-rule Triton kernel ahead of time for sm_80 and sm_90, without a GPU (run without
 TRITON_INTERPRET): every rule (a ``@triton.jit`` function passed as a constexpr) lowered to a cubin.
 
-    python tests/compile_token_kernels_for_gpu.py
+    python tests/kernels/compile_token_kernels_for_gpu.py
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The oracle rule of tests/kernel_oracle.py catches wrong results at any magnitude: planted defects (a halved,
+"""The oracle rule of tests/kernels/kernel_oracle.py catches wrong results at any magnitude: planted defects (a halved,
 a 1%-off or an unsmoothed gradient, a missing dW, an all-zero dH of size 1e-4) fail it, and the Triton kernel
 run with SGA_PLANTED_DEFECT=halve_gradient fails the oracle suite."""
 import os
@@ -13,6 +13,7 @@ from kernel_oracle import assert_no_worse_than_fp32, fp32_eager, make_inputs, tr
 from sga.kernels import smoothed_ga_loss_reference
 
 TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent.parent
 
 
 def logits_case(magnitude=1.0):
@@ -88,7 +89,7 @@ def test_the_kernel_with_a_halved_gradient_fails_the_oracle_suite():
 
 def test_the_sweep_refuses_a_variant_that_disagrees():
     """bench/gpu_sweep.py never picks a wrong variant: its check fails a halved, an all-zero or a NaN gradient."""
-    sys.path.insert(0, str(TESTS.parent / "bench"))
+    sys.path.insert(0, str(ROOT / "bench"))
     from gpu_sweep import agrees
 
     loss, grad = torch.randn(8).double(), torch.randn(8, 50) * 1e-6

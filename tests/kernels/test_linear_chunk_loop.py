@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine_helpers import make_config, memorized_model, tokenizer, unlearning_data
-from test_linear import FP32_TOL, RecordOps, assert_matches_truth, make_case, ours, truth
+from test_linear_smoothed_ga import FP32_TOL, RecordOps, assert_matches_truth, make_case, ours, truth
 from sga.config import MethodConfig
 from sga.data import UnlearningData
 from sga.kernels import linear_smoothed_ga_loss

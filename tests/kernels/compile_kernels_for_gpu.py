@@ -5,7 +5,7 @@ pipelining of sweep 1) by lowering kernel variants all the way to a cubin: every
 default config for sm_80 and sm_90, and every variant that bench/gpu_sweep.py times for sm_90. Prints one
 "ok <name>" line per kernel and, with --report, the registers and spills of each sm_90 variant.
 
-    python tests/compile_kernels_for_gpu.py [--quick] [--report]
+    python tests/kernels/compile_kernels_for_gpu.py [--quick] [--report]
 """
 from __future__ import annotations
 
