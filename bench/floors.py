@@ -49,8 +49,8 @@ def matmul_throughput(device: str, dtype: torch.dtype, size: int = 8192) -> floa
     if device == "cpu" and dtype == torch.float32:
         from sga.kernels import linear_gemms
 
-        if linear_gemms._onednn_works():
+        if linear_gemms.onednn_works():
             b_transposed = b.t().contiguous()
-            products.append(lambda: linear_gemms._linear(a, b_transposed))  # a @ b on oneDNN
+            products.append(lambda: linear_gemms.onednn_linear(a, b_transposed))  # a @ b on oneDNN
     seconds = min(_time(product, device, repeats=10) for product in products)
     return 2 * size**3 / seconds

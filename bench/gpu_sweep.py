@@ -182,9 +182,9 @@ def main(argv=None) -> int:
         parser.error("no CUDA device: the sweep times GPU kernels; use --smoke for the CPU dry run")
     from floors import copy_bandwidth
     from harness import environment
-    from sga.kernels import smoothed_ga_triton
+    from sga.kernels import triton_launch
 
-    if device == "cpu" and not smoothed_ga_triton.interpreter_enabled():
+    if device == "cpu" and not triton_launch.interpreter_enabled():
         parser.error("--smoke on the CPU needs TRITON_INTERPRET=1 set before the run")
     deadline = time.monotonic() + args.budget_s
     env = environment(device)
@@ -208,7 +208,7 @@ def main(argv=None) -> int:
     if stopped:
         table += f"budget of {args.budget_s:.0f} s spent: the sweep stopped early; cases above are all it measured\n"
     (args.out / "sweep_table.txt").write_text(table)
-    architecture = smoothed_ga_triton.architecture(torch.device(device))
+    architecture = triton_launch.architecture(torch.device(device))
     (args.out / "tuning_table.py").write_text(tuning_table_source(best, architecture))
     print(table + tuning_table_source(best, architecture))
     return 0

@@ -1,4 +1,5 @@
-"""The smoothed-GA row computation in plain PyTorch, chunked over tokens.
+"""The smoothed-GA row computation in plain PyTorch, chunked over tokens: the fallback of the Triton kernel and
+the CPU path.
 
 Same contract as the Triton kernel (see ``smoothed_ga_triton``): per-token signed losses out, the gradient
 written into a caller-given buffer. Only a chunk of rows is upcast at a time, so the float32 temporaries stay
@@ -14,15 +15,12 @@ from typing import Optional
 import torch
 
 from . import compiled_rows
+from .checks import accumulation_dtype
 
-# 512K elements: 2 MB of float32 temporaries per chunk. Measured on a 2-core Xeon (N = 2048, V = 32000 and
-# N = 1024, V = 128256): chunks of 256K to 4M elements all run within 10% of each other, 64K ones 20% slower.
+# 512K elements: 2 MB of float32 temporaries per chunk. Measured on the CPU (N = 2048, V = 32000 and N = 1024,
+# V = 128256; bench/NOTES.md, "CPU v2"): chunks of 256K to 4M elements all run within 10% of each other, 64K ones
+# 20% slower.
 CHUNK_ELEMENTS = 1 << 19
-
-
-def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
-    """Arithmetic runs in float32, or float64 for float64 input (gradcheck)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass(frozen=True)
@@ -68,7 +66,7 @@ def rows_forward(
     CHUNK_ELEMENTS // V.
     """
     num_rows, vocab_size = logits.shape
-    acc_dtype = compute_dtype_for(logits.dtype)
+    acc_dtype = accumulation_dtype(logits.dtype)
     row_loss = torch.empty(num_rows, dtype=acc_dtype, device=logits.device)
     if num_rows == 0:
         return row_loss

@@ -1,6 +1,6 @@
 """Launch configurations of the logits row kernel: the variants, and the table that picks one per case.
 
-A :class:`KernelConfig` names every compile-time switch of ``smoothed_ga_triton._smoothed_ga_rows_kernel`` that
+A :class:`KernelConfig` names every compile-time switch of ``smoothed_ga_triton.smoothed_ga_rows_kernel`` that
 changes speed but not results, plus the persistent grid's size. ``bench/gpu_sweep.py`` times the variants of
 :func:`sweep_variants` on a GPU and prints the winners as ``TABLE`` entries, keyed by (architecture, dtype,
 largest V of the range); :func:`config_for` reads the table and falls back to :func:`default_config`.

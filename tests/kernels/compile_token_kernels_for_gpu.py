@@ -36,7 +36,7 @@ def main() -> None:
     targets = [GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)]
     for label, signature, constexprs in variants():
         for target in targets:
-            compiled = compile_for(token_loss_triton._token_rule_rows_kernel, signature, constexprs, target, num_warps=8)
+            compiled = compile_for(token_loss_triton.token_rule_rows_kernel, signature, constexprs, target, num_warps=8)
             assert compiled.asm.get("cubin"), f"{label}: no cubin for sm_{target.arch}"
         print(f"ok {label}")
 

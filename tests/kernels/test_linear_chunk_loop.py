@@ -13,7 +13,8 @@ from test_linear_smoothed_ga import FP32_TOL, RecordOps, assert_matches_truth, m
 from sga.config import MethodConfig
 from sga.data import UnlearningData
 from sga.kernels import linear_smoothed_ga_loss
-from sga.kernels.linear import MAX_CHUNK_ROWS, SmoothedGARowKernel, default_chunk_rows, fused_linear_rows
+from sga.kernels.linear import MAX_CHUNK_ROWS, default_chunk_rows, fused_linear_rows
+from sga.kernels.smoothed_ga import SmoothedGARowKernel
 from sga.objectives import build_objective
 from sga.trainer import UnlearningTrainer
 

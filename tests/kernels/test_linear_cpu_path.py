@@ -12,7 +12,7 @@ from sga.kernels import linear_gemms, linear_smoothed_ga_loss
 from sga.kernels.bounds import near_equal_bounds
 from sga.kernels.linear import MIN_CHUNK_ROWS, MIN_CHUNK_ROWS_CPU_16BIT, min_chunk_rows
 
-needs_onednn = pytest.mark.skipif(not linear_gemms._onednn_works(), reason="oneDNN float32 linear unavailable")
+needs_onednn = pytest.mark.skipif(not linear_gemms.onednn_works(), reason="oneDNN float32 linear unavailable")
 
 
 @pytest.fixture
@@ -21,14 +21,14 @@ def onednn_calls(monkeypatch):
     monkeypatch.setattr(linear_gemms, "ONEDNN_MIN_FLOPS", 0)
     monkeypatch.setattr(linear_gemms, "ONEDNN_BLOCK_BYTES", 160)
     calls = []
-    original = linear_gemms._linear
+    original = linear_gemms.onednn_linear
 
     def recorded(x, weight, bias=None):
         out = original(x, weight, bias)
         calls.append(tuple(out.shape))
         return out
 
-    monkeypatch.setattr(linear_gemms, "_linear", recorded)
+    monkeypatch.setattr(linear_gemms, "onednn_linear", recorded)
     return calls
 
 
@@ -50,7 +50,7 @@ def test_onednn_blocks_match_float64_oracle(onednn_calls, has_bias, softcap, log
 
 @pytest.mark.parametrize("total, most", [(97, 10), (97, 97), (97, 200), (1, 1), (128256, 8192), (10, 3)])
 def test_even_blocks_cover_the_range_in_near_equal_sizes(total, most):
-    blocks = linear_gemms._even_blocks(total, most)
+    blocks = linear_gemms.even_blocks(total, most)
     assert blocks[0][0] == 0 and blocks[-1][1] == total
     assert all(stop == next_start for (_, stop), (next_start, _) in zip(blocks, blocks[1:]))
     sizes = [stop - start for start, stop in blocks]
@@ -89,10 +89,10 @@ def test_a_failing_probe_falls_back_to_torch_mm(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no oneDNN here")
 
-    monkeypatch.setattr(linear_gemms, "_linear", broken)
+    monkeypatch.setattr(linear_gemms, "onednn_linear", broken)
     monkeypatch.setattr(linear_gemms, "_ONEDNN_WORKS", None)
     monkeypatch.setattr(linear_gemms, "ONEDNN_MIN_FLOPS", 0)
-    assert not linear_gemms._onednn_works()
+    assert not linear_gemms.onednn_works()
     hidden, weight, bias, labels = make_case(21, 6, 40, seed=53)
     assert_matches_truth(ours(hidden, weight, bias, labels, chunk_size=8, backend="torch", smoothing=0.1),
                          truth(hidden, weight, bias, labels, smoothing=0.1))
@@ -103,7 +103,8 @@ def test_every_chunk_reuses_one_workspace(softcap):
     """The [R, V] products of all chunks are written into the same buffer (allocated once per call): a fresh
     buffer per chunk would pay its page faults every chunk on the CPU. The generic row kernel path (a row
     kernel without with_softcap) has a second, capped buffer, also reused."""
-    from sga.kernels.linear import SmoothedGARowKernel, fused_linear_rows
+    from sga.kernels.linear import fused_linear_rows
+    from sga.kernels.smoothed_ga import SmoothedGARowKernel
 
     hidden, weight, _, labels = make_case(40, 6, 33, bias=False, seed=54)
     weight.requires_grad_(True)

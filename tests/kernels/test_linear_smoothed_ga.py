@@ -461,7 +461,8 @@ def test_autocast_mixed_input_dtypes_are_accepted_but_float64_is_not_cast():
 
 def test_prepared_inputs_through_the_function():
     """The autograd Function is usable directly with prepared arguments (as the functional API prepares them)."""
-    from sga.kernels.linear import FusedLinearConfig, SmoothedGARowKernel
+    from sga.kernels.linear import FusedLinearConfig
+    from sga.kernels.smoothed_ga import SmoothedGARowKernel
 
     hidden, weight, bias, labels = make_case(10, 4, 9, seed=24)
     config = FusedLinearConfig(
