@@ -108,7 +108,7 @@ def sweep_case(case, device: str, smoke: bool, deadline: float, copy_bytes_per_s
         if time.monotonic() > deadline:
             break
 
-        def run():
+        def run(config=config):
             return smoothed_ga_triton.rows_forward(logits, labels, None, grad_norm, grad, SMOOTHING, SIGN, -100,
                                                config=config)
 

@@ -20,9 +20,9 @@ from typing import Optional
 
 import torch
 
-from .token_rules import TokenRule
 from .checks import accumulation_dtype
 from .smoothed_ga_torch import CHUNK_ELEMENTS
+from .token_rules import TokenRule
 
 
 def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from engine_helpers import make_config, memorized_model, tokenizer, unlearning_data
-from test_linear_smoothed_ga import FP32_TOL, RecordOps, assert_matches_truth, make_case, ours, truth
 from sga.config import MethodConfig
 from sga.data import UnlearningData
 from sga.kernels import linear_smoothed_ga_loss
@@ -17,6 +16,7 @@ from sga.kernels.linear import MAX_CHUNK_ROWS, default_chunk_rows, fused_linear_
 from sga.kernels.smoothed_ga import SmoothedGARowKernel
 from sga.objectives import build_objective
 from sga.trainer import UnlearningTrainer
+from test_linear_smoothed_ga import FP32_TOL, RecordOps, assert_matches_truth, make_case, ours, truth
 
 
 def _kept(labels, ignore_index=-100):

@@ -7,10 +7,10 @@ size so that small cases take it with several blocks, a partial last one include
 import pytest
 import torch
 
-from test_linear_smoothed_ga import FP32_TOL, RecordOps, assert_matches_truth, make_case, ours, truth
 from sga.kernels import linear_gemms, linear_smoothed_ga_loss
 from sga.kernels.bounds import near_equal_bounds
 from sga.kernels.linear import MIN_CHUNK_ROWS, MIN_CHUNK_ROWS_CPU_16BIT, min_chunk_rows
+from test_linear_smoothed_ga import FP32_TOL, RecordOps, assert_matches_truth, make_case, ours, truth
 
 needs_onednn = pytest.mark.skipif(not linear_gemms.onednn_works(), reason="oneDNN float32 linear unavailable")
 

@@ -4,8 +4,7 @@ from unittest import mock
 import pytest
 import torch
 
-from sga.kernels import SmoothedGALoss, smoothed_ga_loss
-from sga.kernels import ops
+from sga.kernels import SmoothedGALoss, ops, smoothed_ga_loss
 
 
 def good_inputs():

@@ -1,10 +1,10 @@
 """Algebraic properties of the smoothed-GA loss, checked by hypothesis on random inputs."""
 import torch
-from hypothesis import given, settings, strategies as st
-
-from sga.kernels import smoothed_ga_loss
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kernel_oracle import loss_and_grad
+from sga.kernels import smoothed_ga_loss
 
 shapes = st.tuples(st.integers(1, 6), st.integers(1, 300))
 smoothings = st.floats(-2.0, 1.0, allow_nan=False)
