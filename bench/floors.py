@@ -1,4 +1,4 @@
-"""Hardware floors measured on the benchmark's own device in the same run (DESIGN.md section 5).
+"""Hardware floors measured on the benchmark's own device in the same run (docs/design.md, section 5).
 
 - copy bandwidth: a device-to-device copy of a large buffer, bytes read + written per second;
 - matmul throughput: a square matrix product, 2 * n**3 flops per product, per dtype (bf16 and fp32 GEMMs

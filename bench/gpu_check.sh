@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session's checks in one short run (limits 120 + 45 + 200 + 60 + 60 s: 8 minutes at most, ~6 expected):
+# A GPU machine's checks in one short run (limits 120 + 45 + 200 + 60 + 60 s: 8 minutes at most, ~6 expected):
 #   1. the CUDA tests, named by file;
 #   2. the same CUDA logits tests once more with SGA_PLANTED_DEFECT=halve_gradient: they must fail;
 #   3. bench/gpu_sweep.py: every variant of the logits kernel beside the copy floor, and the tuning table;

@@ -10,7 +10,8 @@ Modules, bottom up (each imports only from the ones before it): ``checks``, ``tu
 ``compiled_rows``, ``linear_gemms``, ``triton_launch``, ``token_rules``; the backends ``smoothed_ga_torch``,
 ``smoothed_ga_triton``, ``token_loss_torch``, ``token_loss_triton``; ``ops`` (the custom ops); ``row_loss``;
 ``linear`` (the chunk loop of the fused linear losses); the losses ``smoothed_ga`` and ``token_loss``; the float64
-references ``smoothed_ga_reference`` and ``token_loss_reference``.
+references ``smoothed_ga_reference`` and ``token_loss_reference``. The import-linter contract "kernels: one
+direction" in pyproject.toml checks that order.
 """
 from .linear import FusedLinearFunction
 from .smoothed_ga import SmoothedGALoss, SmoothedGALossFunction, linear_smoothed_ga_loss, smoothed_ga_loss

@@ -47,8 +47,8 @@ A float32 accumulator of low-precision GEMMs is updated by one GEMM with float32
 (``torch.addmm(..., out_dtype=torch.float32)``, CUDA, where the torch version has it; detected once per
 device), else by GEMMs over vocabulary blocks whose rounded products are added (at most 8 MiB and a chunk
 buffer each; the CPU path: its torch has no float32-output bf16 GEMM). The GEMMs themselves are
-``linear_gemms``'s: on the CPU in float32 they run on oneDNN, which is about 2x MKL's sgemm on the AMD CPU
-of bench/NOTES.md ("v4").
+``linear_gemms``'s: on the CPU in float32 they run on oneDNN, which is about 2x MKL's sgemm on the CPU
+measured in bench/NOTES.md ("v4").
 
 Like the logits kernel, the gradient is computed in the forward pass when the loss is reduced to a scalar
 and backward only scales it by grad_output, in place (skipped on CPU tensors when grad_output is exactly 1).

@@ -1,12 +1,12 @@
-"""The three GEMMs of one chunk of the fused linear losses (the chunk loop of ``linear``), each on the fastest kernel
-at hand:
+"""The three GEMMs of one chunk of the fused linear losses (the chunk loop of ``linear``), each on the fastest
+kernel at hand:
 
     Z    = a (H_c W^T + b)    into the caller's [R, V] workspace                 (:func:`logits_into`)
     dH_c = G W                                                                  (:func:`hidden_grad`)
     dW  += G^T H_c             into the float32 (or same-dtype) accumulator      (:func:`accumulate_weight_grad`)
 
-CPU float32 runs on oneDNN: ``torch.mm`` of float32 CPU tensors calls MKL's sgemm, which on the AMD EPYC (Zen 5)
-of bench/NOTES.md ("v4") reaches ~90 GF/s a core, while oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``,
+CPU float32 runs on oneDNN: ``torch.mm`` of float32 CPU tensors calls MKL's sgemm, which on the CPU measured in
+bench/NOTES.md ("v4") reaches ~90 GF/s a core, while oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``,
 X W^T: the kernel inductor calls for CPU linear layers) reaches 150-190 GF/s on the same shapes. oneDNN returns
 a fresh product, so products go through it in vocabulary blocks of about ``ONEDNN_BLOCK_BYTES`` (cache
 resident) that are copied (Z) or added (dW) into the caller's buffers: no [R, V] or [V, D] temporary and no

@@ -465,7 +465,7 @@ def test_accelerate_backward_path_gives_the_same_gradient(tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_softcap_is_fused_into_the_smoothed_ga_row_kernel(monkeypatch, backend):
-    """issue 10 item 5: with softcap the chunk loop hands the cap to the row kernel (one [R, V] buffer, no tanh
+    """With softcap the chunk loop hands the cap to the row kernel (one [R, V] buffer, no tanh
     passes of its own): every launch gets the softcap, and the result matches the float64 truth on both backends
     (a cap applied twice, or not at all, would not)."""
     from sga.kernels import ops

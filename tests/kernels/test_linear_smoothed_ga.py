@@ -176,7 +176,7 @@ def test_descent_equals_label_smoothed_cross_entropy_of_the_logits():
 @pytest.mark.parametrize("softcap", [None, 4.0])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_low_precision_no_worse_than_plain_arithmetic(dtype, softcap, reduction):
-    """DESIGN.md 4. Truth: float64 on the (already rounded) low-precision inputs. Baseline, what users get by
+    """The error rule of kernel_oracle. Truth: float64 on the (already rounded) low-precision inputs. Baseline, what users get by
     materializing: logits = hidden @ W^T + b in the input dtype (as the model's lm_head computes them), the
     loss in float32 arithmetic on them (as HF upcasts), gradients by autograd. Ours must not be less accurate
     than that, up to 0.5% of the largest value (about one bf16 rounding, 2^-8)."""

@@ -1,7 +1,7 @@
 """The logit softcap and scale fused into the row kernel: z = softcap(a * x), softcap(u) = c * tanh(u / c).
 
-Both backends against the float64 oracle. The Triton cases need the Triton kernel's softcap / logit_scale
-(kernels/sga_kernels/smoothed_ga_triton.py); without it they fail (TypeError), they are never skipped.
+Both backends against the float64 oracle. The Triton cases run the softcap and scale of the Triton kernel itself
+(kernels/sga_kernels/smoothed_ga_triton.py), under the interpreter without a GPU; they are never skipped.
 """
 from unittest import mock
 
