@@ -208,7 +208,7 @@ def linear_smoothed_ga_loss(
         logit_scale: a in ``softcap(a * (h W^T + b))`` (Cohere's ``logit_scale``, 1 / Granite's
             ``logits_scaling``); finite and > 0.
         smoothing, ascent, token_weights, ignore_index, reduction, normalizer, validate: as in
-            :func:`smoothed_ga_loss`.
+            :func:`sga.kernels.smoothed_ga_loss`.
         backend: the row kernel run on each chunk of logits: "triton", "torch" or "auto" (triton on CUDA).
             The GEMMs are PyTorch's in every case.
         kept_rows: int64 indices into the flattened tokens that include every token whose label is not
@@ -304,6 +304,7 @@ class SmoothedGALoss(torch.nn.Module):
         token_weights: Optional[torch.Tensor] = None,
         normalizer: Union[None, float, torch.Tensor] = None,
     ) -> torch.Tensor:
+        """:func:`smoothed_ga_loss` of logits ``[..., V]`` against labels ``[...]`` with this module's options."""
         return smoothed_ga_loss(
             logits,
             labels,
