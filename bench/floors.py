@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 import torch
 
@@ -40,9 +41,9 @@ def copy_bandwidth(device: str, num_bytes: int = 1 << 30) -> float:
     return 2 * num_bytes / seconds
 
 
-def matmul_throughput(device: str, dtype: torch.dtype, size: int = 8192) -> float:
-    """Flops per second of a square matrix product in dtype (8192 on CUDA, 2048 on CPU)."""
-    size = size if device == "cuda" else 2048
+def matmul_throughput(device: str, dtype: torch.dtype, size: Optional[int] = None) -> float:
+    """Flops per second of a square matrix product in dtype (default size 8192 on CUDA, 2048 on CPU)."""
+    size = size or (8192 if device == "cuda" else 2048)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     products = [lambda: a @ b]
