@@ -36,7 +36,12 @@ setup(
         "trl": ["trl>=1.16", "datasets"],
         # deepspeed: tests/test_fsdp.py runs ZeRO-3 on its CPU accelerator (two processes over gloo);
         # trl, datasets: tests/test_trl.py trains with SFTTrainer against sga.hf.trl.FusedSFTTrainer
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "deepspeed", "trl>=1.16", "datasets"],
+        # tensorboard: the tracking tests read its event files back; ruff, import-linter, mkdocs: CI's lint, layering
+        # and docs checks (.ci/run)
+        "test": [
+            "pytest", "hypothesis", "pytest-benchmark", "deepspeed", "trl>=1.16", "datasets", "tensorboard", "ruff",
+            "import-linter", "mkdocs>=1.6",
+        ],
         # the GPU machine's Triton, for a second run of the kernel tests (its interpreter needs numpy < 2.4:
         # numpy 2.4 refuses int() of the 1-element arrays it uses for scalars)
         "triton36": ["triton==3.6.0", "numpy<2.4"],

@@ -1,4 +1,4 @@
-"""Hardware floors measured on the benchmark's own device in the same run (DESIGN.md section 5).
+"""Hardware floors measured on the benchmark's own device in the same run (docs/design.md, section 5).
 
 - copy bandwidth: a device-to-device copy of a large buffer, bytes read + written per second;
 - matmul throughput: a square matrix product, 2 * n**3 flops per product, per dtype (bf16 and fp32 GEMMs
@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 import torch
 
@@ -40,17 +41,17 @@ def copy_bandwidth(device: str, num_bytes: int = 1 << 30) -> float:
     return 2 * num_bytes / seconds
 
 
-def matmul_throughput(device: str, dtype: torch.dtype, size: int = 8192) -> float:
-    """Flops per second of a square matrix product in dtype (8192 on CUDA, 2048 on CPU)."""
-    size = size if device == "cuda" else 2048
+def matmul_throughput(device: str, dtype: torch.dtype, size: Optional[int] = None) -> float:
+    """Flops per second of a square matrix product in dtype (default size 8192 on CUDA, 2048 on CPU)."""
+    size = size or (8192 if device == "cuda" else 2048)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     products = [lambda: a @ b]
     if device == "cpu" and dtype == torch.float32:
-        from sga.kernels import _linear_gemms
+        from sga.kernels import linear_gemms
 
-        if _linear_gemms._onednn_works():
+        if linear_gemms.onednn_works():
             b_transposed = b.t().contiguous()
-            products.append(lambda: _linear_gemms._linear(a, b_transposed))  # a @ b on oneDNN
+            products.append(lambda: linear_gemms.onednn_linear(a, b_transposed))  # a @ b on oneDNN
     seconds = min(_time(product, device, repeats=10) for product in products)
     return 2 * size**3 / seconds

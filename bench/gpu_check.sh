@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session's checks in one short run (limits 120 + 45 + 200 + 60 + 60 s: 8 minutes at most, ~6 expected):
+# A GPU machine's checks in one short run (limits 120 + 45 + 200 + 60 + 60 s: 8 minutes at most, ~6 expected):
 #   1. the CUDA tests, named by file;
 #   2. the same CUDA logits tests once more with SGA_PLANTED_DEFECT=halve_gradient: they must fail;
 #   3. bench/gpu_sweep.py: every variant of the logits kernel beside the copy floor, and the tuning table;
@@ -8,7 +8,7 @@
 # summary.txt (device, test verdicts, sweep and ratio tables), tuning_table.py and logits_vs_vocab.png.
 #   here:   bash bench/fetch_wheels.sh            (once; puts Liger-Kernel and Cut Cross-Entropy into .whl/)
 #   device: bash bench/gpu_check.sh               (carry [".whl"])
-#   CPU dry run (tests/test_bench_suite.py): SGA_BENCH_SMOKE=1 OUT=DIR bash bench/gpu_check.sh
+#   CPU dry run (tests/bench/test_bench_suite.py): SGA_BENCH_SMOKE=1 OUT=DIR bash bench/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -17,7 +17,7 @@ SMOKE=${SGA_BENCH_SMOKE:-0}
 WORK=$(mktemp -d)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 SGA_BENCH_RESULTS="$WORK"
-CUDA_TESTS="tests/test_smoothed_ga_cuda.py tests/test_linear.py"
+CUDA_TESTS="tests/kernels/test_smoothed_ga_cuda.py tests/kernels/test_linear_smoothed_ga.py"
 BENCH_SELECT=${SGA_BENCH_SELECT:-}
 TIME_SCALE=1
 if [ "$SMOKE" = 1 ]; then
@@ -59,7 +59,7 @@ timeout $(limit 120) python3 -m pytest -q -m cuda $CUDA_TESTS > "$WORK/cuda_test
 CUDA_STATUS=$?
 echo "CUDA tests (exit $CUDA_STATUS): $(last_line "$WORK/cuda_tests.log")"
 
-SGA_PLANTED_DEFECT=halve_gradient timeout $(limit 45) python3 -m pytest -q -m cuda tests/test_smoothed_ga_cuda.py \
+SGA_PLANTED_DEFECT=halve_gradient timeout $(limit 45) python3 -m pytest -q -m cuda tests/kernels/test_smoothed_ga_cuda.py \
     > "$WORK/cuda_tests_planted_defect.log" 2>&1
 PLANTED_STATUS=$?
 PLANTED_SUMMARY=$(last_line "$WORK/cuda_tests_planted_defect.log")

@@ -71,11 +71,11 @@ def time_call(fn, device: str, budget_s: float) -> tuple[float, int]:
 
 def reference_rows(logits, labels, grad_norm):
     """Loss and gradient of the first rows by the torch backend, the check each variant must pass."""
-    from sga.kernels import torch_backend
+    from sga.kernels import smoothed_ga_torch
 
     rows = logits[:CHECK_ROWS]
     grad = torch.empty_like(rows)
-    loss = torch_backend.rows_forward(rows, labels[:CHECK_ROWS], None, grad_norm, grad, SMOOTHING, SIGN, -100)
+    loss = smoothed_ga_torch.rows_forward(rows, labels[:CHECK_ROWS], None, grad_norm, grad, SMOOTHING, SIGN, -100)
     return loss, grad
 
 
@@ -91,7 +91,7 @@ def agrees(loss, grad, expected_loss, expected_grad) -> tuple[bool, float]:
 
 def sweep_case(case, device: str, smoke: bool, deadline: float, copy_bytes_per_s: float, env: dict):
     """Rows for every variant of one case, until the deadline."""
-    from sga.kernels import triton_backend
+    from sga.kernels import smoothed_ga_triton
 
     num_tokens, vocab_size, dtype_name = case
     dtype = getattr(torch, dtype_name)
@@ -108,8 +108,8 @@ def sweep_case(case, device: str, smoke: bool, deadline: float, copy_bytes_per_s
         if time.monotonic() > deadline:
             break
 
-        def run():
-            return triton_backend.rows_forward(logits, labels, None, grad_norm, grad, SMOOTHING, SIGN, -100,
+        def run(config=config):
+            return smoothed_ga_triton.rows_forward(logits, labels, None, grad_norm, grad, SMOOTHING, SIGN, -100,
                                                config=config)
 
         begin = time.monotonic()
@@ -182,9 +182,9 @@ def main(argv=None) -> int:
         parser.error("no CUDA device: the sweep times GPU kernels; use --smoke for the CPU dry run")
     from floors import copy_bandwidth
     from harness import environment
-    from sga.kernels import triton_backend
+    from sga.kernels import triton_launch
 
-    if device == "cpu" and not triton_backend.interpreter_enabled():
+    if device == "cpu" and not triton_launch.interpreter_enabled():
         parser.error("--smoke on the CPU needs TRITON_INTERPRET=1 set before the run")
     deadline = time.monotonic() + args.budget_s
     env = environment(device)
@@ -208,7 +208,7 @@ def main(argv=None) -> int:
     if stopped:
         table += f"budget of {args.budget_s:.0f} s spent: the sweep stopped early; cases above are all it measured\n"
     (args.out / "sweep_table.txt").write_text(table)
-    architecture = triton_backend.architecture(torch.device(device))
+    architecture = triton_launch.architecture(torch.device(device))
     (args.out / "tuning_table.py").write_text(tuning_table_source(best, architecture))
     print(table + tuning_table_source(best, architecture))
     return 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from conftest import DEVICE, SHAPE_SET
 from harness import environment, synchronize, write_rows
 
@@ -46,8 +47,8 @@ def make_model(layers: int, hidden_size: int, vocab_size: int):
 
 def make_batch(vocab_size: int, num_forget: int, length: int) -> dict[str, torch.Tensor]:
     """The engine's batch (``UnlearningData.batch``) of num_forget forget samples with K - 1 normal samples each."""
-    from sga.benchmarks.prompts import EncodedExample, IGNORE_INDEX
-    from sga.data import UnlearningData
+    from sga.benchmarks.prompts import IGNORE_INDEX, EncodedExample
+    from sga.data.unlearning import UnlearningData
 
     generator = torch.Generator().manual_seed(1)
 
@@ -69,7 +70,7 @@ def make_batch(vocab_size: int, num_forget: int, length: int) -> dict[str, torch
 def make_step(implementation: str, shape: tuple):
     """A closure running one training step; the model, batch and optimizer are built once."""
     from sga.config import MethodConfig
-    from sga.methods import build_objective
+    from sga.methods.base import build_objective
 
     layers, hidden_size, vocab_size, num_forget, length = shape
     model = make_model(layers, hidden_size, vocab_size)

@@ -66,10 +66,10 @@ SHAPES = {
 SEQUENCE = 128  # the ignored fraction is a prompt prefix of every SEQUENCE-token block
 PHASES = ("forward+backward", "forward", "backward")  # the goals' phase first (a device run may be cut short)
 ROUNDS = {"cpu": 3, "cuda": 5}
-MAX_EXTRA_OVER_LOGITS = 0.10  # issue 3: ours at most 10% of the full float32 logits beyond inputs, outputs, grads
-LOW_MEMORY_GOAL = 0.05  # issue 6: under 5% of the bf16 logits
+MAX_EXTRA_OVER_LOGITS = 0.10  # the goal: ours at most 10% of the full float32 logits beyond inputs, outputs, grads
+LOW_MEMORY_GOAL = 0.05  # the low-memory mode's goal: under 5% of the bf16 logits
 # (N, D, V) of the memory measurement's warm-up call in the fresh process: large enough that the row kernel's
-# compiled CPU path (chunks of >= 4M elements, V > 4096: kernels/sga_kernels/_compiled_rows.py) is compiled there, since
+# compiled CPU path (chunks of >= 4M elements, V > 4096: kernels/sga_kernels/compiled_rows.py) is compiled there, since
 # compilation is once per process, not the call's memory (counted, it added ~6% of the fp32 logits: inductor's
 # own allocations). Smoke shapes never compile, and their warm-up stays tiny.
 WARMUP_SHAPE = (8, 16, 1000) if SHAPE_SET == "smoke" else (128, 16, 65536)
@@ -219,7 +219,7 @@ def _check_memory_bounds(row: dict, shape: tuple) -> None:
     if row["implementation"] == "ours" and dtype_name == "float32":
         assert row["peak_extra_over_logits"] <= MAX_EXTRA_OVER_LOGITS, row
     if row["implementation"] == "ours" and dtype_name != "float32":
-        # the float32 [V, D] dW accumulator (DESIGN.md 3) and each chunk's bf16 dW product, which goes through
+        # the float32 [V, D] dW accumulator (docs/design.md, section 3) and each chunk's bf16 dW product, which goes through
         # a temporary of at most one chunk's size (4 MiB blocks), on top of the chunk buffers; 2% for the row
         # kernel and slack
         num_buffers = 1 if softcap is None else 2

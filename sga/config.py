@@ -22,13 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from sga.kernels.checks import BACKENDS
+
 PAIRING_METHODS = ("auto", "embedding", "tfidf", "file")
 DATASETS = ("tofu", "json")
 TOFU_FORGET_SPLITS = ("forget01", "forget05", "forget10")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
-BACKENDS = ("auto", "triton", "torch")
 RETAIN_LOSSES = ("nll", "kl")
 CHAT_TEMPLATE = ("auto", "yes", "no")
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")

@@ -12,6 +12,4 @@ echo "$caller_site" > "$venv_site/caller_env.pth"
 "$venv/bin/pip" install -q -e ".[triton36]"
 "$venv/bin/python" -c "import sga.kernels, triton; print('sga.kernels from', sga.kernels.__file__, 'triton', triton.__version__)" \
     || { echo "run_kernels_triton36.sh: import sga.kernels failed in $venv after the install" >&2; exit 1; }
-"$venv/bin/python" -m pytest -q tests/test_smoothed_ga.py tests/test_smoothed_ga_variants.py \
-    tests/test_smoothed_ga_inputs.py tests/test_smoothed_ga_oracle.py tests/test_row_softcap.py \
-    tests/test_token_loss.py tests/test_linear.py tests/test_triton_compiles_for_gpu.py
+"$venv/bin/python" -m pytest -q tests/kernels

@@ -1,12 +1,13 @@
-"""Token-level losses straight from hidden states and an LM head, never holding the [N, V] logits.
+"""The chunk loop of the fused linear losses: token-level losses straight from hidden states and an LM head,
+never holding the [N, V] logits.
 
     z = softcap(logit_scale * (h @ W^T + b)),  softcap(x) = c * tanh(x / c)    (no cap when softcap is None)
-    L_r = row_kernel(z_r, y_r, w_r)                                            e.g. s * w * l (DESIGN.md 2.1)
+    L_r = row_kernel(z_r, y_r, w_r)                   e.g. s * w * l (docs/design.md, section 2.1)
 
-Two entry points:
-- :func:`linear_smoothed_ga_loss`, the public loss: the smoothed-GA row kernel ``sga::smoothed_ga_rows``;
-- :func:`fused_linear_rows`, the same chunk loop with any row kernel (a :data:`RowKernel`), the internal entry
-  for other token-level losses.
+:func:`fused_linear_rows` runs the loop with any row kernel (a :data:`RowKernel`); the public losses
+``linear_smoothed_ga_loss`` (module ``smoothed_ga``) and ``linear_token_loss`` (module ``token_loss``) are this
+function with their row kernel. Its options reach :class:`FusedLinearFunction` and the loop as one
+:class:`FusedLinearConfig`.
 
 Chunked algorithm (every backend): the M kept token rows (labels != ignore_index, see "Ignored rows") go
 through in chunks of R rows. Per chunk
@@ -39,15 +40,15 @@ chunk for hidden, and dH, dW, db come back in their dtypes). dW is accumulated i
 float64 input):
 - float32 weight (float32 master weights under bf16 autocast, the usual mixed-precision training): the
   accumulator is the returned gradient itself;
-- bfloat16 / float16 weight: a float32 [V, D] accumulator (4 V D bytes), cast once at the end (DESIGN.md 3),
-  or, with ``accumulate_in_float32=False``, the returned gradient in the weight's dtype with one rounding per
-  chunk (no [V, D] buffer; what memory-lean fused losses do).
+- bfloat16 / float16 weight: a float32 [V, D] accumulator (4 V D bytes), cast once at the end (docs/design.md,
+  section 3), or, with ``accumulate_in_float32=False``, the returned gradient in the weight's dtype with one
+  rounding per chunk (no [V, D] buffer; what memory-lean fused losses do).
 A float32 accumulator of low-precision GEMMs is updated by one GEMM with float32 output
 (``torch.addmm(..., out_dtype=torch.float32)``, CUDA, where the torch version has it; detected once per
 device), else by GEMMs over vocabulary blocks whose rounded products are added (at most 8 MiB and a chunk
 buffer each; the CPU path: its torch has no float32-output bf16 GEMM). The GEMMs themselves are
-``_linear_gemms``'s: on the CPU in float32 they run on oneDNN, which is about 2x MKL's sgemm on the AMD CPU
-of bench/NOTES.md ("v4").
+``linear_gemms``'s: on the CPU in float32 they run on oneDNN, which is about 2x MKL's sgemm on the CPU
+measured in bench/NOTES.md ("v4").
 
 Like the logits kernel, the gradient is computed in the forward pass when the loss is reduced to a scalar
 and backward only scales it by grad_output, in place (skipped on CPU tensors when grad_output is exactly 1).
@@ -58,7 +59,6 @@ there backward runs the chunked pass again with token weights w * grad_output (4
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
@@ -66,25 +66,23 @@ from typing import Callable, Optional, Union
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import _linear_gemms, ops
-from ._linear_validation import (
+from . import linear_gemms, ops
+from .checks import (
+    IGNORE_INDEX,
+    accumulation_dtype,
+    check_bool,
     check_chunk_options,
     check_kept_rows,
     check_kept_rows_cover_scored_tokens,
+    check_labels_in_range,
     check_linear_inputs,
     check_logit_scale,
-    check_softcap,
-)
-from ._validation import (
-    REDUCTIONS,
-    check_choice,
-    check_labels_in_range,
-    check_loss_options,
     check_normalizer,
+    check_reduction,
+    check_softcap,
     labels_for_kernels,
-    resolve_backend,
 )
-from .torch_backend import compute_dtype_for
+from .row_loss import inverse_divisor, reduce_rows
 
 # Default memory budget of the chunk buffers: 1 / CHUNK_FRACTION of the kept rows' full logits, but at least
 # MIN_CHUNK_ROWS rows; R is a multiple of ROW_MULTIPLE (GEMM tiles) and at most MAX_CHUNK_ROWS (where the
@@ -149,46 +147,14 @@ def default_chunk_rows(
 
 
 @dataclass(frozen=True)
-class SmoothedGARowKernel:
-    """The smoothed-GA row kernel (DESIGN.md 2.1) as a :data:`RowKernel`: L = s * w * l, gradient with
-    grad_norm = 1. backend is resolved ("triton" or "torch")."""
-
-    smoothing: float
-    sign: float
-    ignore_index: int
-    backend: str
-    softcap: Optional[float] = None
-
-    def with_softcap(self, softcap: float) -> "SmoothedGARowKernel":
-        """The same kernel on capped logits c * tanh(x / c), fused into its sweep (tanh, the loss on the capped
-        values and the chain rule 1 - tanh^2 in one pass): the chunk loop then keeps one [R, V] buffer."""
-        return dataclasses.replace(self, softcap=softcap)
-
-    def __call__(
-        self, logits: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor], write_grad: bool
-    ) -> torch.Tensor:
-        unit_norm = torch.ones((), dtype=compute_dtype_for(logits.dtype), device=logits.device)
-        return ops.smoothed_ga_rows(
-            logits,
-            labels,
-            weights,
-            unit_norm,
-            logits if write_grad else None,
-            self.smoothing,
-            self.sign,
-            self.ignore_index,
-            self.backend,
-            softcap=self.softcap,
-        )
-
-
-@dataclass(frozen=True)
 class FusedLinearConfig:
-    """The scalar parameters of one fused linear call, passed through the autograd Function as one object.
+    """The options of one fused linear call, built once by :func:`fused_linear_rows` and carried as one object
+    through :class:`FusedLinearFunction` into the chunk loop.
 
-    row_kernel is the :data:`RowKernel`; backend ("triton" / "torch") runs the in-place gradient scaling;
-    softcap is c or None; logit_scale is a; chunk_rows is R; compute_dtype is the dtype of the GEMMs and chunk
-    buffers; accumulate_in_float32 selects the dW accumulator of a low-precision weight.
+    row_kernel is the :data:`RowKernel` (it carries the loss's own options); backend ("triton" / "torch") runs the
+    in-place gradient scaling; softcap is c, or None when the row kernel caps the logits itself; logit_scale is
+    a; chunk_rows is R; compute_dtype is the dtype of the GEMMs and chunk buffers; accumulate_in_float32 selects
+    the dW accumulator of a low-precision weight.
     """
 
     row_kernel: RowKernel
@@ -222,7 +188,7 @@ def _chunked_pass(
     num_rows, hidden_size = hidden.shape
     vocab_size = weight.shape[0]
     compute_dtype = config.compute_dtype
-    acc_dtype = compute_dtype_for(compute_dtype)
+    acc_dtype = accumulation_dtype(compute_dtype)
     need_hidden, need_weight, need_bias = need
     need_any = need_hidden or need_weight or need_bias
     device = hidden.device
@@ -256,7 +222,7 @@ def _chunked_pass(
             labels_chunk = labels.index_select(0, index)
             weights_chunk = None if row_weights is None else row_weights.index_select(0, index)
         logits = workspace[: stop - start]
-        _linear_gemms.logits_into(logits, hidden_chunk, weight_c, bias_c, config.logit_scale)  # Z = a (H_c W^T + b)
+        linear_gemms.logits_into(logits, hidden_chunk, weight_c, bias_c, config.logit_scale)  # Z = a (H_c W^T + b)
         tanh = None
         if capped is not None:
             tanh = logits.div_(config.softcap).tanh_()  # t = tanh(Z / c), kept for the chain rule
@@ -273,13 +239,13 @@ def _chunked_pass(
         if tanh is not None:
             grad.mul_(tanh.square_().neg_().add_(1.0))  # dL/dZ = dL/dZc * (1 - t^2); the factor a comes later
         if dh is not None:
-            hidden_grad = _linear_gemms.hidden_grad(grad, weight_c)  # dH_c = G W
+            hidden_grad = linear_gemms.hidden_grad(grad, weight_c)  # dH_c = G W
             if index is not None:
                 dh.index_copy_(0, index, hidden_grad.to(dh.dtype))  # scattered to the kept rows' places
             else:
                 dh[start:stop] = hidden_grad  # cast back to the hidden dtype
         if dw is not None:
-            _linear_gemms.accumulate_weight_grad(dw, grad, hidden_chunk)  # dW += G^T H_c
+            linear_gemms.accumulate_weight_grad(dw, grad, hidden_chunk)  # dW += G^T H_c
         if db is not None:
             db.add_(grad.sum(dim=0, dtype=acc_dtype))  # db += sum_r G_r
     return row_loss, (dh, dw, db)
@@ -319,32 +285,20 @@ def _scaled_cast(grad: torch.Tensor, factor: Union[float, torch.Tensor], dtype: 
     return out
 
 
-def _inverse_divisor(
-    labels: torch.Tensor, normalizer: Optional[torch.Tensor], config: FusedLinearConfig, dtype: torch.dtype
+def _mean_inverse_divisor(
+    labels: torch.Tensor, normalizer: Optional[torch.Tensor], config: FusedLinearConfig
 ) -> Optional[torch.Tensor]:
-    """1 / D for reduction "mean" (D = non-ignored tokens or the caller's normalizer; D = 0 gives 0), else None.
-
-    Computed on the device: no host sync.
-    """
+    """1 / D in the accumulation dtype for reduction "mean" (on the device, no host sync), else None."""
     if config.reduction != "mean":
         return None
-    divisor = (labels != config.ignore_index).sum().to(dtype) if normalizer is None else normalizer.to(dtype)
-    return torch.where(divisor != 0, 1.0 / divisor, torch.zeros_like(divisor))
+    return inverse_divisor(labels, config.ignore_index, normalizer, accumulation_dtype(config.compute_dtype))
 
 
-def _grad_factor(inverse_divisor: Optional[torch.Tensor], logit_scale: float) -> Union[None, float, torch.Tensor]:
+def _grad_factor(inverse_d: Optional[torch.Tensor], logit_scale: float) -> Union[None, float, torch.Tensor]:
     """What the unnormalized gradients are multiplied by: a / D, a alone, or None when that is 1."""
-    if inverse_divisor is not None:
-        return inverse_divisor * logit_scale if logit_scale != 1.0 else inverse_divisor
+    if inverse_d is not None:
+        return inverse_d * logit_scale if logit_scale != 1.0 else inverse_d
     return None if logit_scale == 1.0 else logit_scale
-
-
-def _reduce(row_loss: torch.Tensor, inverse_divisor: Optional[torch.Tensor], reduction: str) -> torch.Tensor:
-    if reduction == "none":
-        return row_loss
-    if reduction == "sum":
-        return row_loss.sum()
-    return row_loss.sum() * inverse_divisor
 
 
 def is_cpu_unit(grad_output: torch.Tensor) -> bool:
@@ -386,12 +340,12 @@ class FusedLinearFunction(torch.autograd.Function):
         config: FusedLinearConfig,
     ):
         ctx.set_materialize_grads(False)
-        inverse_divisor = _inverse_divisor(labels, normalizer, config, compute_dtype_for(config.compute_dtype))
+        inverse_d = _mean_inverse_divisor(labels, normalizer, config)
         eager = config.reduction != "none"  # a scalar loss: its gradient is known up to grad_output now
         need = tuple(ctx.needs_input_grad[:3]) if eager else (False, False, False)
         row_loss, grads = _chunked_pass(hidden, weight, bias, labels, token_weights, kept_rows, config, need)
         ctx.config = config
-        factor = _grad_factor(inverse_divisor, config.logit_scale)
+        factor = _grad_factor(inverse_d, config.logit_scale)
         # the gradients are ours (not inputs or outputs): kept as a plain attribute, handed over in backward
         ctx.grads = _finished(grads, factor, weight, bias) if eager else None
         ctx.factor = factor
@@ -399,7 +353,7 @@ class FusedLinearFunction(torch.autograd.Function):
         if not eager:
             return row_loss, None
         ctx.mark_non_differentiable(row_loss)
-        return _reduce(row_loss, inverse_divisor, config.reduction), row_loss
+        return reduce_rows(row_loss, config.reduction, inverse_d), row_loss
 
     @staticmethod
     @once_differentiable
@@ -417,7 +371,7 @@ class FusedLinearFunction(torch.autograd.Function):
         need = tuple(ctx.needs_input_grad[:3])
         if config.reduction == "none":
             # L_r scaled by g_r is the loss of token weight w_r * g_r: dW = sum_r g_r G_r^T h_r in one pass
-            factor = grad_output.reshape(-1).to(compute_dtype_for(config.compute_dtype))
+            factor = grad_output.reshape(-1).to(accumulation_dtype(config.compute_dtype))
             row_weights = factor if token_weights is None else token_weights * factor
             _, grads = _chunked_pass(hidden, weight, bias, labels, row_weights.contiguous(), kept_rows, config, need)
             return (*_finished(grads, ctx.factor, weight, bias), *no_input_grads)
@@ -445,7 +399,7 @@ def fused_linear_rows(
     softcap: Optional[float] = None,
     logit_scale: float = 1.0,
     token_weights: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     normalizer: Union[None, float, torch.Tensor] = None,
     kept_rows: Optional[torch.Tensor] = None,
@@ -460,14 +414,15 @@ def fused_linear_rows(
     """A token-level loss of the logits ``softcap(logit_scale * (hidden @ weight.T + bias))`` through the chunk
     loop of this module, with any row kernel, never materializing the logits.
 
-    Internal entry for token-level losses other than smoothed GA: ``row_kernel`` is a :data:`RowKernel`
-    (``linear_smoothed_ga_loss`` is this function with :class:`SmoothedGARowKernel`). Token weights reach the
-    row kernel per chunk (it applies them); the loop applies the reduction's 1 / D and logit_scale to the
-    gradients once, after the loop.
+    The entry for any token-level loss: ``row_kernel`` is a :data:`RowKernel` (``linear_smoothed_ga_loss`` is
+    this function with ``smoothed_ga.SmoothedGARowKernel``, ``linear_token_loss`` with
+    ``token_loss.TokenRuleRowKernel``). Token weights reach the row kernel per chunk (it applies them); the loop
+    applies the reduction's 1 / D and logit_scale to the gradients once, after the loop. The options are checked
+    here and go on as one :class:`FusedLinearConfig`.
 
     Args:
         hidden, weight, labels, bias, softcap, token_weights, ignore_index, reduction, normalizer, chunk_size,
-            accumulate_in_float32, validate: as in :func:`linear_smoothed_ga_loss`.
+            accumulate_in_float32, validate: as in :func:`sga.kernels.linear_smoothed_ga_loss`.
         row_kernel: the per-chunk loss and its in-place gradient (see :data:`RowKernel`).
         logit_scale: a in z = softcap(a * (h W^T + b)) (Cohere's ``logit_scale``, 1 / Granite's
             ``logits_scaling``); finite and > 0.
@@ -491,20 +446,17 @@ def fused_linear_rows(
     compute_dtype = check_linear_inputs(hidden, weight, bias, labels, token_weights, ignore_index, autocast_dtype)
     softcap = check_softcap(softcap)
     logit_scale = check_logit_scale(logit_scale)
-    check_choice("reduction", reduction, REDUCTIONS)
-    if normalizer is not None and reduction != "mean":
-        raise ValueError(f"normalizer applies to reduction='mean' only, got reduction={reduction!r}")
+    check_reduction(reduction, normalizer)
     chunk_size, chunk_budget_bytes = check_chunk_options(chunk_size, chunk_budget_bytes)
     for name, flag in (("accumulate_in_float32", accumulate_in_float32), ("skip_ignored", skip_ignored),
                        ("validate", validate), ("return_token_losses", return_token_losses)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+        check_bool(name, flag)
     if not callable(row_kernel):
         raise TypeError(f"row_kernel must be callable, got {type(row_kernel).__name__}")
     if not accumulate_in_float32 and weight.dtype == torch.float16:
         # the chunks' dW products are summed before the 1 / D scaling: float16 (max 65504) can overflow there
         raise ValueError("accumulate_in_float32=False needs a bfloat16 (or float32) weight, not float16")
-    resolved_backend = resolve_backend(backend, hidden.device)
+    resolved_backend = ops.resolve_backend(backend, hidden.device)
     normalizer_tensor = check_normalizer(normalizer, hidden.device)
     vocab_size, hidden_size = weight.shape
     num_rows = math.prod(labels.shape)
@@ -523,7 +475,7 @@ def fused_linear_rows(
     if kept_rows is not None and kept_rows.shape[0] == num_rows:
         kept_rows = None  # every row is kept (the indices are unique): the contiguous path, no gathers
     num_kept = num_rows if kept_rows is None else kept_rows.shape[0]
-    acc_dtype = compute_dtype_for(compute_dtype)
+    acc_dtype = accumulation_dtype(compute_dtype)
     weights_1d = None
     if token_weights is not None:
         weights_1d = token_weights.detach().reshape(-1).to(acc_dtype).contiguous()
@@ -558,107 +510,10 @@ def fused_linear_rows(
             loss, row_loss = FusedLinearFunction.apply(*inputs, config)
         else:
             row_loss, _ = _chunked_pass(*inputs[:5], kept_rows, config, (False, False, False))
-            loss = _reduce(row_loss, _inverse_divisor(labels_1d, normalizer_tensor, config, acc_dtype), reduction)
+            loss = reduce_rows(row_loss, reduction, _mean_inverse_divisor(labels_1d, normalizer_tensor, config))
     if reduction == "none":
         loss = loss.reshape(labels.shape)
         row_loss = loss
     if return_token_losses:
         return loss, row_loss.detach().reshape(labels.shape)
     return loss
-
-
-def linear_smoothed_ga_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    bias: Optional[torch.Tensor] = None,
-    softcap: Optional[float] = None,
-    logit_scale: float = 1.0,
-    smoothing: float = 0.0,
-    ascent: bool = True,
-    token_weights: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    normalizer: Union[None, float, torch.Tensor] = None,
-    backend: str = "auto",
-    kept_rows: Optional[torch.Tensor] = None,
-    skip_ignored: bool = True,
-    chunk_size: Optional[int] = None,
-    chunk_budget_bytes: Optional[int] = None,
-    accumulate_in_float32: bool = True,
-    validate: bool = True,
-    return_token_losses: bool = False,
-) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """Smoothed gradient-ascent loss of the logits ``softcap(logit_scale * (hidden @ weight.T + bias))``, without
-    materializing them.
-
-    Args:
-        hidden: hidden states ``[..., D]`` (float16 / bfloat16 / float32; float64 for gradcheck).
-        weight: LM-head weight ``[V, D]`` in the hidden dtype (a tied embedding matrix works as is).
-        labels: int32 / int64 class ids with the hidden states' leading shape; ``ignore_index`` marks skipped tokens.
-        bias: optional head bias ``[V]`` in the hidden dtype.
-        softcap: c of the final logit softcap ``c * tanh(x / c)`` (Gemma 2's ``final_logit_softcapping``), or None.
-        logit_scale: a in ``softcap(a * (h W^T + b))`` (Cohere's ``logit_scale``, 1 / Granite's
-            ``logits_scaling``); finite and > 0.
-        smoothing, ascent, token_weights, ignore_index, reduction, normalizer, validate: as in
-            :func:`sga.kernels.smoothed_ga_loss`.
-        backend: the row kernel run on each chunk of logits: "triton", "torch" or "auto" (triton on CUDA).
-            The GEMMs are PyTorch's in every case.
-        kept_rows: int64 indices into the flattened tokens that include every token whose label is not
-            ignore_index, each once: only these rows go through the GEMMs (dH is zero elsewhere). The engine
-            builds them on the host with each batch. None: computed here by one ``nonzero`` over the labels
-            (a host sync on CUDA), or not at all with ``skip_ignored=False`` (every row goes through).
-        skip_ignored: see kept_rows.
-        chunk_size: token rows per chunk (R). Default: as many as ``chunk_budget_bytes`` allows.
-        chunk_budget_bytes: bytes the [R, V] chunk buffers (one, two with softcap) may take; R is rounded down
-            to a multiple of 128 and capped at 1024 (where the per-chunk dW update becomes compute bound on a
-            GPU). Default: 1/16 of the kept rows' logits, at least 128 rows (256 for bf16 / fp16 on the CPU).
-        accumulate_in_float32: for a bfloat16 / float16 weight, accumulate dW across chunks in a float32
-            [V, D] buffer (default; 4 V D bytes, as large as the bf16 logits of N = 2 D tokens). False sums
-            the chunks' products straight into a bfloat16 gradient: no such buffer, at the cost of one
-            rounding per chunk (about sqrt(chunks) / 2 units in the last place); refused for float16 weights
-            (the unnormalized sum can overflow float16). No effect for float32 or float64 weights, which always
-            accumulate in their own dtype.
-        return_token_losses: also return the per-token signed losses s * w * l of the same pass (detached,
-            shaped like labels, 0 on ignored tokens): ``(loss, token_losses)``. No extra pass.
-
-    Gradients flow to hidden, weight and bias, each only when it requires grad (a frozen head costs no dW GEMM).
-    Host syncs: the label-range check (validate=True) and the kept-row count when kept_rows is None and
-    skip_ignored is True; none otherwise. Under ``torch.autocast`` the GEMMs run in the autocast dtype, as
-    ``F.linear``'s would; hidden, weight and bias may then have any of float16 / bfloat16 / float32 (float32
-    master weights get their float32 gradient accumulated directly, with no extra buffer).
-
-    Returns:
-        float32 loss (float64 for float64 inputs): a scalar, or per token (shaped like labels) for reduction
-        "none"; with return_token_losses, ``(loss, token_losses)``.
-    """
-    smoothing = check_loss_options(smoothing, reduction, ascent, normalizer)
-    device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
-    row_kernel = SmoothedGARowKernel(
-        smoothing=smoothing,
-        sign=-1.0 if ascent else 1.0,
-        ignore_index=ignore_index,
-        backend=resolve_backend(backend, device),
-    )
-    return fused_linear_rows(
-        hidden,
-        weight,
-        labels,
-        row_kernel=row_kernel,
-        bias=bias,
-        softcap=softcap,
-        logit_scale=logit_scale,
-        token_weights=token_weights,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        normalizer=normalizer,
-        kept_rows=kept_rows,
-        skip_ignored=skip_ignored,
-        chunk_size=chunk_size,
-        chunk_budget_bytes=chunk_budget_bytes,
-        accumulate_in_float32=accumulate_in_float32,
-        backend=backend,
-        validate=validate,
-        return_token_losses=return_token_losses,
-    )

@@ -1,6 +1,7 @@
-"""The smoothed-GA loss over logits: autograd Function, functional API and nn.Module.
+"""The smoothed-GA loss: its autograd Function, its row kernel, the functional API over logits and over hidden
+states (:func:`linear_smoothed_ga_loss`), and the nn.Module.
 
-Per token (DESIGN.md 2.1), with z the logits row, y the label, eps the smoothing rate:
+Per token (docs/design.md, section 2.1), with z the logits row, y the label, eps the smoothing rate:
 
     l = lse(z) - (1 - eps) * z_y - (eps / V) * sum_v z_v
     L = s * w * l            (s = -1 for ascent, +1 for descent; w the optional token weight)
@@ -10,17 +11,18 @@ grad_output.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar, Optional, Union
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import ops
-from ._linear_validation import check_softcap
-from .torch_backend import compute_dtype_for
-from ._validation import (
+from .checks import (
+    IGNORE_INDEX,
     REDUCTIONS,
-    LossConfig,
+    accumulation_dtype,
+    check_bool,
     check_choice,
     check_inplace_rows,
     check_labels_in_range,
@@ -29,69 +31,61 @@ from ._validation import (
     check_loss_options,
     check_normalizer,
     check_smoothing,
+    check_softcap,
     labels_for_kernels,
-    resolve_backend,
 )
+from .linear import fused_linear_rows
+from .row_loss import OpRowKernel, RowLossConfig, RowLossFunction
 
 
-class SmoothedGALossFunction(torch.autograd.Function):
-    """autograd Function over prepared inputs: logits [N, V] with unit stride along V, labels [N],
-    token weights [N] or None, the caller's normalizer as a 0-dim float32 tensor or None, and a LossConfig.
+@dataclass(frozen=True)
+class SmoothedGARowKernel(OpRowKernel):
+    """The smoothed-GA row kernel (``sga::smoothed_ga_rows``) with one call's options: L = s * w * l on
+    z = softcap(logit_scale * x). backend is resolved ("triton" or "torch")."""
+
+    loss_name: ClassVar[str] = "smoothed_ga_loss"
+    smoothing: float
+    sign: float
+    ignore_index: int
+    backend: str
+    softcap: Optional[float] = None
+    logit_scale: float = 1.0
+
+    def with_softcap(self, softcap: float) -> "SmoothedGARowKernel":
+        """The same kernel on capped logits c * tanh(x / c), fused into its sweep (tanh, the loss on the capped
+        values and the chain rule 1 - tanh^2 in one pass): the chunk loop then keeps one [R, V] buffer."""
+        return dataclasses.replace(self, softcap=softcap)
+
+    def rows(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        weights: Optional[torch.Tensor],
+        grad_norm: torch.Tensor,
+        grad_buffer: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        return ops.smoothed_ga_rows(
+            logits,
+            labels,
+            weights,
+            grad_norm,
+            grad_buffer,
+            self.smoothing,
+            self.sign,
+            self.ignore_index,
+            self.backend,
+            softcap=self.softcap,
+            logit_scale=self.logit_scale,
+        )
+
+
+class SmoothedGALossFunction(RowLossFunction):
+    """autograd Function over prepared inputs: logits [N, V] with unit stride along V, labels [N], token weights
+    [N] in the accumulation dtype or None, the caller's normalizer as a 0-dim float tensor or None, and a
+    :class:`~sga.kernels.row_loss.RowLossConfig` holding a :class:`SmoothedGARowKernel`.
 
     Use :func:`smoothed_ga_loss` unless you prepare the inputs yourself.
     """
-
-    @staticmethod
-    def forward(
-        ctx,
-        logits: torch.Tensor,
-        labels: torch.Tensor,
-        token_weights: Optional[torch.Tensor],
-        normalizer: Optional[torch.Tensor],
-        config: LossConfig,
-    ) -> torch.Tensor:
-        if config.reduction == "mean":
-            # D = number of non-ignored tokens, or the caller's normalizer; D = 0 gives 0 (no host sync)
-            divisor = (labels != config.ignore_index).sum().float() if normalizer is None else normalizer
-            grad_norm = torch.where(divisor != 0, 1.0 / divisor, torch.zeros_like(divisor))
-        else:
-            grad_norm = torch.ones((), dtype=torch.float32, device=logits.device)
-        grad_buffer = None
-        if ctx.needs_input_grad[0]:
-            grad_buffer = logits if config.inplace_backward else torch.empty_like(logits)
-        row_loss = ops.smoothed_ga_rows(
-            logits,
-            labels,
-            token_weights,
-            grad_norm,
-            grad_buffer,
-            config.smoothing,
-            config.sign,
-            config.ignore_index,
-            config.backend,
-            config.softcap,
-            config.logit_scale,
-        )
-        ctx.backend = config.backend
-        ctx.backward_done = False
-        ctx.save_for_backward(grad_buffer)
-        if config.reduction == "none":
-            return row_loss
-        if config.reduction == "sum":
-            return row_loss.sum()
-        return row_loss.sum() * grad_norm.to(row_loss.dtype)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output: torch.Tensor):
-        if ctx.backward_done:
-            raise RuntimeError(
-                "smoothed_ga_loss: backward can run only once per forward (the gradient buffer is scaled in place)"
-            )
-        ctx.backward_done = True
-        (grad,) = ctx.saved_tensors
-        ops.scale_rows_(grad, grad_output, ctx.backend)
-        return grad, None, None, None, None
 
 
 def smoothed_ga_loss(
@@ -101,7 +95,7 @@ def smoothed_ga_loss(
     smoothing: float = 0.0,
     ascent: bool = True,
     token_weights: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     normalizer: Union[None, float, torch.Tensor] = None,
     inplace_backward: bool = False,
@@ -146,9 +140,8 @@ def smoothed_ga_loss(
     smoothing = check_loss_options(smoothing, reduction, ascent, normalizer)
     softcap = check_softcap(softcap)
     logit_scale = check_logit_scale(logit_scale)
-    if not isinstance(inplace_backward, bool):
-        raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
-    resolved_backend = resolve_backend(backend, logits.device)
+    check_bool("inplace_backward", inplace_backward)
+    resolved_backend = ops.resolve_backend(backend, logits.device)
     normalizer_tensor = check_normalizer(normalizer, logits.device)
     vocab_size = logits.shape[-1]
     kernel_labels = labels_for_kernels(labels, ignore_index)
@@ -162,23 +155,119 @@ def smoothed_ga_loss(
         check_inplace_rows(logits_2d)
     weights_1d = None
     if token_weights is not None:
-        weights_1d = token_weights.detach().reshape(-1).to(compute_dtype_for(logits.dtype)).contiguous()
-    config = LossConfig(
+        weights_1d = token_weights.detach().reshape(-1).to(accumulation_dtype(logits.dtype)).contiguous()
+    row_kernel = SmoothedGARowKernel(
         smoothing=smoothing,
         sign=-1.0 if ascent else 1.0,
         ignore_index=ignore_index,
-        reduction=reduction,
         backend=resolved_backend,
-        inplace_backward=inplace_backward,
         softcap=softcap,
         logit_scale=logit_scale,
     )
+    config = RowLossConfig(row_kernel, reduction, inplace_backward)
     loss = SmoothedGALossFunction.apply(
         logits_2d, kernel_labels.reshape(-1).contiguous(), weights_1d, normalizer_tensor, config
     )
     if reduction == "none":
         return loss.reshape(labels.shape)
     return loss
+
+
+def linear_smoothed_ga_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    smoothing: float = 0.0,
+    ascent: bool = True,
+    token_weights: Optional[torch.Tensor] = None,
+    ignore_index: int = IGNORE_INDEX,
+    reduction: str = "mean",
+    normalizer: Union[None, float, torch.Tensor] = None,
+    backend: str = "auto",
+    kept_rows: Optional[torch.Tensor] = None,
+    skip_ignored: bool = True,
+    chunk_size: Optional[int] = None,
+    chunk_budget_bytes: Optional[int] = None,
+    accumulate_in_float32: bool = True,
+    validate: bool = True,
+    return_token_losses: bool = False,
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Smoothed gradient-ascent loss of the logits ``softcap(logit_scale * (hidden @ weight.T + bias))``, without
+    materializing them.
+
+    Args:
+        hidden: hidden states ``[..., D]`` (float16 / bfloat16 / float32; float64 for gradcheck).
+        weight: LM-head weight ``[V, D]`` in the hidden dtype (a tied embedding matrix works as is).
+        labels: int32 / int64 class ids with the hidden states' leading shape; ``ignore_index`` marks skipped tokens.
+        bias: optional head bias ``[V]`` in the hidden dtype.
+        softcap: c of the final logit softcap ``c * tanh(x / c)`` (Gemma 2's ``final_logit_softcapping``), or None.
+        logit_scale: a in ``softcap(a * (h W^T + b))`` (Cohere's ``logit_scale``, 1 / Granite's
+            ``logits_scaling``); finite and > 0.
+        smoothing, ascent, token_weights, ignore_index, reduction, normalizer, validate: as in
+            :func:`sga.kernels.smoothed_ga_loss`.
+        backend: the row kernel run on each chunk of logits: "triton", "torch" or "auto" (triton on CUDA).
+            The GEMMs are PyTorch's in every case.
+        kept_rows: int64 indices into the flattened tokens that include every token whose label is not
+            ignore_index, each once: only these rows go through the GEMMs (dH is zero elsewhere). The engine
+            builds them on the host with each batch. None: computed here by one ``nonzero`` over the labels
+            (a host sync on CUDA), or not at all with ``skip_ignored=False`` (every row goes through).
+        skip_ignored: see kept_rows.
+        chunk_size: token rows per chunk (R). Default: as many as ``chunk_budget_bytes`` allows.
+        chunk_budget_bytes: bytes the [R, V] chunk buffers (one, two with softcap) may take; R is rounded down
+            to a multiple of 128 and capped at 1024 (where the per-chunk dW update becomes compute bound on a
+            GPU). Default: 1/16 of the kept rows' logits, at least 128 rows (256 for bf16 / fp16 on the CPU).
+        accumulate_in_float32: for a bfloat16 / float16 weight, accumulate dW across chunks in a float32
+            [V, D] buffer (default; 4 V D bytes, as large as the bf16 logits of N = 2 D tokens). False sums
+            the chunks' products straight into a bfloat16 gradient: no such buffer, at the cost of one
+            rounding per chunk (about sqrt(chunks) / 2 units in the last place); refused for float16 weights
+            (the unnormalized sum can overflow float16). No effect for float32 or float64 weights, which always
+            accumulate in their own dtype.
+        return_token_losses: also return the per-token signed losses s * w * l of the same pass (detached,
+            shaped like labels, 0 on ignored tokens): ``(loss, token_losses)``. No extra pass.
+
+    Gradients flow to hidden, weight and bias, each only when it requires grad (a frozen head costs no dW GEMM).
+    Host syncs: the label-range check (validate=True) and the kept-row count when kept_rows is None and
+    skip_ignored is True; none otherwise. Under ``torch.autocast`` the GEMMs run in the autocast dtype, as
+    ``F.linear``'s would; hidden, weight and bias may then have any of float16 / bfloat16 / float32 (float32
+    master weights get their float32 gradient accumulated directly, with no extra buffer).
+
+    Returns:
+        float32 loss (float64 for float64 inputs): a scalar, or per token (shaped like labels) for reduction
+        "none"; with return_token_losses, ``(loss, token_losses)``.
+    """
+    smoothing = check_loss_options(smoothing, reduction, ascent, normalizer)
+    device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
+    row_kernel = SmoothedGARowKernel(
+        smoothing=smoothing,
+        sign=-1.0 if ascent else 1.0,
+        ignore_index=ignore_index,
+        backend=ops.resolve_backend(backend, device),
+    )
+    return fused_linear_rows(
+        hidden,
+        weight,
+        labels,
+        row_kernel=row_kernel,
+        bias=bias,
+        softcap=softcap,
+        logit_scale=logit_scale,
+        token_weights=token_weights,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        normalizer=normalizer,
+        kept_rows=kept_rows,
+        skip_ignored=skip_ignored,
+        chunk_size=chunk_size,
+        chunk_budget_bytes=chunk_budget_bytes,
+        accumulate_in_float32=accumulate_in_float32,
+        backend=backend,
+        validate=validate,
+        return_token_losses=return_token_losses,
+    )
 
 
 class SmoothedGALoss(torch.nn.Module):
@@ -191,7 +280,7 @@ class SmoothedGALoss(torch.nn.Module):
         *,
         smoothing: float = 0.0,
         ascent: bool = True,
-        ignore_index: int = -100,
+        ignore_index: int = IGNORE_INDEX,
         reduction: str = "mean",
         inplace_backward: bool = False,
         backend: str = "auto",
@@ -215,6 +304,7 @@ class SmoothedGALoss(torch.nn.Module):
         token_weights: Optional[torch.Tensor] = None,
         normalizer: Union[None, float, torch.Tensor] = None,
     ) -> torch.Tensor:
+        """:func:`smoothed_ga_loss` of logits ``[..., V]`` against labels ``[...]`` with this module's options."""
         return smoothed_ga_loss(
             logits,
             labels,

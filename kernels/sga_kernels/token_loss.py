@@ -5,7 +5,7 @@ Per token (z the logits row, y the label, w the optional token weight, L_rule fr
     loss_t = w * L_rule(z, y)      ;  dL/dz_v = w (A p_v + B [v == y] + C [v == k] + E q_v + F) / D
 
 :func:`linear_token_loss` computes the same losses from hidden states and an LM head, never holding the
-logits (the chunk loop of ``linear.fused_linear_rows`` with this kernel as its row kernel).
+logits (the chunk loop of ``linear.fused_linear_rows`` with :class:`TokenRuleRowKernel` as its row kernel).
 
 Rules: ``wga`` (beta), ``satimp`` (beta1, beta2), ``ce_u``, ``ihl``, ``pdu`` (see ``token_rules`` for the
 formulas). Ignored tokens (label == ignore_index) give 0 and a zero gradient; reduction "mean" divides by
@@ -15,101 +15,59 @@ gradient is computed in the forward launch and backward only scales it by grad_o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import ClassVar, Optional, Union
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from . import ops, token_loss_torch
-from .linear import fused_linear_rows
-from ._validation import (
-    REDUCTIONS,
-    check_choice,
+from . import ops
+from .checks import (
+    IGNORE_INDEX,
+    accumulation_dtype,
+    check_bool,
     check_labels_in_range,
     check_logits_and_labels,
     check_normalizer,
-    resolve_backend,
+    check_reduction,
+    check_vocab_for_rules,
 )
-from .token_rules import TOKEN_RULES, get_rule
-from .torch_backend import compute_dtype_for
+from .linear import fused_linear_rows
+from .row_loss import OpRowKernel, RowLossConfig, RowLossFunction
+from .token_rules import get_rule
 
 
-@torch.library.custom_op("sga::token_rule_rows", mutates_args=("grad_buffer",))
-def token_rule_rows(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    weights: Optional[torch.Tensor],
-    grad_norm: torch.Tensor,
-    grad_buffer: Optional[torch.Tensor],
-    rule: str,
-    param0: float,
-    param1: float,
-    ignore_index: int,
-    backend: str,
-) -> torch.Tensor:
-    """Per-token losses w * L_rule of a [N, V] logits matrix; writes w * grad_norm * dL/dz into grad_buffer
-    when given. One opaque node for torch.compile."""
-    spec = TOKEN_RULES[rule]
-    if backend == "triton":
-        from . import token_loss_triton
+@dataclass(frozen=True)
+class TokenRuleRowKernel(OpRowKernel):
+    """A token rule (``sga::token_rule_rows``) with one call's options: per-token losses w * L and the gradient
+    w * grad_norm * dL/dz. backend is resolved ("triton" or "torch")."""
 
-        return token_loss_triton.rows_forward(logits, labels, weights, grad_norm, grad_buffer, spec, param0, param1, ignore_index)
-    return token_loss_torch.rows_forward(logits, labels, weights, grad_norm, grad_buffer, spec, param0, param1, ignore_index)
+    loss_name: ClassVar[str] = "token_loss"
+    rule: str
+    param0: float
+    param1: float
+    ignore_index: int
+    backend: str
 
-
-@token_rule_rows.register_fake
-def _(logits, labels, weights, grad_norm, grad_buffer, rule, param0, param1, ignore_index, backend):
-    return logits.new_empty((logits.shape[0],), dtype=compute_dtype_for(logits.dtype))
+    def rows(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        weights: Optional[torch.Tensor],
+        grad_norm: torch.Tensor,
+        grad_buffer: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        return ops.token_rule_rows(
+            logits, labels, weights, grad_norm, grad_buffer, self.rule, self.param0, self.param1, self.ignore_index,
+            self.backend,
+        )
 
 
-def mean_divisor(labels: torch.Tensor, ignore_index: int, normalizer: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """1 / D for reduction "mean" (D = non-ignored tokens or the caller's normalizer; D = 0 gives 0), on device."""
-    divisor = (labels != ignore_index).sum().to(dtype) if normalizer is None else normalizer.to(dtype)
-    return torch.where(divisor != 0, 1.0 / divisor, torch.zeros_like(divisor))
-
-
-class TokenLossFunction(torch.autograd.Function):
-    """autograd Function over prepared inputs: logits [N, V] with unit stride along V, labels [N], token
-    weights [N] or None, the normalizer as a 0-dim tensor or None, the rule name and its two parameters.
+class TokenLossFunction(RowLossFunction):
+    """autograd Function over prepared inputs: logits [N, V] with unit stride along V, labels [N], token weights
+    [N] in the accumulation dtype or None, the normalizer as a 0-dim float tensor or None, and a
+    :class:`~sga.kernels.row_loss.RowLossConfig` holding a :class:`TokenRuleRowKernel`.
 
     Use :func:`token_loss` unless you prepare the inputs yourself.
     """
-
-    @staticmethod
-    def forward(ctx, logits, labels, token_weights, normalizer, rule, param0, param1, ignore_index, reduction, backend, inplace_backward):
-        acc_dtype = compute_dtype_for(logits.dtype)
-        if reduction == "mean":
-            grad_norm = mean_divisor(labels, ignore_index, normalizer, acc_dtype)
-        else:
-            grad_norm = torch.ones((), dtype=acc_dtype, device=logits.device)
-        grad_buffer = None
-        if ctx.needs_input_grad[0]:
-            grad_buffer = logits if inplace_backward else torch.empty_like(logits)
-        row_loss = token_rule_rows(logits, labels, token_weights, grad_norm, grad_buffer, rule, param0, param1, ignore_index, backend)
-        ctx.backend = backend
-        ctx.backward_done = False
-        ctx.save_for_backward(grad_buffer)
-        if reduction == "none":
-            return row_loss
-        if reduction == "sum":
-            return row_loss.sum()
-        return row_loss.sum() * grad_norm
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        if ctx.backward_done:
-            raise RuntimeError("token_loss: backward can run only once per forward (the gradient buffer is scaled in place)")
-        ctx.backward_done = True
-        (grad,) = ctx.saved_tensors
-        ops.scale_rows_(grad, grad_output, ctx.backend)
-        return (grad,) + (None,) * 10
-
-
-def check_vocab_for_rules(vocab_size: int) -> None:
-    """Every rule needs a non-target class (q, z_k): V >= 2."""
-    if vocab_size < 2:
-        raise ValueError(f"token rules need a vocabulary of at least 2 classes (a non-target class), got V = {vocab_size}")
 
 
 def token_loss(
@@ -118,7 +76,7 @@ def token_loss(
     rule: str = "wga",
     *,
     token_weights: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     normalizer: Union[None, float, torch.Tensor] = None,
     backend: str = "auto",
@@ -146,12 +104,9 @@ def token_loss(
     spec = get_rule(rule)
     param0, param1 = spec.resolve(rule_params)
     check_logits_and_labels(logits, labels, token_weights, ignore_index)
-    check_choice("reduction", reduction, REDUCTIONS)
-    if normalizer is not None and reduction != "mean":
-        raise ValueError(f"normalizer applies to reduction='mean' only, got reduction={reduction!r}")
-    if not isinstance(inplace_backward, bool):
-        raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
-    resolved_backend = resolve_backend(backend, logits.device)
+    check_reduction(reduction, normalizer)
+    check_bool("inplace_backward", inplace_backward)
+    resolved_backend = ops.resolve_backend(backend, logits.device)
     normalizer_tensor = check_normalizer(normalizer, logits.device)
     vocab_size = logits.shape[-1]
     check_vocab_for_rules(vocab_size)
@@ -163,35 +118,13 @@ def token_loss(
         logits_2d = logits_2d.contiguous()
     weights_1d = None
     if token_weights is not None:
-        weights_1d = token_weights.detach().reshape(-1).to(compute_dtype_for(logits.dtype)).contiguous()
-    loss = TokenLossFunction.apply(
-        logits_2d, labels.reshape(-1).contiguous(), weights_1d, normalizer_tensor, spec.name, param0, param1,
-        ignore_index, reduction, resolved_backend, inplace_backward,
-    )
+        weights_1d = token_weights.detach().reshape(-1).to(accumulation_dtype(logits.dtype)).contiguous()
+    row_kernel = TokenRuleRowKernel(spec.name, param0, param1, ignore_index, resolved_backend)
+    config = RowLossConfig(row_kernel, reduction, inplace_backward)
+    loss = TokenLossFunction.apply(logits_2d, labels.reshape(-1).contiguous(), weights_1d, normalizer_tensor, config)
     if reduction == "none":
         return loss.reshape(labels.shape)
     return loss
-
-
-@dataclass(frozen=True)
-class TokenRuleRowKernel:
-    """A token rule as the row kernel of :func:`sga.kernels.linear.fused_linear_rows`: per-chunk losses w * L
-    and, in place, w * dL/dz (grad_norm = 1: the chunk loop applies 1 / D). backend is resolved."""
-
-    rule: str
-    param0: float
-    param1: float
-    ignore_index: int
-    backend: str
-
-    def __call__(
-        self, logits: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor], write_grad: bool
-    ) -> torch.Tensor:
-        unit_norm = torch.ones((), dtype=compute_dtype_for(logits.dtype), device=logits.device)
-        return token_rule_rows(
-            logits, labels, weights, unit_norm, logits if write_grad else None, self.rule, self.param0, self.param1,
-            self.ignore_index, self.backend,
-        )
 
 
 def linear_token_loss(
@@ -204,7 +137,7 @@ def linear_token_loss(
     softcap: Optional[float] = None,
     logit_scale: float = 1.0,
     token_weights: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     normalizer: Union[None, float, torch.Tensor] = None,
     backend: str = "auto",
@@ -230,7 +163,7 @@ def linear_token_loss(
     if isinstance(weight, torch.Tensor) and weight.dim() == 2:
         check_vocab_for_rules(weight.shape[0])
     device = hidden.device if isinstance(hidden, torch.Tensor) else torch.device("cpu")
-    row_kernel = TokenRuleRowKernel(spec.name, param0, param1, ignore_index, resolve_backend(backend, device))
+    row_kernel = TokenRuleRowKernel(spec.name, param0, param1, ignore_index, ops.resolve_backend(backend, device))
     return fused_linear_rows(
         hidden, weight, labels, row_kernel=row_kernel, bias=bias, softcap=softcap, logit_scale=logit_scale,
         token_weights=token_weights, ignore_index=ignore_index, reduction=reduction, normalizer=normalizer,

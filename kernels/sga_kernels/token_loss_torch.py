@@ -20,8 +20,9 @@ from typing import Optional
 
 import torch
 
+from .checks import accumulation_dtype
+from .smoothed_ga_torch import CHUNK_ELEMENTS
 from .token_rules import TokenRule
-from .torch_backend import CHUNK_ELEMENTS, compute_dtype_for
 
 
 def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
@@ -56,7 +57,7 @@ def rows_forward(
     """Per-token losses w * L [N] (float32; float64 for float64 logits) of logits [N, V]; writes
     w * grad_norm * dL/dz into grad_buffer [N, V] (which may alias the logits) when it is given."""
     num_rows, vocab_size = logits.shape
-    acc_dtype = compute_dtype_for(logits.dtype)
+    acc_dtype = accumulation_dtype(logits.dtype)
     row_loss = torch.empty(num_rows, dtype=acc_dtype, device=logits.device)
     if chunk_rows is None:
         chunk_rows = max(1, CHUNK_ELEMENTS // vocab_size)

@@ -1,6 +1,6 @@
 """The Triton kernel of the token-rule losses: one kernel for every rule of ``token_rules``.
 
-One program per token row (persistent grid, as in ``triton_backend``). Sweep 1 streams the row once and keeps,
+One program per token row (the persistent grid of ``triton_launch``). Sweep 1 streams the row once and keeps,
 in fp32 registers, the statistics of ``token_rules`` over the non-target classes (the target lane masked to
 -inf): the running max z_k and its index k, sum exp(z - z_k) and sum exp(z - z_k) z (rescaled online), and
 sum z over the whole row; the target logit is one scalar load. The rule, a ``@triton.jit`` function passed as
@@ -17,11 +17,11 @@ import triton
 import triton.language as tl
 
 from .token_rules import TokenRule
-from .triton_backend import _round_for_store, launch_config, launch_rows
+from .triton_launch import launch_config, launch_rows, round_for_store
 
 
 @triton.jit
-def _token_rule_rows_kernel(
+def token_rule_rows_kernel(
     logits_ptr,
     logits_row_stride,
     labels_ptr,
@@ -109,7 +109,7 @@ def _token_rule_rows_kernel(
                 grad = tl.where(is_target, grad + coef_b, grad)
                 grad = tl.where(offsets == top_index, grad + coef_c, grad)
                 grad = tl.where(valid, grad * scale, 0.0)
-                grad = _round_for_store(grad, grad_ptr.dtype.element_ty, EXPLICIT_BF16_RTNE)
+                grad = round_for_store(grad, grad_ptr.dtype.element_ty, EXPLICIT_BF16_RTNE)
                 tl.store(grad_row + offsets, grad, mask=in_vocab)
 
 
@@ -131,7 +131,7 @@ def rows_forward(
     # the smoothed-GA kernel's launch configuration; the rule kernel always loops over blocks of block_v
     config = launch_config(logits.shape[1], logits.dtype, logits.device)
     return launch_rows(
-        _token_rule_rows_kernel,
+        token_rule_rows_kernel,
         logits,
         labels,
         weights,

@@ -26,7 +26,7 @@ form as None), the Triton kernel keeps all of them in registers anyway and skips
 multiply L and the gradient outside the rule.
 
 To add a rule: write its torch form and its ``@triton.jit`` form (same arguments, same outputs), its float64
-reference in ``token_reference``, and register a :class:`TokenRule`.
+reference in ``token_loss_reference``, and register a :class:`TokenRule`.
 """
 from __future__ import annotations
 

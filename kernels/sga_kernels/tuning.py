@@ -1,6 +1,6 @@
 """Launch configurations of the logits row kernel: the variants, and the table that picks one per case.
 
-A :class:`KernelConfig` names every compile-time switch of ``triton_backend._smoothed_ga_rows_kernel`` that
+A :class:`KernelConfig` names every compile-time switch of ``smoothed_ga_triton.smoothed_ga_rows_kernel`` that
 changes speed but not results, plus the persistent grid's size. ``bench/gpu_sweep.py`` times the variants of
 :func:`sweep_variants` on a GPU and prints the winners as ``TABLE`` entries, keyed by (architecture, dtype,
 largest V of the range); :func:`config_for` reads the table and falls back to :func:`default_config`.
@@ -12,7 +12,7 @@ from typing import Iterator
 
 # largest row kept whole in registers: 2**15 fp32 values over 32 warps is 32 registers a thread per array
 SINGLE_BLOCK_MAX_V = 1 << 15
-# more values a thread than this spill on sm_90 (tests/compile_kernels_for_gpu.py --report: 64 a thread at
+# more values a thread than this spill on sm_90 (tests/kernels/compile_kernels_for_gpu.py --report: 64 a thread at
 # 4 or 8 warps hit the 255-register cap and kilobytes of stack)
 MAX_ELEMENTS_PER_THREAD = 32
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-IGNORE_INDEX = -100
+from sga.kernels.checks import IGNORE_INDEX
+
 QUESTION_PREFIX = "Question: "
 ANSWER_PREFIX = "\nAnswer: "
 FEW_SHOT_SEPARATOR = "\n\n"

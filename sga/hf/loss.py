@@ -29,8 +29,7 @@ import torch.nn.functional as F
 from sga.hf import distributed
 from sga.hf.families import Head, base_model, check_whole_head, own_class, resolve_head
 from sga.kernels import linear_smoothed_ga_loss
-
-IGNORE_INDEX = -100
+from sga.kernels.checks import IGNORE_INDEX
 
 
 def _gathers_a_sharded_head(loss_from_hidden):

@@ -10,7 +10,7 @@ import torch
 
 from sga.hf.families import base_model, resolve_head
 from sga.hf.loss import loss_from_hidden, router_aux_loss
-from sga.kernels._validation import BACKENDS, check_choice, check_smoothing
+from sga.kernels.checks import BACKENDS, check_choice, check_smoothing
 
 
 class FusedLossPatch:

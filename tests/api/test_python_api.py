@@ -6,9 +6,9 @@ import sys
 import pytest
 import torch
 import yaml
-from engine_helpers import records, tokenizer
 
 import sga
+from engine_helpers import records, tokenizer
 from sga.benchmarks.synthetic import write_synthetic_tofu
 from sga.cli import main
 from sga.models import tiny_random_model

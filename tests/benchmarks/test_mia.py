@@ -171,7 +171,7 @@ def test_membership_inference_aucs_from_its_scores(model, tokenizer):
     holdout = [encode_text(tokenizer, t) for t in ("Volunteers planted oaks.", "The museum opened maps.")]
     found = mia.membership_inference(model, tokenizer, forget, holdout, ["loss", "min_k", "gradnorm"])
     assert set(found) == {"loss", "min_k", "gradnorm"}
-    for attack, out in found.items():
+    for out in found.values():
         assert len(out["forget"]) == 3 and len(out["holdout"]) == 2
         assert out["auc"] == pytest.approx(roc_auc_score([0, 0, 0, 1, 1], out["forget"] + out["holdout"]))
     assert mia.auc_results(found) == {"mia_loss_auc": found["loss"]["auc"], "mia_min_k_auc": found["min_k"]["auc"],

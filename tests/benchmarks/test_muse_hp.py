@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from muse_data import FORGET_TEXTS, HOLDOUT_TEXTS, write_muse
 
+from muse_data import FORGET_TEXTS, HOLDOUT_TEXTS, write_muse
 from sga.benchmarks import (
     evaluate_harry_potter,
     evaluate_muse,

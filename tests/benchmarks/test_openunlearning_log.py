@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from scipy.stats import ks_2samp
 from sklearn.metrics import roc_auc_score
-from tofu_data import TOFU_DIR
 
 from sga.benchmarks import mia, save_results
 from sga.benchmarks import openunlearning_log as oul
@@ -16,6 +15,7 @@ from sga.benchmarks.scoring import token_statistics
 from sga.benchmarks.tofu import evaluate_tofu, load_tofu_split
 from sga.cli import DEFAULT_MIA_ATTACKS, MIA_ATTACKS, main
 from sga.models import tiny_random_model, tiny_tokenizer
+from tofu_data import TOFU_DIR
 
 needs_tofu = pytest.mark.skipif(
     not (TOFU_DIR / "holdout01.json").is_file(),

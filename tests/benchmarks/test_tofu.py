@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import ks_2samp
-from tofu_data import TOFU_DIR
 
 from sga.benchmarks import (
     evaluate_tofu,
@@ -22,6 +21,7 @@ from sga.benchmarks.prompts import IGNORE_INDEX, encode_qa, encode_text
 from sga.benchmarks.scoring import greedy_generate, token_logprobs
 from sga.benchmarks.tofu import SPLITS, tofu_forget_truth_ratios
 from sga.models import tiny_random_model, tiny_tokenizer
+from tofu_data import TOFU_DIR
 
 needs_tofu = pytest.mark.skipif(
     not (TOFU_DIR / "forget01_perturbed.json").is_file(),

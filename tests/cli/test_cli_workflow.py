@@ -6,15 +6,15 @@ from unittest import mock
 
 import pytest
 import torch
+
+from sga.benchmarks.synthetic import write_synthetic_tofu
+from sga.cli import EXIT_BAD_INPUT, main
+from sga.hf import causal_lm_loss, fused_causal_lm_loss
 from sga.kernels import (
     linear_smoothed_ga_loss,
     smoothed_ga_loss,
     smoothed_ga_loss_reference,
 )
-
-from sga.benchmarks.synthetic import write_synthetic_tofu
-from sga.cli import EXIT_BAD_INPUT, main
-from sga.hf import causal_lm_loss, fused_causal_lm_loss
 from sga.models import tiny_random_model, tiny_tokenizer
 
 

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from engine_helpers import tokenizer, unlearning_data
 
+from engine_helpers import tokenizer, unlearning_data
 from sga.data.unlearning import BatchSchedule
 
 WORKER = Path(__file__).resolve().parents[1] / "support" / "data_worker.py"

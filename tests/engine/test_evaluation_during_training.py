@@ -10,9 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from engine_helpers import make_config, memorized_model, tokenizer, unlearning_data
 from safetensors.torch import load_file
 
+from engine_helpers import make_config, memorized_model, tokenizer, unlearning_data
 from sga.benchmarks.report import save_results
 from sga.benchmarks.synthetic import write_synthetic_tofu
 from sga.benchmarks.tofu import evaluate_tofu

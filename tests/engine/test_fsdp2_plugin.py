@@ -55,7 +55,6 @@ def test_fsdp_requested_on_cpu_is_refused(tmp_path, monkeypatch):
     """`accelerate launch --use_fsdp` on a machine without CUDA: accelerate would train unsharded (DDP) without a word;
     sga's make_accelerator says so before any work."""
     from engine_helpers import make_config
-
     from sga.config import ConfigError
     from sga.engine.trainer import make_accelerator
 

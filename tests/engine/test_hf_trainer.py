@@ -7,8 +7,6 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from engine_helpers import tokenizer, unlearning_data  # noqa: E402
-from torchrun_helpers import run_worker  # noqa: E402
-
 from sga.config import MethodConfig  # noqa: E402
 from sga.engine.hf_trainer import (  # noqa: E402
     HFUnlearningTrainer,
@@ -18,6 +16,7 @@ from sga.engine.hf_trainer import (  # noqa: E402
 from sga.hf import fused_causal_lm_loss  # noqa: E402
 from sga.methods import METHODS, build_objective  # noqa: E402
 from sga.models import tiny_random_model  # noqa: E402
+from torchrun_helpers import run_worker  # noqa: E402
 
 
 def training_args(tmp_path, **overrides):

@@ -6,8 +6,8 @@ import logging
 import time
 
 import pytest
-from engine_helpers import make_config, tokenizer, unlearning_data
 
+from engine_helpers import make_config, tokenizer, unlearning_data
 from sga.engine import build_trainer
 from sga.engine.progress import RunLog
 from sga.engine.trainer import UnlearningTrainer

@@ -5,8 +5,8 @@ import importlib.util
 import json
 
 import pytest
-from engine_helpers import make_config, tokenizer, unlearning_data
 
+from engine_helpers import make_config, tokenizer, unlearning_data
 from sga.config import ConfigError
 from sga.engine import check_run_config
 from sga.engine.trainer import UnlearningTrainer, tracker_scalars

@@ -8,6 +8,7 @@ import signal
 
 import pytest
 import torch
+
 from engine_helpers import (
     make_config,
     mean_nll,
@@ -15,7 +16,6 @@ from engine_helpers import (
     tokenizer,
     unlearning_data,
 )
-
 from sga.config import ConfigError
 from sga.data.unlearning import BatchSchedule, build_unlearning_data
 from sga.engine import checkpoint

@@ -9,6 +9,7 @@ import signal
 import pytest
 import torch
 import yaml
+
 from engine_helpers import (
     make_config,
     memorized_model,
@@ -16,7 +17,6 @@ from engine_helpers import (
     tokenizer,
     unlearning_data,
 )
-
 from sga.benchmarks.prompts import EncodedExample
 from sga.config import ConfigError
 from sga.data import read_records

@@ -2,7 +2,6 @@
 import json
 
 from engine_helpers import make_config, tokenizer, unlearning_data
-
 from sga.cli import EXIT_BAD_INPUT, main
 from sga.engine.trainer import UnlearningTrainer
 from sga.models import tiny_random_model

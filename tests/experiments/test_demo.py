@@ -5,11 +5,11 @@ import math
 from pathlib import Path
 
 import pytest
-from tofu_data import TOFU_DIR
 
 from sga import models
 from sga.cli import main
 from sga.experiments import demo
+from tofu_data import TOFU_DIR
 
 REPORT_KEYS = {"model", "data", "protocol", "torch_threads", "methods", "table", "results", "trajectories", "training", "plot", "timings_s", "total_s"}
 

@@ -306,7 +306,6 @@ def test_bad_labels_are_refused_before_the_model_runs():
 def test_validate_false_skips_the_label_range_check(monkeypatch):
     """validate=False reaches the fused loss: no label scan (and no host sync on CUDA) per call."""
     import sga.kernels.linear as linear_module
-
     from sga.models import tiny_random_model, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()

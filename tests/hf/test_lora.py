@@ -1,9 +1,9 @@
 """LoRA at scale: adapters move under gradient checkpointing, and a frozen LM head costs no weight gradient."""
 import pytest
 import torch
-from engine_helpers import make_config, memorized_model, tokenizer, unlearning_data
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from engine_helpers import make_config, memorized_model, tokenizer, unlearning_data
 from sga.engine.trainer import UnlearningTrainer
 from sga.hf import causal_lm_loss
 from sga.models import tiny_random_model

@@ -13,12 +13,12 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from test_causal_lm_loss import make_batch, make_model  # noqa: E402
-from torchrun_helpers import run_worker  # noqa: E402
 
 from sga.hf import (
     causal_lm_loss,  # noqa: E402
     distributed,  # noqa: E402
 )
+from torchrun_helpers import run_worker  # noqa: E402
 
 
 def _launch(framework: str, out_dir: Path) -> dict:

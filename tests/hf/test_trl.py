@@ -8,12 +8,11 @@ import torch
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
-from torchrun_helpers import run_worker  # noqa: E402
-from trl_helpers import DATASETS, sft_config, tokenizer_for, train  # noqa: E402
-
 from sga.hf import fused_causal_lm_loss  # noqa: E402
 from sga.hf.trl import FusedSFTTrainer  # noqa: E402
 from sga.models import tiny_random_model  # noqa: E402
+from torchrun_helpers import run_worker  # noqa: E402
+from trl_helpers import DATASETS, sft_config, tokenizer_for, train  # noqa: E402
 
 
 def assert_same_training(theirs, ours):

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from engine_helpers import (
     make_config,
     mean_nll,
@@ -12,7 +13,6 @@ from engine_helpers import (
     tokenizer,
     unlearning_data,
 )
-
 from sga.config import MethodConfig
 from sga.engine.trainer import UnlearningTrainer
 from sga.methods import METHODS, build_objective

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+
 from engine_helpers import (
     make_config,
     mean_nll,
@@ -13,13 +14,12 @@ from engine_helpers import (
     tokenizer,
     unlearning_data,
 )
-from sga.kernels import token_loss_reference
-
 from sga.cli import build_parser, main
 from sga.config import ConfigError, DataConfig, MethodConfig
 from sga.engine import checkpoint
 from sga.engine.trainer import UnlearningTrainer
 from sga.hf import causal_lm_token_loss
+from sga.kernels import token_loss_reference
 from sga.methods import (
     METHODS,
     NegativePreferenceOptimization,

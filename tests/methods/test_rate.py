@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from engine_helpers import make_config, memorized_model, tokenizer, unlearning_data
 
+from engine_helpers import make_config, memorized_model, tokenizer, unlearning_data
 from sga.config import MethodConfig
 from sga.engine.trainer import UnlearningTrainer
 from sga.methods import build_objective

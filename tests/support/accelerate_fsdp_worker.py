@@ -23,7 +23,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from engine_helpers import make_config, tokenizer, unlearning_data  # noqa: E402
-
 from sga.engine.trainer import UnlearningTrainer, make_accelerator  # noqa: E402
 from sga.models import tiny_random_model  # noqa: E402
 
@@ -94,10 +93,10 @@ def bare_model_case(tied: bool) -> dict:
     import copy
 
     import torch.distributed as dist
-    from sharded_worker import GLOBAL_BATCH, global_batch, gradients, tiny_llama
     from torch.distributed.fsdp import FSDPModule
 
     from sga.hf import causal_lm_loss
+    from sharded_worker import GLOBAL_BATCH, global_batch, gradients, tiny_llama
 
     accelerator, _ = fsdp2_accelerator(make_config(Path("unused"), "ga"))
     model = tiny_llama(tied)

@@ -14,7 +14,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from engine_helpers import make_config, tokenizer, unlearning_data  # noqa: E402
-
 from sga.engine.trainer import UnlearningTrainer, make_accelerator  # noqa: E402
 from sga.models import tiny_random_model  # noqa: E402
 

@@ -17,7 +17,6 @@ import transformers
 sys.path.insert(0, str(Path(__file__).parent))
 
 from engine_helpers import tokenizer, unlearning_data  # noqa: E402
-
 from sga.config import MethodConfig  # noqa: E402
 from sga.engine.hf_trainer import HFUnlearningTrainer  # noqa: E402
 from sga.models import tiny_random_model  # noqa: E402

@@ -17,9 +17,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 import trl  # noqa: E402
-from trl_helpers import sft_config, train  # noqa: E402
 
 from sga.hf.trl import FusedSFTTrainer  # noqa: E402
+from trl_helpers import sft_config, train  # noqa: E402
 
 
 def main(out_dir: str) -> None:

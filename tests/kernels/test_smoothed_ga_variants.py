@@ -9,8 +9,9 @@ from dataclasses import replace
 
 import pytest
 import torch
+
 from kernel_oracle import rows_truth
-from sga.kernels import triton_backend, tuning
+from sga.kernels import smoothed_ga_triton, tuning
 
 SMALL_BLOCK = 32  # every sweep variant, its block size divided down so that V = 300 spans blocks and a tail
 
@@ -44,7 +45,7 @@ def run_kernel(logits, labels, weights, config, *, strided=True, inplace=False, 
         grad = torch.full((num_rows, vocab_size + 13), float("nan"), dtype=logits.dtype)[:, 5 : 5 + vocab_size]
     else:
         grad = torch.full_like(logits, float("nan"))
-    loss = triton_backend.rows_forward(logits, labels, weights, torch.tensor(0.37), grad, options.pop("smoothing"),
+    loss = smoothed_ga_triton.rows_forward(logits, labels, weights, torch.tensor(0.37), grad, options.pop("smoothing"),
                                        options.pop("sign"), -100, config=config, **options)
     return loss, grad
 
@@ -117,7 +118,7 @@ def test_zeroed_buffer_leaves_ignored_rows_unwritten():
     logits, labels, weights = make_rows(4, 300, seed=5)
     grad = torch.full_like(logits, float("nan"))
     config = tuning.KernelConfig(block_v=64, num_warps=4, programs_per_sm=1)
-    triton_backend.rows_forward(logits, labels, weights, torch.tensor(1.0), grad, 0.1, -1.0, -100,
+    smoothed_ga_triton.rows_forward(logits, labels, weights, torch.tensor(1.0), grad, 0.1, -1.0, -100,
                                 grad_buffer_zeroed=True, config=config)
     assert torch.isnan(grad[2]).all()  # not written: the caller promised zeros there
     assert torch.isfinite(grad[[0, 1, 3]]).all()
@@ -128,7 +129,7 @@ def test_zeroed_buffer_leaves_ignored_rows_unwritten():
 def test_bad_transform_is_refused(softcap, logit_scale, error):
     logits, labels, weights = make_rows(3, 10, seed=6)
     with pytest.raises(ValueError, match=error):
-        triton_backend.rows_forward(logits, labels, weights, torch.tensor(1.0), None, 0.0, 1.0, -100,
+        smoothed_ga_triton.rows_forward(logits, labels, weights, torch.tensor(1.0), None, 0.0, 1.0, -100,
                                     softcap=softcap, logit_scale=logit_scale)
 
 
@@ -136,7 +137,7 @@ def test_single_block_config_must_hold_the_row():
     logits, labels, weights = make_rows(3, 300, seed=7)
     config = tuning.KernelConfig(block_v=256, num_warps=4, single_block=True)
     with pytest.raises(ValueError, match="single-block"):
-        triton_backend.rows_forward(logits, labels, weights, torch.tensor(1.0), None, 0.0, 1.0, -100, config=config)
+        smoothed_ga_triton.rows_forward(logits, labels, weights, torch.tensor(1.0), None, 0.0, 1.0, -100, config=config)
 
 
 def test_tuning_table_lookup(monkeypatch):

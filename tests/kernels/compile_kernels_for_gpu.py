@@ -5,7 +5,7 @@ pipelining of sweep 1) by lowering kernel variants all the way to a cubin: every
 default config for sm_80 and sm_90, and every variant that bench/gpu_sweep.py times for sm_90. Prints one
 "ok <name>" line per kernel and, with --report, the registers and spills of each sm_90 variant.
 
-    python tests/compile_kernels_for_gpu.py [--quick] [--report]
+    python tests/kernels/compile_kernels_for_gpu.py [--quick] [--report]
 """
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ from pathlib import Path
 
 import triton
 import triton.language as tl
-from sga.kernels import triton_backend, tuning
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+
+from sga.kernels import smoothed_ga_triton, triton_launch, tuning
 
 POINTER_TYPES = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32", "float64": "*fp64"}
 ELEMENT_SIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
@@ -39,7 +40,7 @@ def rows_signature(dtype: str) -> dict:
         "weights_ptr": "*fp64" if dtype == "float64" else "*fp32", "grad_norm_ptr": "*fp32",
         "grad_ptr": POINTER_TYPES[dtype], "grad_row_stride": "i64", "row_loss_ptr": "*fp32",
         "num_rows": "i32", "vocab_size": "i32", "smoothing": "fp32", "sign": "fp32", "ignore_index": "i32",
-        "softcap": "fp32", "logit_scale": "fp32", "grad_multiplier": "fp32",
+        "softcap": "fp32", "logit_scale": "fp32",
     }  # fmt: skip
 
 
@@ -63,7 +64,7 @@ def flag_variants():
         for values in ((True,) * 5, (False,) * 5, (True, True, False, True, False), (False, True, True, False, True)):
             name = f"rows {dtype} {config.name()} " + " ".join(f"{f}={v}" for f, v in zip(flags, values))
             constexprs = rows_constexprs(dtype, config, **dict(zip(flags, values)))
-            yield name, (SM90, SM80), triton_backend._smoothed_ga_rows_kernel, rows_signature(dtype), constexprs, config.num_warps
+            yield name, (SM90, SM80), smoothed_ga_triton.smoothed_ga_rows_kernel, rows_signature(dtype), constexprs, config.num_warps
 
 
 def sweep_variants():
@@ -76,7 +77,7 @@ def sweep_variants():
             for softcap in (False, True) if config in with_softcap else (False,):
                 constexprs = rows_constexprs(dtype, config, HAS_SOFTCAP=softcap)
                 name = f"sweep {dtype} V={vocab_size} {config.name()} softcap={softcap}"
-                yield name, (SM90,), triton_backend._smoothed_ga_rows_kernel, rows_signature(dtype), constexprs, config.num_warps
+                yield name, (SM90,), smoothed_ga_triton.smoothed_ga_rows_kernel, rows_signature(dtype), constexprs, config.num_warps
 
 
 def scale_kernel_variants():
@@ -85,7 +86,7 @@ def scale_kernel_variants():
                      "vocab_size": "i32"}
         constexprs = {"PER_ROW": per_row, "ACC_DTYPE": tl.float64 if dtype == "float64" else tl.float32,
                       "BLOCK_V": 4096, "EXPLICIT_BF16_RTNE": False}
-        yield f"scale {dtype} per_row={per_row}", (SM90, SM80), triton_backend._scale_rows_kernel, signature, constexprs, 8
+        yield f"scale {dtype} per_row={per_row}", (SM90, SM80), triton_launch.scale_rows_kernel, signature, constexprs, 8
 
 
 def resource_usage(cubin: bytes) -> str:

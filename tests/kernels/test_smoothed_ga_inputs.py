@@ -3,6 +3,7 @@ from unittest import mock
 
 import pytest
 import torch
+
 from sga.kernels import SmoothedGALoss, ops, smoothed_ga_loss
 
 
@@ -62,9 +63,9 @@ def test_validate_false_skips_the_label_check():
 
 def test_triton_backend_without_cuda_or_interpreter_is_refused(monkeypatch):
     """The interpreter is Triton's own setting when sga.kernels was imported (not the environment later on)."""
-    from sga.kernels import triton_backend
+    from sga.kernels import triton_launch
 
-    monkeypatch.setattr(triton_backend, "_INTERPRETED", False)
+    monkeypatch.setattr(triton_launch, "_INTERPRETED", False)
     logits, labels = good_inputs()
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
         smoothed_ga_loss(logits, labels, backend="triton")

@@ -6,13 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from sga.kernels import (
-    TOKEN_RULES,
-    linear_token_loss,
-    token_loss,
-    token_loss_reference,
-    token_loss_triton,
-)
+
+from sga.kernels import TOKEN_RULES, linear_token_loss, token_loss, token_loss_reference, token_loss_triton
 from sga.kernels.tuning import KernelConfig
 
 BACKENDS = ("torch", "triton")
@@ -324,14 +319,14 @@ def test_linear_token_loss_bfloat16(backend):
     hidden, weight, bias, labels, weights = _linear_case(torch.bfloat16, seed=14)
     for rule in TOKEN_RULES:
         loss, grads = _linear_grads(
-            lambda h, w, b: linear_token_loss(h, w, labels, rule, bias=b, token_weights=weights, backend=backend, chunk_size=4),
+            lambda h, w, b: linear_token_loss(h, w, labels, rule, bias=b, token_weights=weights, backend=backend, chunk_size=4),  # noqa: B023
             hidden, weight, bias, "mean",
         )
         logits = torch.addmm(bias, hidden.reshape(-1, 8), weight.T).reshape(2, 5, 21)  # the bf16 GEMM of the chunks
         torch.testing.assert_close(loss.double(), token_loss_reference(logits, labels, rule, token_weights=weights),
                                    rtol=1e-5, atol=1e-5)
         _, ref_grads = _linear_grads(
-            lambda h, w, b: token_loss_reference(h @ w.T + b, labels, rule, token_weights=weights),
+            lambda h, w, b: token_loss_reference(h @ w.T + b, labels, rule, token_weights=weights),  # noqa: B023
             hidden.double(), weight.double(), bias.double(), "mean",
         )
         for grad, ref in zip(grads, ref_grads):

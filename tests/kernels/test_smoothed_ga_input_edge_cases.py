@@ -1,7 +1,9 @@
-"""Kernel API edge cases that used to crash or return a wrong number (issue 15): ignore_index outside the
-labels' dtype, in-place backward over overlapping logits, a normalizer tensor that requires grad."""
+"""Edge cases of the smoothed-GA losses' inputs that must give the right number or a clear error, never a crash:
+ignore_index outside the labels' dtype, in-place backward over overlapping logits, a normalizer tensor that
+requires grad."""
 import pytest
 import torch
+
 from sga.kernels import linear_smoothed_ga_loss, smoothed_ga_loss
 
 BACKENDS = ["torch", "triton"]
@@ -17,7 +19,8 @@ def _inputs(n=6, v=11, seed=0):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_int32_labels_with_an_ignore_index_outside_int32_ignore_nothing(backend):
-    """2**32 wraps to 0 in int32: label 0 was taken as ignored and the mean divided by the wrong count."""
+    """2**32 wraps to 0 in int32: an int32 comparison would take label 0 as ignored and divide the mean by the
+    wrong count."""
     logits, labels = _inputs()
     expected = smoothed_ga_loss(logits, labels, backend=backend)  # int64, nothing ignored
     ours = smoothed_ga_loss(logits, labels.int(), ignore_index=2**32, backend=backend)
@@ -38,8 +41,8 @@ def test_linear_loss_int32_labels_with_an_ignore_index_outside_int32(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_an_int32_label_equal_to_a_wrapped_ignore_index_is_out_of_range_not_a_crash(backend):
-    """ignore_index = 2**32 - 2**30 wraps to -2**30 in int32: the label -2**30 passed the range check as
-    'ignored' and the Triton kernel then read far outside the row (a segfault)."""
+    """ignore_index = 2**32 - 2**30 wraps to -2**30 in int32: compared in int32, the label -2**30 would pass the
+    range check as 'ignored' and the Triton kernel would read far outside the row."""
     logits, labels = _inputs()
     labels = labels.int()
     labels[3] = -(2**30)
@@ -61,7 +64,8 @@ def test_an_ignore_index_outside_int64_is_a_clear_error(ignore_index):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("make", ["expand", "as_strided"])
 def test_inplace_backward_refuses_overlapping_logits(backend, make):
-    """The Triton backend returned a wrong loss and gradient; the torch backend raised torch's internal error."""
+    """In-place writes over rows that share memory would give the Triton backend a wrong loss and gradient and the
+    torch backend torch's internal error: both refuse such logits up front."""
     if make == "expand":
         base = torch.randn(11, requires_grad=True)
         logits = base.unsqueeze(0).expand(6, 11)  # rows share memory (stride 0)
@@ -80,7 +84,7 @@ def test_inplace_backward_refuses_overlapping_logits(backend, make):
 def test_a_normalizer_that_requires_grad_is_a_constant(backend):
     logits, labels = _inputs()
     normalizer = torch.tensor(4.0, requires_grad=True)
-    # logits without grad: backward used to crash ('NoneType' has no attribute 'mul_')
+    # logits without grad: no gradient buffer exists, and none is scaled
     loss = smoothed_ga_loss(logits, labels, normalizer=normalizer, backend=backend)
     assert not loss.requires_grad
     torch.testing.assert_close(loss, smoothed_ga_loss(logits, labels, normalizer=4.0, backend=backend))

@@ -1,9 +1,10 @@
-"""The smoothed-GA row computation in plain PyTorch, chunked over tokens.
+"""The smoothed-GA row computation in plain PyTorch, chunked over tokens: the fallback of the Triton kernel and
+the CPU path.
 
-Same contract as the Triton kernel (see ``triton_backend``): per-token signed losses out, the gradient
+Same contract as the Triton kernel (see ``smoothed_ga_triton``): per-token signed losses out, the gradient
 written into a caller-given buffer. Only a chunk of rows is upcast at a time, so the float32 temporaries stay
 bounded (about ``CHUNK_ELEMENTS`` elements, twice that with a softcap) whatever N is. Large CPU inputs run the
-chunk math compiled (``_compiled_rows``); everything else, and every input where compilation is unavailable,
+chunk math compiled (``compiled_rows``); everything else, and every input where compilation is unavailable,
 runs the eager chunk loop below.
 """
 from __future__ import annotations
@@ -13,16 +14,13 @@ from typing import Optional
 
 import torch
 
-from . import _compiled_rows
+from . import compiled_rows
+from .checks import accumulation_dtype
 
-# 512K elements: 2 MB of float32 temporaries per chunk. Measured on a 2-core Xeon (N = 2048, V = 32000 and
-# N = 1024, V = 128256): chunks of 256K to 4M elements all run within 10% of each other, 64K ones 20% slower.
+# 512K elements: 2 MB of float32 temporaries per chunk. Measured on the CPU (N = 2048, V = 32000 and N = 1024,
+# V = 128256; bench/NOTES.md, "CPU v2"): chunks of 256K to 4M elements all run within 10% of each other, 64K ones
+# 20% slower.
 CHUNK_ELEMENTS = 1 << 19
-
-
-def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
-    """Arithmetic runs in float32, or float64 for float64 input (gradcheck)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass(frozen=True)
@@ -68,13 +66,13 @@ def rows_forward(
     CHUNK_ELEMENTS // V.
     """
     num_rows, vocab_size = logits.shape
-    acc_dtype = compute_dtype_for(logits.dtype)
+    acc_dtype = accumulation_dtype(logits.dtype)
     row_loss = torch.empty(num_rows, dtype=acc_dtype, device=logits.device)
     if num_rows == 0:
         return row_loss
     terms = _row_terms(labels, weights, grad_norm, sign, ignore_index, logit_scale, acc_dtype)
     start = 0
-    if _compiled_rows.use_compiled(logits, grad_buffer):
+    if compiled_rows.use_compiled(logits, grad_buffer):
         start = _compiled_forward(logits, terms, grad_buffer, row_loss, smoothing, softcap, logit_scale)
     if start < num_rows:
         _eager_forward(logits, terms, grad_buffer, row_loss, smoothing, softcap, logit_scale, start, chunk_rows)
@@ -85,11 +83,11 @@ def _compiled_forward(logits, terms, grad_buffer, row_loss, smoothing, softcap, 
     """The compiled chunk function over near-equal row chunks; returns the first row not done (N when all are),
     which is where the eager loop takes over if compilation fails."""
     in_place = grad_buffer.data_ptr() == logits.data_ptr()
-    function = _compiled_rows.compiled_chunk_function(softcap is not None)
+    function = compiled_rows.compiled_chunk_function(softcap is not None)
     # 0-dim tensors, not Python floats: no recompile per value
     values = (smoothing, logit_scale) if softcap is None else (smoothing, logit_scale, softcap)
     scalars = [torch.tensor(value, dtype=torch.float32) for value in values]
-    for start, stop in _compiled_rows.chunk_bounds(*logits.shape):
+    for start, stop in compiled_rows.chunk_bounds(*logits.shape):
         rows = logits[start:stop]
         chunk = [t[start:stop] for t in (terms.safe_labels, terms.valid, terms.coef, terms.grad_coef)]
         try:
@@ -98,7 +96,7 @@ def _compiled_forward(logits, terms, grad_buffer, row_loss, smoothing, softcap, 
             with torch.no_grad():
                 row_loss[start:stop] = function(rows, *chunk, *scalars, rows if in_place else grad_buffer[start:stop])
         except Exception as error:  # no C++ compiler, dynamo unsupported here, ...: eager from this chunk on
-            _compiled_rows.disable(f"{type(error).__name__}: {error}".splitlines()[0])
+            compiled_rows.disable(f"{type(error).__name__}: {error}".splitlines()[0])
             return start
     return logits.shape[0]
 

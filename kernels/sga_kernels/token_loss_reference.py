@@ -15,7 +15,8 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from .reference import reduce_token_losses
+from .checks import IGNORE_INDEX
+from .smoothed_ga_reference import reduce_token_losses
 from .token_rules import get_rule
 
 
@@ -45,7 +46,7 @@ def token_loss_reference(
     rule: str = "wga",
     *,
     token_weights: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     normalizer: Union[None, float, torch.Tensor] = None,
     **rule_params: float,

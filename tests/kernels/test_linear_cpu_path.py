@@ -1,4 +1,4 @@
-"""The CPU path of the fused linear loss: its chunk GEMMs (kernels/sga_kernels/_linear_gemms.py: the oneDNN float32 path in
+"""The CPU path of the fused linear loss: its chunk GEMMs (kernels/sga_kernels/linear_gemms.py: the oneDNN float32 path in
 vocabulary blocks and its fallback), the reused chunk workspace and the 16-bit chunk-row floor.
 
 The oneDNN path runs only for GEMMs of at least ONEDNN_MIN_FLOPS; the tests lower that threshold and the block
@@ -6,35 +6,29 @@ size so that small cases take it with several blocks, a partial last one include
 """
 import pytest
 import torch
-from sga.kernels import _linear_gemms, linear_smoothed_ga_loss
-from sga.kernels._bounds import near_equal_bounds
-from sga.kernels.linear import MIN_CHUNK_ROWS, MIN_CHUNK_ROWS_CPU_16BIT, min_chunk_rows
-from test_linear import (
-    FP32_TOL,
-    RecordOps,
-    assert_matches_truth,
-    make_case,
-    ours,
-    truth,
-)
 
-needs_onednn = pytest.mark.skipif(not _linear_gemms._onednn_works(), reason="oneDNN float32 linear unavailable")
+from sga.kernels import linear_gemms, linear_smoothed_ga_loss
+from sga.kernels.bounds import near_equal_bounds
+from sga.kernels.linear import MIN_CHUNK_ROWS, MIN_CHUNK_ROWS_CPU_16BIT, min_chunk_rows
+from test_linear_smoothed_ga import FP32_TOL, RecordOps, assert_matches_truth, make_case, ours, truth
+
+needs_onednn = pytest.mark.skipif(not linear_gemms.onednn_works(), reason="oneDNN float32 linear unavailable")
 
 
 @pytest.fixture
 def onednn_calls(monkeypatch):
     """Every GEMM on oneDNN, in blocks of 40 float32 elements; returns the list of oneDNN product shapes."""
-    monkeypatch.setattr(_linear_gemms, "ONEDNN_MIN_FLOPS", 0)
-    monkeypatch.setattr(_linear_gemms, "ONEDNN_BLOCK_BYTES", 160)
+    monkeypatch.setattr(linear_gemms, "ONEDNN_MIN_FLOPS", 0)
+    monkeypatch.setattr(linear_gemms, "ONEDNN_BLOCK_BYTES", 160)
     calls = []
-    original = _linear_gemms._linear
+    original = linear_gemms.onednn_linear
 
     def recorded(x, weight, bias=None):
         out = original(x, weight, bias)
         calls.append(tuple(out.shape))
         return out
 
-    monkeypatch.setattr(_linear_gemms, "_linear", recorded)
+    monkeypatch.setattr(linear_gemms, "onednn_linear", recorded)
     return calls
 
 
@@ -56,7 +50,7 @@ def test_onednn_blocks_match_float64_oracle(onednn_calls, has_bias, softcap, log
 
 @pytest.mark.parametrize("total, most", [(97, 10), (97, 97), (97, 200), (1, 1), (128256, 8192), (10, 3)])
 def test_even_blocks_cover_the_range_in_near_equal_sizes(total, most):
-    blocks = _linear_gemms._even_blocks(total, most)
+    blocks = linear_gemms.even_blocks(total, most)
     assert blocks[0][0] == 0 and blocks[-1][1] == total
     assert all(stop == next_start for (_, stop), (next_start, _) in zip(blocks, blocks[1:]))
     sizes = [stop - start for start, stop in blocks]
@@ -80,12 +74,12 @@ def test_onednn_gemms_equal_torch_mm(onednn_calls):
     hidden, weight = torch.randn(6, 7, generator=generator), torch.randn(53, 7, generator=generator)
     bias, grad = torch.randn(53, generator=generator), torch.randn(6, 53, generator=generator)
     logits = torch.empty(6, 53)
-    _linear_gemms.logits_into(logits, hidden, weight, bias, 0.3)
+    linear_gemms.logits_into(logits, hidden, weight, bias, 0.3)
     torch.testing.assert_close(logits, 0.3 * (hidden @ weight.t() + bias), **FP32_TOL)
-    torch.testing.assert_close(_linear_gemms.hidden_grad(grad, weight), grad @ weight, **FP32_TOL)
+    torch.testing.assert_close(linear_gemms.hidden_grad(grad, weight), grad @ weight, **FP32_TOL)
     accumulator = torch.randn(53, 7, generator=generator)
     expected = accumulator + grad.t() @ hidden
-    _linear_gemms.accumulate_weight_grad(accumulator, grad, hidden)
+    linear_gemms.accumulate_weight_grad(accumulator, grad, hidden)
     torch.testing.assert_close(accumulator, expected, **FP32_TOL)
     assert onednn_calls
 
@@ -95,10 +89,10 @@ def test_a_failing_probe_falls_back_to_torch_mm(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no oneDNN here")
 
-    monkeypatch.setattr(_linear_gemms, "_linear", broken)
-    monkeypatch.setattr(_linear_gemms, "_ONEDNN_WORKS", None)
-    monkeypatch.setattr(_linear_gemms, "ONEDNN_MIN_FLOPS", 0)
-    assert not _linear_gemms._onednn_works()
+    monkeypatch.setattr(linear_gemms, "onednn_linear", broken)
+    monkeypatch.setattr(linear_gemms, "_ONEDNN_WORKS", None)
+    monkeypatch.setattr(linear_gemms, "ONEDNN_MIN_FLOPS", 0)
+    assert not linear_gemms.onednn_works()
     hidden, weight, bias, labels = make_case(21, 6, 40, seed=53)
     assert_matches_truth(ours(hidden, weight, bias, labels, chunk_size=8, backend="torch", smoothing=0.1),
                          truth(hidden, weight, bias, labels, smoothing=0.1))
@@ -109,13 +103,14 @@ def test_every_chunk_reuses_one_workspace(softcap):
     """The [R, V] products of all chunks are written into the same buffer (allocated once per call): a fresh
     buffer per chunk would pay its page faults every chunk on the CPU. The generic row kernel path (a row
     kernel without with_softcap) has a second, capped buffer, also reused."""
-    from sga.kernels.linear import SmoothedGARowKernel, fused_linear_rows
+    from sga.kernels.linear import fused_linear_rows
+    from sga.kernels.smoothed_ga import SmoothedGARowKernel
 
     hidden, weight, _, labels = make_case(40, 6, 33, bias=False, seed=54)
     weight.requires_grad_(True)
     kept = int((labels != -100).sum())
     storages = []
-    original = _linear_gemms.logits_into
+    original = linear_gemms.logits_into
 
     def recorded(out, *args):
         storages.append(out.untyped_storage().data_ptr())
@@ -124,7 +119,7 @@ def test_every_chunk_reuses_one_workspace(softcap):
     row_kernel = SmoothedGARowKernel(0.1, -1.0, -100, "torch")
     plain_kernel = lambda *args: row_kernel(*args)  # noqa: E731  no with_softcap: the loop caps the logits
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_linear_gemms, "logits_into", recorded)
+        patch.setattr(linear_gemms, "logits_into", recorded)
         loss = fused_linear_rows(hidden, weight, labels, row_kernel=plain_kernel, softcap=softcap, chunk_size=8)
         loss.backward()
     assert len(storages) == -(-kept // 8) > 1 and len(set(storages)) == 1

@@ -2,6 +2,7 @@
 N * V > 2**31 elements, where 32-bit row offsets would overflow."""
 import pytest
 import torch
+
 from sga.kernels import smoothed_ga_loss, smoothed_ga_loss_reference
 
 pytestmark = pytest.mark.cuda

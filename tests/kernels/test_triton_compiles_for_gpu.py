@@ -1,4 +1,4 @@
-"""The Triton kernels lower to cubins for sm_80 and sm_90 on this machine (no GPU needed), which the CPU
+"""The Triton kernels lower to cubins for sm_80 and sm_90 without a GPU, which the CPU
 interpreter alone would not prove: every dtype and option flag, and every variant bench/gpu_sweep.py times."""
 import os
 import subprocess

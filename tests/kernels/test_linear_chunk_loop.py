@@ -7,27 +7,16 @@ import math
 
 import pytest
 import torch
-from engine_helpers import make_config, memorized_model, tokenizer, unlearning_data
-from sga.kernels import linear_smoothed_ga_loss
-from sga.kernels.linear import (
-    MAX_CHUNK_ROWS,
-    SmoothedGARowKernel,
-    default_chunk_rows,
-    fused_linear_rows,
-)
-from test_linear import (
-    FP32_TOL,
-    RecordOps,
-    assert_matches_truth,
-    make_case,
-    ours,
-    truth,
-)
 
+from engine_helpers import make_config, memorized_model, tokenizer, unlearning_data
 from sga.config import MethodConfig
 from sga.data.unlearning import UnlearningData
 from sga.engine.trainer import UnlearningTrainer
-from sga.methods import build_objective
+from sga.kernels import linear_smoothed_ga_loss
+from sga.kernels.linear import MAX_CHUNK_ROWS, default_chunk_rows, fused_linear_rows
+from sga.kernels.smoothed_ga import SmoothedGARowKernel
+from sga.methods.base import build_objective
+from test_linear_smoothed_ga import FP32_TOL, RecordOps, assert_matches_truth, make_case, ours, truth
 
 
 def _kept(labels, ignore_index=-100):
@@ -279,7 +268,7 @@ def test_nonlinear_objectives_recompute_in_backward(engine, monkeypatch, name, p
 def test_logged_nll_from_the_fused_call_equals_a_separate_evaluation(engine):
     """The per-sequence NLLs read back from the weighted call's token losses (sum_t (c / n) l_t / c) equal
     l(x) computed on their own, for negative, positive and tiny coefficients."""
-    from sga.methods.sequence_nll import joint_sequence_nll, weighted_sequence_loss
+    from sga.methods.base import joint_sequence_nll, weighted_sequence_loss
 
     _, model, _, batch = engine
     with torch.no_grad():
@@ -359,8 +348,9 @@ def test_training_step_reads_nothing_from_the_device(tmp_path, monkeypatch, meth
     even on CUDA), transformers' own causal-mask construction (it inspects the padding mask: the model's
     code, not the loss's) and the fused loss's check of a CPU grad_output for 1 (``is_cpu_unit``: on CUDA it
     reads nothing)."""
-    import sga.kernels.linear as linear
     import transformers.models.llama.modeling_llama as llama
+
+    import sga.kernels.linear as linear
 
     reads = HostReads(monkeypatch)
     for owner, name in ((UnlearningTrainer, "_window"), (UnlearningTrainer, "_step_record"),
@@ -475,7 +465,7 @@ def test_accelerate_backward_path_gives_the_same_gradient(tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_softcap_is_fused_into_the_smoothed_ga_row_kernel(monkeypatch, backend):
-    """issue 10 item 5: with softcap the chunk loop hands the cap to the row kernel (one [R, V] buffer, no tanh
+    """With softcap the chunk loop hands the cap to the row kernel (one [R, V] buffer, no tanh
     passes of its own): every launch gets the softcap, and the result matches the float64 truth on both backends
     (a cap applied twice, or not at all, would not)."""
     from sga.kernels import ops

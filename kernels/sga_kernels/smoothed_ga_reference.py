@@ -1,4 +1,5 @@
-"""A float64 reference of the smoothed-GA loss, written straight from the formula (DESIGN.md 2.1).
+"""A float64 reference of the smoothed-GA loss, written straight from the formula
+(docs/design.md, section 2.1).
 
 It materializes everything in float64 and is differentiable by autograd, so it serves as the oracle in
 tests: never use it for training.
@@ -9,6 +10,8 @@ from typing import Optional, Union
 
 import torch
 
+from .checks import IGNORE_INDEX
+
 
 def smoothed_ga_loss_reference(
     logits: torch.Tensor,
@@ -17,7 +20,7 @@ def smoothed_ga_loss_reference(
     smoothing: float = 0.0,
     ascent: bool = True,
     token_weights: Optional[torch.Tensor] = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     normalizer: Union[None, float, torch.Tensor] = None,
     softcap: Optional[float] = None,

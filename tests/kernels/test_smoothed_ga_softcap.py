@@ -1,21 +1,16 @@
 """The logit softcap and scale fused into the row kernel: z = softcap(a * x), softcap(u) = c * tanh(u / c).
 
-Both backends against the float64 oracle. The Triton cases need the Triton kernel's softcap / logit_scale
-(kernels/sga_kernels/triton_backend.py); without it they fail (TypeError), they are never skipped.
+Both backends against the float64 oracle. The Triton cases run the softcap and scale of the Triton kernel itself
+(kernels/sga_kernels/smoothed_ga_triton.py), under the interpreter without a GPU; they are never skipped.
 """
 from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_oracle import (
-    BACKENDS,
-    assert_low_precision_rule,
-    loss_and_grad,
-    make_inputs,
-    truth,
-)
-from sga.kernels import SmoothedGALoss, ops, smoothed_ga_loss, torch_backend
+
+from kernel_oracle import BACKENDS, assert_low_precision_rule, loss_and_grad, make_inputs, truth
+from sga.kernels import SmoothedGALoss, ops, smoothed_ga_loss, smoothed_ga_torch
 
 FP32_TOL = dict(atol=2e-5, rtol=2e-5)
 # (softcap c, logit_scale a): Gemma 2's cap (little saturation at logits of scale 3), a tight cap (most
@@ -138,7 +133,7 @@ def test_descent_drop_in_for_capped_cross_entropy():
 
         def capped_cross_entropy(x, y):
             capped = 30.0 * torch.tanh(2.0 * x / 30.0)
-            return F.cross_entropy(capped.flatten(0, -2), y.flatten(), label_smoothing=eps)
+            return F.cross_entropy(capped.flatten(0, -2), y.flatten(), label_smoothing=eps)  # noqa: B023  called at once
 
         expected, expected_grad = loss_and_grad(capped_cross_entropy, logits, labels)
         torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
@@ -152,7 +147,7 @@ def test_torch_backend_chunks_change_nothing(softcap, logit_scale):
     weights = torch.randn(11)
     buffers = [torch.empty_like(logits) for _ in range(2)]
     losses = [
-        torch_backend.rows_forward(
+        smoothed_ga_torch.rows_forward(
             logits, labels, weights, grad_norm, buffer, 0.1, -1.0, -100, softcap, logit_scale, chunk_rows=rows
         )
         for buffer, rows in zip(buffers, (11, 4))

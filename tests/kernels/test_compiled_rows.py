@@ -1,4 +1,4 @@
-"""The torch backend's compiled chunk path (kernels/sga_kernels/_compiled_rows.py) and its eager fallback.
+"""The torch backend's compiled chunk path (kernels/sga_kernels/compiled_rows.py) and its eager fallback.
 
 Large CPU inputs take the compiled path; here the size threshold is lowered so that small inputs take it too.
 Each (dtype, softcap, in-place) variant compiles once per process (a few seconds), so the shapes stay few.
@@ -7,8 +7,9 @@ import warnings
 
 import pytest
 import torch
+
 from kernel_oracle import assert_low_precision_rule, loss_and_grad, make_inputs, truth
-from sga.kernels import _compiled_rows, smoothed_ga_loss, torch_backend
+from sga.kernels import compiled_rows, smoothed_ga_loss, smoothed_ga_torch
 
 FP32_TOL = dict(atol=2e-5, rtol=2e-5)
 
@@ -16,17 +17,17 @@ FP32_TOL = dict(atol=2e-5, rtol=2e-5)
 @pytest.fixture
 def compiled_only(monkeypatch):
     """Every input with >= 2 rows and > 4096 classes takes the compiled path, and the eager loop may not run."""
-    monkeypatch.setattr(_compiled_rows, "COMPILE_MIN_ELEMENTS", 0)
-    monkeypatch.setattr(_compiled_rows, "_failure", None)
+    monkeypatch.setattr(compiled_rows, "COMPILE_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(compiled_rows, "_failure", None)
 
     def eager_must_not_run(*args, **kwargs):
         raise AssertionError("the eager loop ran")
 
-    monkeypatch.setattr(torch_backend, "_eager_forward", eager_must_not_run)
+    monkeypatch.setattr(smoothed_ga_torch, "_eager_forward", eager_must_not_run)
 
 
 def rows_forward(logits, labels, weights, grad_buffer, softcap=None, logit_scale=1.0, grad_norm=0.25):
-    return torch_backend.rows_forward(
+    return smoothed_ga_torch.rows_forward(
         logits, labels, weights, torch.tensor(grad_norm), grad_buffer, 0.1, -1.0, -100, softcap, logit_scale
     )
 
@@ -74,11 +75,11 @@ def test_compiles_once_per_variant_across_shapes(compiled_only):
 
 def test_chunks_are_near_equal_and_never_one_row():
     for num_rows, vocab_size in [(2, 10), (3, 1 << 20), (17, 1 << 19), (1000, 32000), (1025, 128256)]:
-        bounds = _compiled_rows.chunk_bounds(num_rows, vocab_size)
+        bounds = compiled_rows.chunk_bounds(num_rows, vocab_size)
         sizes = [stop - start for start, stop in bounds]
         assert bounds[0][0] == 0 and bounds[-1][1] == num_rows
         assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
-        assert min(sizes) >= 2 and max(sizes) - min(sizes) <= max(2, _compiled_rows.CHUNK_ELEMENTS // vocab_size)
+        assert min(sizes) >= 2 and max(sizes) - min(sizes) <= max(2, compiled_rows.CHUNK_ELEMENTS // vocab_size)
 
 
 @pytest.mark.parametrize("in_place", [False, True])
@@ -86,18 +87,18 @@ def test_chunks_are_near_equal_and_never_one_row():
 def test_compile_failure_falls_back_to_eager_once(monkeypatch, in_place, fail_at_call):
     """A compile error (say, no C++ compiler) warns once and the eager loop finishes the rows from the failed
     chunk on, with the same result (in place too: the failed chunk was not written)."""
-    monkeypatch.setattr(_compiled_rows, "COMPILE_MIN_ELEMENTS", 0)
-    monkeypatch.setattr(_compiled_rows, "CHUNK_ELEMENTS", 4 * 4500)  # 4-row chunks
-    monkeypatch.setattr(_compiled_rows, "_failure", None)
+    monkeypatch.setattr(compiled_rows, "COMPILE_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(compiled_rows, "CHUNK_ELEMENTS", 4 * 4500)  # 4-row chunks
+    monkeypatch.setattr(compiled_rows, "_failure", None)
     logits, labels = make_inputs((23,), 4500, seed=33)
     expected_grad = torch.empty_like(logits)
-    monkeypatch.setattr(_compiled_rows, "ENABLED_BY_ENVIRONMENT", False)
+    monkeypatch.setattr(compiled_rows, "ENABLED_BY_ENVIRONMENT", False)
     expected_loss = rows_forward(logits, labels, None, expected_grad, softcap=4.0)
-    monkeypatch.setattr(_compiled_rows, "ENABLED_BY_ENVIRONMENT", True)
+    monkeypatch.setattr(compiled_rows, "ENABLED_BY_ENVIRONMENT", True)
     calls = []
 
     def flaky(capped):
-        real = _compiled_rows._COMPILED.get(capped) or torch.compile(_compiled_rows._capped, dynamic=True)
+        real = compiled_rows._COMPILED.get(capped) or torch.compile(compiled_rows._capped, dynamic=True)
 
         def run(*args):
             calls.append(1)
@@ -107,7 +108,7 @@ def test_compile_failure_falls_back_to_eager_once(monkeypatch, in_place, fail_at
 
         return run
 
-    monkeypatch.setattr(_compiled_rows, "compiled_chunk_function", flaky)
+    monkeypatch.setattr(compiled_rows, "compiled_chunk_function", flaky)
     working = logits.clone()
     grad = working if in_place else torch.empty_like(logits)
     with pytest.warns(RuntimeWarning, match=r"no working C\+\+ compiler found\); the torch backend runs eager"):
@@ -125,11 +126,11 @@ def test_small_inputs_float64_and_small_vocabularies_stay_eager(monkeypatch):
     def compile_must_not_run(capped):
         raise AssertionError("compiled")
 
-    monkeypatch.setattr(_compiled_rows, "compiled_chunk_function", compile_must_not_run)
+    monkeypatch.setattr(compiled_rows, "compiled_chunk_function", compile_must_not_run)
     logits, labels = make_inputs((40,), 5000, seed=34)
-    assert logits.numel() < _compiled_rows.COMPILE_MIN_ELEMENTS
+    assert logits.numel() < compiled_rows.COMPILE_MIN_ELEMENTS
     rows_forward(logits, labels, None, torch.empty_like(logits))
-    monkeypatch.setattr(_compiled_rows, "COMPILE_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(compiled_rows, "COMPILE_MIN_ELEMENTS", 0)
     rows_forward(logits.double(), labels, None, torch.empty_like(logits.double()))  # gradcheck dtype
     rows_forward(logits[:, :4096], labels.clamp_max(4095), None, torch.empty(40, 4096))  # small vocabulary
     rows_forward(logits[:1], labels[:1], None, torch.empty_like(logits[:1]))  # one row

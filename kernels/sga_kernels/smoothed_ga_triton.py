@@ -1,7 +1,7 @@
-"""The Triton kernels of the smoothed-GA loss over logits, and their launchers.
+"""The Triton kernel of the smoothed-GA loss over logits (``docs/design.md``, section 2.1), and its launcher.
 
-A persistent grid of programs, each taking rows p, p + P, p + 2P, ... (P = programs_per_sm x SMs, so only P rows
-are in flight and sweep 2 of a row finds it in L2). Per row:
+It runs on the persistent grid of ``triton_launch`` (only a few rows in flight, so that sweep 2 of a row finds it
+in L2). Per row:
 
 - ignored rows (label == ignore_index) read no logits; their gradient row is written as zeros (or not at all
   when the caller's buffer is already zero);
@@ -14,41 +14,20 @@ are in flight and sweep 2 of a row finds it in L2). Per row:
 - a single-block variant keeps the whole row in registers (V <= 2**15), so each logit is read from HBM once.
 
 Raw logits x become z = softcap(logit_scale * x), softcap(u) = c tanh(u / c), inside the kernel; the gradient
-written is dL/dx = logit_scale * dL/dz * (1 - tanh^2). Backward is only a scale by grad_output, skipped on the
-device when grad_output == 1 (no host sync). The launch configurations live in ``tuning``.
+written is dL/dx = logit_scale * dL/dz * (1 - tanh^2). Backward is only a scale by grad_output
+(``triton_launch.scale_rows_``). The launch configurations live in ``tuning``.
 """
 from __future__ import annotations
 
-import contextlib
-import math
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
-from ._linear_validation import check_softcap
-from ._validation import check_logit_scale
-from .tuning import KernelConfig, config_for, interpreter_config
-
-LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
-# bench/gpu_check.sh runs the CUDA tests once with this set, to show that they fail on a wrong gradient
-PLANTED_DEFECT_ENV = "SGA_PLANTED_DEFECT"
-
-
-@triton.jit
-def _round_for_store(x, out_dtype: tl.constexpr, EXPLICIT_BF16_RTNE: tl.constexpr):
-    """Round x to out_dtype to nearest-even. The GPU's conversion does that natively; Triton's CPU interpreter
-    truncates float32 -> bfloat16, so there the rounding is done on the bits: add 0x7FFF plus the lowest kept
-    bit, then keep the high 16 bits."""
-    if EXPLICIT_BF16_RTNE and out_dtype == tl.bfloat16:
-        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits += 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return x.to(out_dtype)
+from .checks import check_logit_scale, check_softcap
+from .triton_launch import interpreter_enabled, launch_config, launch_rows, round_for_store
+from .tuning import KernelConfig
 
 
 @triton.jit
@@ -116,7 +95,7 @@ def _sweep2_block(logits_row, grad_row, offsets, in_vocab, lse2, exp2_factor, gr
     grad = _exp2(w * exp2_factor - lse2, FTZ) * grad_coef - grad_shift
     if HAS_SOFTCAP:
         grad = grad * dz_du
-    grad = _round_for_store(grad, out_dtype, EXPLICIT_BF16_RTNE)
+    grad = round_for_store(grad, out_dtype, EXPLICIT_BF16_RTNE)
     if MASKED:
         tl.store(grad_row + offsets, grad, mask=in_vocab, cache_modifier=STORE_CACHE)
     else:
@@ -124,7 +103,7 @@ def _sweep2_block(logits_row, grad_row, offsets, in_vocab, lse2, exp2_factor, gr
 
 
 @triton.jit
-def _smoothed_ga_rows_kernel(
+def smoothed_ga_rows_kernel(
     logits_ptr,
     logits_row_stride,
     labels_ptr,
@@ -140,7 +119,6 @@ def _smoothed_ga_rows_kernel(
     ignore_index,
     softcap,
     logit_scale,
-    grad_multiplier,
     HAS_WEIGHTS: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     ZERO_IGNORED_ROWS: tl.constexpr,
@@ -221,7 +199,7 @@ def _smoothed_ga_rows_kernel(
             if WRITE_GRAD:
                 # dL/dx_v = c (p_v - eps / V - (1 - eps) [v == y]) * logit_scale [* dz/du], c = s w grad_norm;
                 # the target column: p_y - 1 = -sum_{v != y} p_v, so its value is -S_others / S + eps - eps / V
-                grad_coef = coef * grad_norm * logit_scale * grad_multiplier
+                grad_coef = coef * grad_norm * logit_scale
                 grad_shift = grad_coef * smoothing_per_class
                 target_grad = (grad_coef * (smoothing - smoothing_per_class - sum_exp_others / sum_exp)
                                * target_dz_du)
@@ -232,7 +210,7 @@ def _smoothed_ga_rows_kernel(
                     if HAS_SOFTCAP:
                         grad = grad * dz_du
                     grad = tl.where(cols == label, target_grad, grad)
-                    tl.store(grad_row + cols, _round_for_store(grad, out_dtype, EXPLICIT_BF16_RTNE), mask=in_vocab)
+                    tl.store(grad_row + cols, round_for_store(grad, out_dtype, EXPLICIT_BF16_RTNE), mask=in_vocab)
                 else:
                     num_full = vocab_size // BLOCK_V
                     if REVERSE_SWEEP2:  # the tail and the last blocks are the most recently read ones
@@ -253,133 +231,13 @@ def _smoothed_ga_rows_kernel(
                                           exp2_factor, grad_coef, grad_shift, softcap, logit_scale, out_dtype,
                                           HAS_SOFTCAP, True, FTZ_EXP2, EVICT_DROP, STORE_CACHE, EXPLICIT_BF16_RTNE)
                     tl.debug_barrier()  # the target column's store lands after the block store that covered it
-                    tl.store(grad_row + label, _round_for_store(target_grad, out_dtype, EXPLICIT_BF16_RTNE))
+                    tl.store(grad_row + label, round_for_store(target_grad, out_dtype, EXPLICIT_BF16_RTNE))
         elif WRITE_GRAD:
             if ZERO_IGNORED_ROWS:  # no logits read; zeros written (skipped when the caller's buffer is zero)
                 zeros = tl.zeros((BLOCK_V,), out_dtype)
                 for start in range(0, vocab_size, BLOCK_V):
                     tl.store(grad_row + start + cols, zeros, mask=start + cols < vocab_size)
         tl.store(row_loss_ptr + row, loss)
-
-
-@triton.jit
-def _scale_rows_kernel(
-    grad_ptr,
-    grad_row_stride,
-    grad_output_ptr,
-    vocab_size,
-    PER_ROW: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    EXPLICIT_BF16_RTNE: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    if PER_ROW:
-        factor = tl.load(grad_output_ptr + row).to(ACC_DTYPE)
-    else:
-        factor = tl.load(grad_output_ptr).to(ACC_DTYPE)
-    if factor != 1.0:  # decided on the device: loss.backward() (factor 1) touches no memory
-        grad_row = grad_ptr + row * grad_row_stride
-        cols = tl.arange(0, BLOCK_V)
-        for start in range(0, vocab_size, BLOCK_V):
-            offsets = start + cols
-            in_vocab = offsets < vocab_size
-            grad = tl.load(grad_row + offsets, mask=in_vocab, other=0.0).to(ACC_DTYPE)
-            scaled = _round_for_store(grad * factor, grad_ptr.dtype.element_ty, EXPLICIT_BF16_RTNE)
-            tl.store(grad_row + offsets, scaled, mask=in_vocab)
-
-
-# Triton's own setting, read once: the jit decorator made interpreted functions (TRITON_INTERPRET=1 at import)
-_INTERPRETED = isinstance(_smoothed_ga_rows_kernel, InterpretedFunction)
-_ACC_DTYPES = {torch.float64: tl.float64}
-
-
-def interpreter_enabled() -> bool:
-    """True when Triton runs these kernels in its CPU interpreter (decided when this module was imported)."""
-    return _INTERPRETED
-
-
-def _planted_gradient_multiplier() -> float:
-    """1, or 0.5 when SGA_PLANTED_DEFECT=halve_gradient (bench/gpu_check.sh's proof that the CUDA tests fail)."""
-    defect = os.environ.get(PLANTED_DEFECT_ENV, "")
-    if defect not in ("", "halve_gradient"):
-        raise ValueError(f"{PLANTED_DEFECT_ENV}={defect!r}: the only planted defect is 'halve_gradient'")
-    return 0.5 if defect == "halve_gradient" else 1.0
-
-
-def architecture(device: torch.device) -> str:
-    """'sm90' for an H100 / H200; 'cpu' off CUDA."""
-    if device.type != "cuda":
-        return "cpu"
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"sm{major}{minor}"
-
-
-def launch_config(vocab_size: int, dtype: torch.dtype, device: torch.device) -> KernelConfig:
-    """The tuning table's choice for this case (the interpreter's own on the CPU)."""
-    if _INTERPRETED:
-        return interpreter_config(vocab_size)
-    return config_for(architecture(device), str(dtype).removeprefix("torch."), vocab_size, dtype.itemsize)
-
-
-def _multiprocessors(device: torch.device) -> int:
-    """SMs of a CUDA device; the interpreter runs programs one after another, so count the CPU as one."""
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def persistent_programs(num_rows: int, config: KernelConfig, device: torch.device) -> int:
-    """Programs of the persistent grid: config.programs_per_sm per SM (per CPU in the interpreter), at most one
-    per row; each program loops over rows p, p + P, p + 2P, ..."""
-    return min(num_rows, config.programs_per_sm * _multiprocessors(device))
-
-
-def launch_rows(
-    kernel,
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    weights: Optional[torch.Tensor],
-    grad_norm: torch.Tensor,
-    grad_buffer: Optional[torch.Tensor],
-    scalars: tuple,
-    config: KernelConfig,
-    **constexprs,
-) -> torch.Tensor:
-    """Launch a row kernel over the persistent grid and return its per-row losses (the accumulation dtype).
-
-    Every row kernel takes (logits, logits row stride, labels, weights, grad_norm, grad buffer, its row stride,
-    row_loss, num_rows, vocab_size, *scalars) and the constexprs HAS_WEIGHTS, WRITE_GRAD, ACC_DTYPE, BLOCK_V and
-    EXPLICIT_BF16_RTNE, set here; ``constexprs`` are the kernel's own. An absent weights or grad buffer is
-    passed as a placeholder pointer that the kernel never touches."""
-    num_rows, vocab_size = logits.shape
-    acc_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    row_loss = torch.empty(num_rows, dtype=acc_dtype, device=logits.device)
-    if num_rows == 0:
-        return row_loss
-    num_programs = persistent_programs(num_rows, config, logits.device)
-    with torch.cuda.device(logits.device) if logits.device.type == "cuda" else contextlib.nullcontext():
-        kernel[(num_programs,)](
-            logits,
-            logits.stride(0),
-            labels,
-            weights if weights is not None else row_loss,  # never read when HAS_WEIGHTS is False
-            grad_norm,
-            grad_buffer if grad_buffer is not None else logits,  # never written when WRITE_GRAD is False
-            grad_buffer.stride(0) if grad_buffer is not None else 0,
-            row_loss,
-            num_rows,
-            vocab_size,
-            *scalars,
-            HAS_WEIGHTS=weights is not None,
-            WRITE_GRAD=grad_buffer is not None,
-            ACC_DTYPE=_ACC_DTYPES.get(logits.dtype, tl.float32),
-            BLOCK_V=config.block_v,
-            EXPLICIT_BF16_RTNE=_INTERPRETED,
-            num_warps=config.num_warps,
-            **constexprs,
-        )
-    return row_loss
 
 
 def rows_forward(
@@ -397,7 +255,7 @@ def rows_forward(
     grad_buffer_zeroed: bool = False,
     config: Optional[KernelConfig] = None,
 ) -> torch.Tensor:
-    """Triton launch with the contract of :func:`sga.kernels.torch_backend.rows_forward`.
+    """Triton launch with the contract of :func:`sga.kernels.smoothed_ga_torch.rows_forward`.
 
     logits [N, V] raw logits x with unit stride along V; the loss is taken on z = softcap(logit_scale * x)
     (softcap(u) = c tanh(u / c), identity when softcap is None) and the gradient written into grad_buffer
@@ -418,10 +276,9 @@ def rows_forward(
         int(ignore_index),
         float(softcap) if softcap is not None else 1.0,
         float(logit_scale),
-        _planted_gradient_multiplier(),
     )
     return launch_rows(
-        _smoothed_ga_rows_kernel,
+        smoothed_ga_rows_kernel,
         logits,
         labels,
         weights,
@@ -436,26 +293,5 @@ def rows_forward(
         NUM_STAGES=config.num_stages,
         REVERSE_SWEEP2=config.reverse_sweep2,
         CACHE_HINTS=config.cache_hints,
-        FTZ_EXP2=config.ftz_exp2 and not _INTERPRETED and logits.dtype != torch.float64,
+        FTZ_EXP2=config.ftz_exp2 and not interpreter_enabled() and logits.dtype != torch.float64,
     )
-
-
-def scale_rows_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
-    """grad *= grad_output (0-dim, or one factor per row), in place; rows with factor 1 are not touched."""
-    num_rows, vocab_size = grad.shape
-    if num_rows == 0:
-        return
-    config = launch_config(vocab_size, grad.dtype, grad.device)
-    block_v = min(config.block_v, 16384 // grad.element_size()) if not _INTERPRETED else config.block_v
-    with torch.cuda.device(grad.device) if grad.device.type == "cuda" else contextlib.nullcontext():
-        _scale_rows_kernel[(num_rows,)](
-            grad,
-            grad.stride(0),
-            grad_output.contiguous(),
-            vocab_size,
-            PER_ROW=grad_output.dim() != 0,
-            ACC_DTYPE=_ACC_DTYPES.get(grad.dtype, tl.float32),
-            BLOCK_V=block_v,
-            EXPLICIT_BF16_RTNE=_INTERPRETED,
-            num_warps=min(config.num_warps, 8),
-        )

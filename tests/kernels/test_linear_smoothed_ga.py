@@ -7,10 +7,11 @@ import math
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
+
 from kernel_oracle import assert_no_worse_than_fp32, max_error
 from sga.kernels import linear_smoothed_ga_loss, smoothed_ga_loss_reference
 from sga.kernels.linear import FusedLinearFunction, default_chunk_rows
-from torch.overrides import TorchFunctionMode
 
 FP32_TOL = dict(atol=2e-5, rtol=2e-5)
 
@@ -175,7 +176,7 @@ def test_descent_equals_label_smoothed_cross_entropy_of_the_logits():
 @pytest.mark.parametrize("softcap", [None, 4.0])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_low_precision_no_worse_than_plain_arithmetic(dtype, softcap, reduction):
-    """DESIGN.md 4. Truth: float64 on the (already rounded) low-precision inputs. Baseline, what users get by
+    """The error rule of kernel_oracle. Truth: float64 on the (already rounded) low-precision inputs. Baseline, what users get by
     materializing: logits = hidden @ W^T + b in the input dtype (as the model's lm_head computes them), the
     loss in float32 arithmetic on them (as HF upcasts), gradients by autograd. Ours must not be less accurate
     than that, up to 0.5% of the largest value (about one bf16 rounding, 2^-8)."""
@@ -460,7 +461,8 @@ def test_autocast_mixed_input_dtypes_are_accepted_but_float64_is_not_cast():
 
 def test_prepared_inputs_through_the_function():
     """The autograd Function is usable directly with prepared arguments (as the functional API prepares them)."""
-    from sga.kernels.linear import FusedLinearConfig, SmoothedGARowKernel
+    from sga.kernels.linear import FusedLinearConfig
+    from sga.kernels.smoothed_ga import SmoothedGARowKernel
 
     hidden, weight, bias, labels = make_case(10, 4, 9, seed=24)
     config = FusedLinearConfig(

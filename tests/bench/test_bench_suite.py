@@ -1,7 +1,7 @@
-"""bench/gpu_check.sh, the one script a GPU session runs, dry-run end to end on the CPU in smoke mode (tiny
+"""bench/gpu_check.sh, the one script a GPU machine runs, dry-run end to end on the CPU in smoke mode (tiny
 shapes, kernels in Triton's interpreter): the CUDA test step, the planted-defect step, the kernel sweep, the
 benchmark suite (cases, phases, memory harness, rows, ratio table, plot) and the packing of its results into
-at most 8 files, so that a GPU session spends no device time on a broken script."""
+at most 8 files, so that no GPU time is spent on a broken script."""
 import json
 import os
 import subprocess
@@ -9,7 +9,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+BENCH = Path(__file__).resolve().parents[2] / "bench"
 DEVICE_FILE_LIMIT = 8  # the device machine returns at most 8 files from $OUT
 
 

@@ -5,6 +5,7 @@ The Triton backend runs in the CPU interpreter here (tests/conftest.py sets TRIT
 import pytest
 import torch
 import torch.nn.functional as F
+
 from kernel_oracle import (
     BACKENDS,
     assert_low_precision_rule,
@@ -308,13 +309,13 @@ def test_backends_agree_and_auto_picks_torch_on_cpu():
 
 def test_torch_backend_chunks_rows():
     """The torch backend processes a bounded number of rows at a time: chunk boundaries change nothing."""
-    from sga.kernels import torch_backend
+    from sga.kernels import smoothed_ga_torch
 
     logits, labels = make_inputs((11,), 37, seed=22)
     grad_norm = torch.tensor(1.0)
     full_buffer, chunked_buffer = torch.empty_like(logits), torch.empty_like(logits)
-    full = torch_backend.rows_forward(logits, labels, None, grad_norm, full_buffer, 0.1, -1.0, -100, chunk_rows=11)
-    chunked = torch_backend.rows_forward(logits, labels, None, grad_norm, chunked_buffer, 0.1, -1.0, -100, chunk_rows=4)
+    full = smoothed_ga_torch.rows_forward(logits, labels, None, grad_norm, full_buffer, 0.1, -1.0, -100, chunk_rows=11)
+    chunked = smoothed_ga_torch.rows_forward(logits, labels, None, grad_norm, chunked_buffer, 0.1, -1.0, -100, chunk_rows=4)
     torch.testing.assert_close(chunked, full)
     torch.testing.assert_close(chunked_buffer, full_buffer)
 

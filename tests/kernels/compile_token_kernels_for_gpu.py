@@ -1,17 +1,18 @@
 """Compile the token-rule Triton kernel ahead of time for sm_80 and sm_90, without a GPU (run without
 TRITON_INTERPRET): every rule (a ``@triton.jit`` function passed as a constexpr) lowered to a cubin.
 
-    python tests/compile_token_kernels_for_gpu.py
+    python tests/kernels/compile_token_kernels_for_gpu.py
 """
 from __future__ import annotations
 
 import itertools
 
 import triton.language as tl
+from triton.backends.compiler import GPUTarget
+
 from compile_kernels_for_gpu import POINTER_TYPES, compile_for
 from sga.kernels import token_loss_triton
 from sga.kernels.token_rules import TOKEN_RULES
-from triton.backends.compiler import GPUTarget
 
 
 def variants():
@@ -35,7 +36,7 @@ def main() -> None:
     targets = [GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)]
     for label, signature, constexprs in variants():
         for target in targets:
-            compiled = compile_for(token_loss_triton._token_rule_rows_kernel, signature, constexprs, target, num_warps=8)
+            compiled = compile_for(token_loss_triton.token_rule_rows_kernel, signature, constexprs, target, num_warps=8)
             assert compiled.asm.get("cubin"), f"{label}: no cubin for sm_{target.arch}"
         print(f"ok {label}")
 

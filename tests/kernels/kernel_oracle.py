@@ -1,7 +1,9 @@
-"""Shared helpers for the logits-kernel tests: input builders and the error rule of DESIGN.md section 4."""
+"""Shared helpers for the logits-kernel tests: input builders and the error rule for low-precision results
+(float64 truth, plain fp32 arithmetic as the baseline)."""
 from __future__ import annotations
 
 import torch
+
 from sga.kernels import smoothed_ga_loss_reference
 
 BACKENDS = ("torch", "triton")
@@ -28,7 +30,7 @@ def loss_and_grad(fn, logits, labels, grad_output=None, **kwargs):
 
 
 def truth(logits, labels, grad_output=None, **kwargs):
-    """float64 loss and gradient of DESIGN.md 2.1 on the (already rounded) inputs."""
+    """float64 loss and gradient of docs/design.md, section 2.1, on the (already rounded) inputs."""
     return loss_and_grad(smoothed_ga_loss_reference, logits.double(), labels, grad_output, **kwargs)
 
 
@@ -65,7 +67,7 @@ def max_error(value, reference):
 
 
 def assert_no_worse_than_fp32(ours, baseline, exact, *, rtol=1e-5, what=""):
-    """DESIGN.md 4: our error against the float64 truth is no larger than plain fp32 arithmetic's error on the
+    """The error rule: our error against the float64 truth is no larger than plain fp32 arithmetic's error on the
     same inputs plus rtol times the size of the exact value, in the max norm and in the 2-norm.
 
     Every bound scales with |exact| (no floor at 1), so an all-zero, halved or 1%-off result fails at any
@@ -88,7 +90,7 @@ def assert_no_worse_than_fp32(ours, baseline, exact, *, rtol=1e-5, what=""):
 
 
 def assert_low_precision_rule(loss, grad, logits, labels, **options):
-    """DESIGN.md 4 for a run on low-precision logits: the gradient keeps their dtype, and loss and gradient err
+    """The error rule for a run on low-precision logits: the gradient keeps their dtype, and loss and gradient err
     against the float64 truth no more than fp32 arithmetic does on the same inputs."""
     exact_loss, exact_grad = truth(logits, labels, **options)
     base_loss, base_grad = fp32_eager(logits, labels, **options)

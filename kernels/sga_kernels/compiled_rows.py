@@ -1,13 +1,13 @@
-"""The torch backend's row math for one chunk as a ``torch.compile``'d function (CPU, large inputs).
+"""The smoothed-GA torch backend's row math for one chunk as a ``torch.compile``'d function (CPU, large inputs).
 
 Eager PyTorch runs the chunk math as about ten separate passes over each [R, V] chunk; inductor fuses the
 function below into three sweeps per row (max and sum; sum of exp; the gradient, written straight into the
-gradient buffer in its dtype), with the float32 upcast, the logit scale and the softcap inside the sweeps.
-Measured on a 2-core VM: bench/NOTES.md, "CPU v3".
+gradient buffer in its dtype), with the float32 upcast, the logit scale and the softcap inside the sweeps
+(measured: bench/NOTES.md, "CPU v3").
 
 Compilation costs a few seconds once per process and variant: one function with and one without softcap, each
 compiled for the input dtype (float32 / bfloat16 / float16) and for the in-place case (gradient buffer = logits)
-at most, with dynamic R and V (V > 4096). ``torch_backend`` uses it only at or above ``COMPILE_MIN_ELEMENTS`` and
+at most, with dynamic R and V (V > 4096). ``smoothed_ga_torch`` uses it only at or above ``COMPILE_MIN_ELEMENTS`` and
 runs its eager loop when compilation fails (no C++ compiler, ...): the first failure is reported once as a
 warning and the eager loop is used from then on.
 """
@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ._bounds import near_equal_bounds
+from .bounds import near_equal_bounds
 
 # Below this many elements a call runs eager: a few milliseconds at most, not worth a compile in processes that
 # only ever see small inputs (the test suite).

@@ -2,6 +2,7 @@
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from kernel_oracle import loss_and_grad
 from sga.kernels import smoothed_ga_loss
 

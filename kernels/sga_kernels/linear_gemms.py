@@ -1,12 +1,12 @@
-"""The three GEMMs of one chunk of the fused linear loss (``linear._chunked_pass``), each on the fastest kernel
-at hand:
+"""The three GEMMs of one chunk of the fused linear losses (the chunk loop of ``linear``), each on the fastest
+kernel at hand:
 
     Z    = a (H_c W^T + b)    into the caller's [R, V] workspace                 (:func:`logits_into`)
     dH_c = G W                                                                  (:func:`hidden_grad`)
     dW  += G^T H_c             into the float32 (or same-dtype) accumulator      (:func:`accumulate_weight_grad`)
 
-CPU float32 runs on oneDNN: ``torch.mm`` of float32 CPU tensors calls MKL's sgemm, which on the AMD EPYC (Zen 5)
-of bench/NOTES.md ("v4") reaches ~90 GF/s a core, while oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``,
+CPU float32 runs on oneDNN: ``torch.mm`` of float32 CPU tensors calls MKL's sgemm, which on the CPU measured in
+bench/NOTES.md ("v4") reaches ~90 GF/s a core, while oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``,
 X W^T: the kernel inductor calls for CPU linear layers) reaches 150-190 GF/s on the same shapes. oneDNN returns
 a fresh product, so products go through it in vocabulary blocks of about ``ONEDNN_BLOCK_BYTES`` (cache
 resident) that are copied (Z) or added (dW) into the caller's buffers: no [R, V] or [V, D] temporary and no
@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from ._bounds import near_equal_bounds
+from .bounds import near_equal_bounds
 
 # Bytes of one block product of the float32 accumulation of low-precision products: it stays in L3 until it is
 # added (the mixed-dtype add first casts it to a float32 temporary twice its size). Measured at V = 64128,
@@ -41,12 +41,12 @@ ENABLED_BY_ENVIRONMENT = os.environ.get("SGA_ONEDNN_GEMM", "1") != "0"
 _ONEDNN_WORKS: Optional[bool] = None
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x @ weight^T (+ bias) on oneDNN, a fresh float32 tensor."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-def _onednn_works() -> bool:
+def onednn_works() -> bool:
     """Whether oneDNN's float32 linear exists here and agrees with torch.mm (probed once per process)."""
     global _ONEDNN_WORKS
     if _ONEDNN_WORKS is None:
@@ -55,7 +55,7 @@ def _onednn_works() -> bool:
             try:
                 x = torch.arange(6.0).reshape(2, 3)
                 weight = torch.arange(12.0).reshape(4, 3) / 7
-                works = bool(torch.allclose(_linear(x, weight), x @ weight.t()))
+                works = bool(torch.allclose(onednn_linear(x, weight), x @ weight.t()))
             except (AttributeError, RuntimeError, TypeError, NotImplementedError):
                 works = False
         _ONEDNN_WORKS = works
@@ -68,7 +68,7 @@ def use_onednn(a: torch.Tensor, rows: int, columns: int, inner: int) -> bool:
         a.device.type == "cpu"
         and a.dtype == torch.float32
         and 2 * rows * columns * inner >= ONEDNN_MIN_FLOPS
-        and _onednn_works()
+        and onednn_works()
     )
 
 
@@ -77,7 +77,7 @@ def _block(row_bytes: int, block_bytes: int) -> int:
     return max(1, block_bytes // row_bytes)
 
 
-def _even_blocks(total: int, most: int) -> list[tuple[int, int]]:
+def even_blocks(total: int, most: int) -> list[tuple[int, int]]:
     """(start, stop) of ceil(total / most) blocks of near-equal size covering range(total).
 
     Equal sizes matter on the CPU: every block product is a fresh allocation, freed before the next one, and
@@ -94,8 +94,8 @@ def logits_into(
     num_rows, vocab_size = out.shape
     if use_onednn(out, num_rows, vocab_size, hidden.shape[1]):
         step = _block(num_rows * out.element_size(), ONEDNN_BLOCK_BYTES)  # vocabulary columns per block
-        for start, stop in _even_blocks(vocab_size, step):
-            product = _linear(hidden, weight[start:stop], None if bias is None else bias[start:stop])
+        for start, stop in even_blocks(vocab_size, step):
+            product = onednn_linear(hidden, weight[start:stop], None if bias is None else bias[start:stop])
             if scale != 1.0:
                 torch.mul(product, scale, out=out[:, start:stop])  # Z = a (H_c W^T + b), one block
             else:
@@ -113,7 +113,7 @@ def logits_into(
 def hidden_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """dH_c = G[R, V] @ W[V, D], a fresh [R, D] tensor in the compute dtype."""
     if use_onednn(grad, grad.shape[0], weight.shape[1], grad.shape[1]):
-        return _linear(grad, weight.t())
+        return onednn_linear(grad, weight.t())
     return torch.mm(grad, weight)
 
 
@@ -160,8 +160,8 @@ def accumulate_weight_grad(dw: torch.Tensor, grad: torch.Tensor, hidden: torch.T
     # at most the chunk's R V elements
     block_bytes = ONEDNN_BLOCK_BYTES if onednn else PRODUCT_BLOCK_BYTES
     step = min(_block(hidden_size * grad.element_size(), block_bytes), max(1, grad.numel() // hidden_size))
-    for start, stop in _even_blocks(vocab_size, step):
+    for start, stop in even_blocks(vocab_size, step):
         block_grad = grad[:, start:stop].t()
-        product = _linear(block_grad, hidden_t) if onednn else torch.mm(block_grad, hidden)
+        product = onednn_linear(block_grad, hidden_t) if onednn else torch.mm(block_grad, hidden)
         dw[start:stop].add_(product)
         del product  # one block product alive at a time
