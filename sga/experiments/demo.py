@@ -1,5 +1,5 @@
-"""``sga demo``: fine-tune a small model on fictitious authors, make it forget some of them with GA, SGA
-and baselines, and compare, offline on a CPU in minutes.
+"""``sga demo``: fine-tune a small model on fictitious authors, make it forget one of them with GA and SGA
+(``--quick`` adds NPO), and compare, offline on a CPU in minutes.
 
 Steps (each timed and printed):
 

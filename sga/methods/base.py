@@ -73,8 +73,9 @@ class Objective:
         methods that implement it)."""
         return getattr(type(self), hook) is not getattr(Objective, hook)
 
-    # Hooks: both trainers (``sga.engine.UnlearningTrainer`` and ``sga.engine.HFUnlearningTrainer``) call each of
-    # them at the same point of a run; the defaults do nothing.
+    # Hooks: ``sga.engine.UnlearningTrainer`` calls each of them at its point of a run; the defaults do nothing.
+    # ``sga.engine.hf_trainer.HFUnlearningTrainer`` cannot call prepare_data or after_step inside the HF Trainer's
+    # loop, and refuses the methods that implement them (:meth:`implements`).
 
     def prepare_data(self, data: UnlearningData, tokenizer: Any, data_config: DataConfig) -> UnlearningData:
         """The training data this method needs, built from the run's data before training (e.g. dpo adds each

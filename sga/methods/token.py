@@ -1,7 +1,7 @@
 """open-unlearning's token-level methods, on the fused token-rule kernels (``sga.kernels.token_rules``).
 
 Notation as in ``sga.methods.base``: x_f a forget sample with answer tokens y_1..y_n, p = softmax(z_t) at the
-position predicting y_t, sg = stop-gradient, gamma = ``forget_weight``, alpha = ``retain_weight`` (the retain
+position predicting y_t, sg = stop-gradient, gamma = ``forget_weight``, alpha = ``alpha`` (``--alpha``) (the retain
 term of ``sga.methods.retain``). Every forget term is the token mean over the answer of a per-token rule:
 
 - ``wga``:    gamma * (1/n) sum_t -sg(p_y)^beta * NLL_t                       + alpha * R    (beta 1, alpha 1, gamma 1)
