@@ -487,7 +487,8 @@ class UnlearningTrainer:
             progress.close()
             if metrics_file is not None:
                 metrics_file.close()
-            acc.end_training()  # the trackers' files are complete
+            for tracker in acc.trackers:  # their files complete; not end_training(), which ends the process group too
+                tracker.finish()
         best_model, best_reason = None, None
         if self.evaluation is not None and self.evaluation.best is not None:
             best_model = self.output_dir / BEST_DIR

@@ -191,6 +191,7 @@ def test_a_fresh_run_drops_a_previous_runs_best(tmp_path):
     config = _config(tmp_path, best_metric="forget_quality")
     config.evaluation.eval_every = 0
     config.evaluation.best_metric = None
+    config.train.overwrite = True  # a fresh run into the finished run's folder
     _, result = _train(config.validate())
     assert result.best_model is None and not (tmp_path / "best").exists()
 
