@@ -439,18 +439,22 @@ def config_from_dict(data: dict[str, Any]) -> UnlearnConfig:
     return UnlearnConfig(**sections)
 
 
-def load_config(path: str | os.PathLike) -> UnlearnConfig:
-    """Read a YAML config file (not yet validated: apply flag overrides, then ``validate()``)."""
+def read_yaml(path: Path) -> Any:
+    """The content of a YAML file (an empty file reads as {}); a one-line ConfigError when it is not YAML."""
     import yaml
 
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+
+
+def load_config(path: str | os.PathLike) -> UnlearnConfig:
+    """Read a YAML config file (not yet validated: apply flag overrides, then ``validate()``)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    return config_from_dict(data)
+    return config_from_dict(read_yaml(path))
 
 
 def apply_overrides(config: UnlearnConfig, overrides: dict[str, Any]) -> UnlearnConfig:

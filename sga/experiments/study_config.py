@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from sga.config import ConfigError, MethodConfig
+from sga.config import ConfigError, MethodConfig, read_yaml
 from sga.methods import METHODS
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -302,13 +302,7 @@ def config_from_dict(data: Any) -> StudyConfig:
 
 def load_study_config(path: Optional[str | os.PathLike] = None) -> StudyConfig:
     """Read and validate a study config (the default protocol when ``path`` is None)."""
-    import yaml
-
     path = Path(path) if path is not None else DEFAULT_CONFIG
     if not path.is_file():
         raise ConfigError(f"--config: no such file: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    return config_from_dict(data).validate()
+    return config_from_dict(read_yaml(path)).validate()
