@@ -10,12 +10,14 @@
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from transformers import (
@@ -47,6 +49,20 @@ def _finish_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
     return tokenizer
 
 
+@contextlib.contextmanager
+def transformers_progress_bars(enabled: bool) -> Iterator[None]:
+    """transformers' own progress bars (loading weights, converting GGUF tensors, writing shards) on or off inside
+    the block, as they were after it."""
+    from transformers.utils import logging as transformers_logging
+
+    was = transformers_logging.is_progress_bar_enabled()
+    (transformers_logging.enable_progress_bar if enabled else transformers_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (transformers_logging.enable_progress_bar if was else transformers_logging.disable_progress_bar)()
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     *,
@@ -67,7 +83,8 @@ def load_model(
         kwargs["gguf_file"] = gguf_file
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        with transformers_progress_bars(sys.stderr.isatty()):  # no carriage-return bars in a log file
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except OSError as err:  # transformers' "can't load" errors: several lines, the file named somewhere inside
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"cannot load the model {source}: {first}") from None

@@ -1,7 +1,7 @@
 """Model-side helpers: batched per-token log-probabilities (and the richer ``TokenStatistics``) of
 labelled tokens, per-example gradient norms, memorization scores, and batched greedy generation.
 Scoring and generation sort their inputs by length so batches carry little padding, show a tqdm
-progress bar (silence it with ``TQDM_DISABLE=1``), run under ``torch.inference_mode`` with the model in
+progress bar on a terminal (none in a log file; silence it with ``TQDM_DISABLE=1``), run under ``torch.inference_mode`` with the model in
 eval mode, and hand the model back in the mode it came in.
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ def _labelled_logits(
     device = _device(model)
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
     with evaluating(model):
-        for batch in tqdm(_batches(order, batch_size), desc=desc, leave=False):
+        for batch in tqdm(_batches(order, batch_size), desc=desc, leave=False, disable=None):
             width = len(examples[batch[0]].input_ids)
             input_ids = torch.zeros((len(batch), width), dtype=torch.long)
             labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
@@ -158,7 +158,7 @@ def gradient_norms(
     model.eval()
     try:
         with torch.enable_grad():
-            for i, example in enumerate(tqdm(examples, desc=desc, leave=False)):
+            for i, example in enumerate(tqdm(examples, desc=desc, leave=False, disable=None)):
                 labels = torch.tensor(example.labels[1:], device=device)
                 positions = torch.nonzero(labels != IGNORE_INDEX)[:, 0][:-1]
                 if positions.numel() == 0:
@@ -236,7 +236,7 @@ def greedy_generate(
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     texts: list[str | None] = [None] * len(prompts)
     with evaluating(model):
-        for batch in tqdm(_batches(order, batch_size), desc=desc, leave=False):
+        for batch in tqdm(_batches(order, batch_size), desc=desc, leave=False, disable=None):
             width = len(prompts[batch[0]])
             input_ids = torch.full((len(batch), width), config.pad_token_id, dtype=torch.long)
             attention_mask = torch.zeros((len(batch), width), dtype=torch.long)

@@ -31,6 +31,8 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from sga.models import transformers_progress_bars
+
 STATE_FILE = "trainer_state.json"
 TENSORS_FILE = "trainer_tensors.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -163,20 +165,6 @@ def _without_tied_weight_notice() -> Iterator[None]:
         logger.removeFilter(notice)
 
 
-@contextlib.contextmanager
-def _without_transformers_progress_bars() -> Iterator[None]:
-    """No "Writing model shards" bar while a model is saved: the run's own progress display says what happens."""
-    from transformers.utils import logging as transformers_logging
-
-    enabled = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            transformers_logging.enable_progress_bar()
-
-
 def save_checkpoint(
     accelerator,
     output_dir: str | os.PathLike,
@@ -276,7 +264,7 @@ def save_final_model(
     tmp = path.with_name(f".tmp-{path.name}")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        with _as_plain_model(model), _without_transformers_progress_bars():
+        with _as_plain_model(model), transformers_progress_bars(False):  # the run's display says what happens
             model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         for name, value in (json_files or {}).items():

@@ -108,3 +108,20 @@ def test_the_progress_flag_keeps_evaluation_lines(tmp_path, capsys, progress):
     out = capsys.readouterr().out
     assert out.count("[sga] eval step") == 4
     assert ("[sga] step 3/3" in out) == progress
+
+
+def test_benchmark_scoring_and_model_loading_draw_no_bar_in_a_log_file(tmp_path, capsys, monkeypatch):
+    """In a log file the evaluation's scoring bars and transformers' loading bars were carriage-return lines."""
+    from sga.benchmarks.prompts import encode_qa
+    from sga.benchmarks.scoring import token_logprobs
+    from sga.models import load_model
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    tok = tokenizer()
+    tiny_random_model("llama", tok).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    capsys.readouterr()  # the setup's own output
+    model, _ = load_model(tmp_path / "model")
+    token_logprobs(model, [encode_qa(tok, "Who?", "Me.", use_chat_template=False)] * 3, batch_size=1)
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err + captured.out
