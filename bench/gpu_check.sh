@@ -101,8 +101,20 @@ planted_verdict() {
     fi
 }
 
-bench_section() {  # bench_section TITLE STEP LOG TABLE: exit note, the ratio table, skip reasons and failures
+floors_of() {  # floors_of [FILE]: the floors each benchmark process measured (only FILE's with an argument)
+    [ -f "$WORK/floors.jsonl" ] && python3 -c "
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if len(sys.argv) < 3 or sys.argv[2] in r['files']:
+        print(f\"floors of {' '.join(r['files'])}: copy {r['copy_GBps']:.0f} GB/s (read + write), \"
+              f\"bf16 {r['bf16_TFLOPs']:.3g} TFLOP/s, fp32 {r['fp32_TFLOPs']:.3g} TFLOP/s\")
+" "$WORK/floors.jsonl" "$@" 2>&1
+}
+
+bench_section() {  # bench_section TITLE STEP LOG TABLE [FILE]: exit note, floors, ratio table, skips and failures
     echo "== $1: ${STEP_NOTE[$2]:-not run yet}"
+    [ -n "${5:-}" ] && floors_of "$5"
     if [ -s "$4" ]; then cat "$4"; elif [ -f "$3" ]; then tail -5 "$3"; fi
     [ -f "$3" ] && grep -E "^(SKIPPED|FAILED|ERROR)" "$3" | head -20
 }
@@ -110,12 +122,7 @@ bench_section() {  # bench_section TITLE STEP LOG TABLE: exit note, the ratio ta
 floors_section() {
     echo "== floors (each process measures its own: after a warm-up, the best of 5 batches of 50 operations)"
     [ -f "$WORK/sweep.log" ] && grep -m1 "copy" "$WORK/sweep.log" | sed 's/^/gpu_sweep.py: /'
-    [ -f "$WORK/floors.jsonl" ] && python3 -c "
-import json, sys
-for line in open(sys.argv[1]):
-    r = json.loads(line)
-    print(f\"{' '.join(r['files'])}: copy {r['copy_GBps']:.0f} GB/s (read + write), bf16 {r['bf16_TFLOPs']:.3g} TFLOP/s, fp32 {r['fp32_TFLOPs']:.3g} TFLOP/s\")
-" "$WORK/floors.jsonl" 2>&1
+    floors_of
 }
 
 summary() {
@@ -131,10 +138,11 @@ summary() {
     [ -f "$WORK/cuda_tests.log" ] && grep -E "^(FAILED|ERROR|SKIPPED)" "$WORK/cuda_tests.log" | head -30
     echo "== CUDA logits tests against a halved gradient: $(planted_verdict)"
     echo "== kernel sweep: ${STEP_NOTE[sweep]:-not run yet}"
+    [ -f "$WORK/sweep.log" ] && grep -m1 "copy" "$WORK/sweep.log"
     if [ -s "$WORK/sweep_table.txt" ]; then cat "$WORK/sweep_table.txt"; elif [ -f "$WORK/sweep.log" ]; then tail -5 "$WORK/sweep.log"; fi
     bench_section "engine SGA step" engine "$WORK/bench_engine.log" "$WORK/engine_table.txt"
-    bench_section "logits benchmark" logits "$WORK/bench_logits.log" "$WORK/logits_table.txt"
-    bench_section "fused linear benchmark" linear "$WORK/bench_linear.log" "$WORK/linear_table.txt"
+    bench_section "logits benchmark" logits "$WORK/bench_logits.log" "$WORK/logits_table.txt" test_bench_smoothed_ga.py
+    bench_section "fused linear benchmark" linear "$WORK/bench_linear.log" "$WORK/linear_table.txt" test_bench_linear.py
 }
 
 pack() {  # tables from the rows so far, then tuning_table.py, results.tar.gz and summary.txt, each replaced whole

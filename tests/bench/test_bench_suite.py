@@ -76,7 +76,9 @@ def test_gpu_check_dry_run_packs_everything_into_few_files(tmp_path):
     assert "sga.kernels from " + str(BENCH.parent) in device
     # the floors beside the ratios: the sweep's and each benchmark process's
     assert re.search(r"gpu_sweep.py: .* copy \d+ GB/s", summary)
-    assert re.search(r"test_bench_linear.py: copy \d+ GB/s \(read \+ write\), bf16 [\d.e+-]+ TFLOP/s", summary)
+    floors = r"floors of test_bench_linear.py: copy \d+ GB/s \(read \+ write\), bf16 [\d.e+-]+ TFLOP/s"
+    assert re.search(floors + r".*\n== logits benchmark", summary, re.DOTALL)  # in the floors section
+    assert re.search("== fused linear benchmark: exit 0.*\n" + floors, summary)  # and beside its ratio table
 
     # the sweep: the two planted broken variants are reported wrong, never timed, never ranked
     assert "sweep: exit 0" in summary and "variants that disagreed with the torch backend: 0" in summary
