@@ -74,8 +74,14 @@ run_step() {  # run_step NAME LOG COMMAND...: the command under its limit, its n
     limit=$(step_limit "$name")
     began=$SECONDS
     echo "== $name (limit $limit s)"
-    timeout -k "$KILL_GRACE_S" "$limit" "$@" > "$log" 2>&1
+    # in the background and waited for, so that a signal to this script is handled at once (on_signal); timeout
+    # puts itself and the command into a process group of their own, which on_signal can stop
+    CURRENT_STEP=$name
+    timeout -k "$KILL_GRACE_S" "$limit" "$@" > "$log" 2>&1 < /dev/null &
+    STEP_PID=$!
+    wait "$STEP_PID"
     status=$?
+    STEP_PID=""
     STEP_EXIT[$name]=$status
     if [ $status -eq 124 ] || [ $status -eq 137 ]; then
         STEP_NOTE[$name]="TIMED OUT after $(( SECONDS - began )) s (limit $limit s, exit $status): later rows missing"
@@ -155,8 +161,18 @@ pack() {  # tables from the rows so far, then tuning_table.py, results.tar.gz an
     summary > "$OUT/summary.txt.part" 2>&1  # last: a summary that names a step comes with its logs in the tarball
     mv "$OUT/summary.txt.part" "$OUT/summary.txt"
 }
+STEP_PID=""
+CURRENT_STEP=setup
+on_signal() {  # TERM / INT: stop the running step's process group, record it, exit (the EXIT trap packs)
+    STOPPED="interrupted by a signal during $CURRENT_STEP"
+    if [ -n "$STEP_PID" ]; then
+        kill -TERM -- "-$STEP_PID" 2>/dev/null
+        STEP_NOTE[$CURRENT_STEP]="INTERRUPTED by a signal (the step's processes were sent TERM)"
+    fi
+    exit 143
+}
 trap 'pack; rm -rf "$WORK"' EXIT
-trap 'STOPPED="interrupted by a signal"; exit 143' TERM INT
+trap on_signal TERM INT
 
 # ---- setup: the alternatives' wheels, the project, the import check, the device and package versions
 SETUP_BEGAN=$SECONDS

@@ -14,6 +14,8 @@ import tarfile
 import time
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 DEVICE_FILE_LIMIT = 8  # the device machine returns at most 8 files from $OUT
 LEASE_BUDGET_S = 510  # 8.5 minutes of the lease's 10 per command and 15 in all (the machine's start included)
@@ -132,10 +134,26 @@ def test_gpu_check_dry_run_packs_everything_into_few_files(tmp_path):
     assert "Liger-Kernel runs on CUDA only" in summary and "model_loss" in (results / "engine_table.txt").read_text()
 
 
-def test_a_step_past_its_limit_is_stopped_and_a_killed_run_keeps_the_finished_steps(tmp_path):
+def _kill_session(session_id: int) -> None:
+    """SIGKILL every process of the session the test started (by session id, read from /proc)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session_id:  # pid (comm) state ppid pgrp session ...
+            try:
+                os.kill(int(stat.parent.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM])
+def test_a_step_past_its_limit_is_stopped_and_a_stopped_run_keeps_the_finished_steps(tmp_path, stop):
     """With every limit at its 5 s minimum the CUDA test step (pytest alone takes longer to start) is stopped by
     its timeout and recorded as such; summary.txt and results.tar.gz are rewritten right after it, so a run killed
-    outright (SIGKILL: no exit trap runs) still returns that step's log and verdict."""
+    outright (SIGKILL: no exit trap runs) still returns that step's log and verdict. A run sent SIGTERM (what a lease
+    ending may send) stops at once, the step in flight with it, and says so in its summary."""
     out = tmp_path / "out"
     env = dict(os.environ, SGA_BENCH_SMOKE="1", OUT=str(out), TRITON_INTERPRET="1", SGA_GPU_CHECK_TIME_SCALE="0",
                TMPDIR=str(tmp_path))  # fmt: skip
@@ -148,15 +166,22 @@ def test_a_step_past_its_limit_is_stopped_and_a_killed_run_keeps_the_finished_st
         while time.monotonic() < deadline and "   cuda_tests: not run" in (summary.read_text() if summary.exists()
                                                                            else "   cuda_tests: not run"):  # fmt: skip
             time.sleep(0.5)
+        os.kill(process.pid, stop)  # the script only: its steps run in process groups of their own
+        process.wait(timeout=60)
     finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        _kill_session(process.pid)  # anything left of this run (its steps run in process groups of their own)
     text = summary.read_text()
     assert re.search(r"   cuda_tests: TIMED OUT after \d+ s \(limit 5 s, exit 124\)", text), text
-    assert "planted: not run yet" in text
     with tarfile.open(out / "results.tar.gz") as archive:
         names = archive.getnames()
     assert "./cuda_tests.log" in names and "./device.txt" in names
+    if stop == signal.SIGKILL:
+        assert "planted: not run yet" in text
+    else:
+        assert process.returncode == 143
+        assert re.search(r"== STOPPED: interrupted by a signal during (planted|engine)", text), text
+        assert re.search(r"   (planted|engine): INTERRUPTED by a signal", text), text
+        assert "sweep: not run yet" in text
 
 
 def test_benchmark_order_runs_the_goal_phase_first_and_the_compiled_baseline_last():
