@@ -195,12 +195,14 @@ if [ "$SMOKE" != 1 ]; then
 fi
 # the single point of failure: the package must import from this checkout, also from bench/ (where the source
 # folder sga/ is not on the path and only the install can provide sga.kernels); one process also reports the device
-IMPORT_CHECK='import os, sys, torch, triton, sga.kernels
-path = os.path.realpath(sga.kernels.__file__)
-print("sga.kernels from", path)
+IMPORT_CHECK='import os, sys, torch, triton, sga, sga.kernels
+print("sga.kernels from", os.path.realpath(sga.kernels.__file__))
 print("torch", torch.__version__, "triton", triton.__version__,
       torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device")
-sys.exit(0 if path.startswith(os.path.realpath(sys.argv[1])) else f"sga.kernels imported from {path}, not from {sys.argv[1]}")'
+for module in (sga, sga.kernels):
+    path = os.path.realpath(module.__file__)
+    if not path.startswith(os.path.realpath(sys.argv[1]) + os.sep):
+        sys.exit(f"{module.__name__} imported from {path}, not from the checkout {sys.argv[1]}")'
 if ! (cd bench && timeout -k 5 60 python3 -c "$IMPORT_CHECK" "$ROOT") >> "$WORK/install.log" 2>&1; then
     STOPPED="import sga.kernels fails after the install (or imports another copy); the install log follows"
     STEP_NOTE[setup]="STOPPED after $(( SECONDS - SETUP_BEGAN )) s"

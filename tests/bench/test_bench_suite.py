@@ -134,6 +134,31 @@ def test_gpu_check_dry_run_packs_everything_into_few_files(tmp_path):
     assert "Liger-Kernel runs on CUDA only" in summary and "model_loss" in (results / "engine_table.txt").read_text()
 
 
+@pytest.mark.parametrize("copy", ["without kernels", "elsewhere"])
+def test_a_broken_install_stops_the_run_with_a_clear_line(tmp_path, copy):
+    """An sga that shadows the checkout (first on PYTHONPATH): without sga.kernels (an editable install's finder
+    still maps sga.kernels to the checkout, so only the check of sga's own path catches it), or a whole other
+    copy. The script stops after the import check, exit 1, with the reason and the install log in summary.txt;
+    nothing runs."""
+    fake = tmp_path / "fake" / "sga"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    if copy == "elsewhere":
+        (fake / "kernels").mkdir()
+        (fake / "kernels" / "__init__.py").write_text("")
+    out = tmp_path / "out"
+    env = dict(os.environ, SGA_BENCH_SMOKE="1", OUT=str(out), TRITON_INTERPRET="1", TMPDIR=str(tmp_path),
+               PYTHONPATH=str(fake.parent))  # fmt: skip
+    env.pop("SGA_BENCH_RESULTS", None)
+    result = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], env=env, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 1, result.stdout[-2000:]
+    summary = (out / "summary.txt").read_text()
+    assert "== STOPPED: import sga.kernels fails after the install (or imports another copy)" in summary
+    assert f"sga imported from {fake}" in summary
+    assert "   setup: STOPPED" in summary and "   cuda_tests: not run yet" in summary
+
+
 def _kill_session(session_id: int) -> None:
     """SIGKILL every process of the session the test started (by session id, read from /proc)."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
