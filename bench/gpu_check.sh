@@ -178,14 +178,14 @@ trap on_signal TERM INT
 SETUP_BEGAN=$SECONDS
 if [ "$SMOKE" != 1 ]; then
     if compgen -G ".whl/*.whl" > /dev/null; then
-        timeout -k 5 60 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+        timeout -k 5 30 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
             > "$WORK/wheels.log" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     else
         echo "no .whl/*.whl: run bash bench/fetch_wheels.sh here and carry .whl" > "$WORK/wheels.log"
     fi
     # the project: an editable install (needs setuptools >= 64 there); else a staging folder that lays the package
     # out as installed (sga/ with kernels/sga_kernels/ as sga/kernels), first on PYTHONPATH
-    if ! timeout -k 5 90 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . \
+    if ! timeout -k 5 60 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . \
             > "$WORK/install.log" 2>&1; then
         mkdir -p "$WORK/staged/sga"
         ln -s "$ROOT"/sga/* "$WORK/staged/sga/" && ln -s "$ROOT/kernels/sga_kernels" "$WORK/staged/sga/kernels"
@@ -213,7 +213,7 @@ fi
 { if command -v nvidia-smi > /dev/null; then nvidia-smi 2>&1 | head -15; else echo "nvidia-smi: not on this machine"; fi
   grep -E "^(sga.kernels from|torch )" "$WORK/install.log"
   echo "-- packages (bench/alternatives.py: version and path, or the import error)"
-  (cd bench && timeout -k 5 60 python3 alternatives.py)
+  (cd bench && timeout -k 5 45 python3 alternatives.py)
   echo "-- wheels: $(last_line "$WORK/wheels.log")"
 } > "$WORK/device.txt" 2>&1
 STEP_NOTE[setup]="done after $(( SECONDS - SETUP_BEGAN )) s"
