@@ -7,12 +7,12 @@
 # leave passes through it to the benchmarks. Each step runs under `timeout -k 10`: TERM at its limit, KILL 10 s
 # later (a process stuck in a CUDA call), and the limit already leaves those 10 s inside the share.
 #   setup       30  wheels, editable install, the import check, device.txt (versions or import errors)
-#   cuda_tests 100  the CUDA tests: logits kernel, fused linear, token rules, no host sync, the engine under bf16
+#   cuda_tests 120  the CUDA tests: logits kernel, fused linear, token rules, no host sync, the engine under bf16
 #   planted     30  the CUDA logits tests again with a halved gradient: they must fail
 #   engine      75  one SGA step of a Llama-3.2-1B-shaped model: ours / the model's loss / Liger, full and LoRA
-#   sweep      100  bench/gpu_sweep.py: the logits kernel's variants against the copy floor, the tuning table
-#   logits      75  test_bench_smoothed_ga.py (forward+backward at every shape first, torch.compile last)
-#   linear      70  test_bench_linear.py (same order)
+#   sweep       90  bench/gpu_sweep.py: the logits kernel's variants against the copy floor, the tuning table
+#   logits      70  test_bench_smoothed_ga.py (forward+backward at every shape first, torch.compile last)
+#   linear      65  test_bench_linear.py (same order)
 #   pack        10  tables, plot, summary.txt and results.tar.gz (also rewritten after every step)
 #   total      490  + 20 s of slack (the last step's kill grace, the final listing) = 510 s = 8.5 minutes
 #
@@ -28,7 +28,7 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 START_S=$SECONDS
 STEPS=(setup cuda_tests planted engine sweep logits linear pack)
-declare -A BUDGET_S=([setup]=30 [cuda_tests]=100 [planted]=30 [engine]=75 [sweep]=100 [logits]=75 [linear]=70 [pack]=10)
+declare -A BUDGET_S=([setup]=30 [cuda_tests]=120 [planted]=30 [engine]=75 [sweep]=90 [logits]=70 [linear]=65 [pack]=10)
 BUDGET_TOTAL_S=510
 KILL_GRACE_S=10
 SWEEP_STARTUP_S=25  # the sweep's Python start, floors and last variant: its own budget is its share less this
