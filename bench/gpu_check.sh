@@ -171,15 +171,17 @@ on_signal() {  # TERM / INT: stop the running step's process group, record it, e
     fi
     exit 143
 }
-trap 'pack; rm -rf "$WORK"' EXIT
+SITE=""
+trap 'pack; rm -rf "$WORK" ${SITE:+"$SITE"}' EXIT
 trap on_signal TERM INT
 
 # ---- setup: the alternatives' wheels, the project, the import check, the device and package versions
 SETUP_BEGAN=$SECONDS
 if [ "$SMOKE" != 1 ]; then
     if compgen -G ".whl/*.whl" > /dev/null; then
-        timeout -k 5 30 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
-            > "$WORK/wheels.log" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+        SITE=$(mktemp -d)  # a fresh folder of this run's own (never a shared path such as /tmp/site)
+        timeout -k 5 30 python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl \
+            > "$WORK/wheels.log" 2>&1 && export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
     else
         echo "no .whl/*.whl: run bash bench/fetch_wheels.sh here and carry .whl" > "$WORK/wheels.log"
     fi
