@@ -77,11 +77,14 @@ run_step() {  # run_step NAME LOG COMMAND...: the command under its limit, its n
     # in the background and waited for, so that a signal to this script is handled at once (on_signal); timeout
     # puts itself and the command into a process group of their own, which on_signal can stop
     CURRENT_STEP=$name
+    STEP_RUNNING=1
     timeout -k "$KILL_GRACE_S" "$limit" "$@" > "$log" 2>&1 < /dev/null &
     STEP_PID=$!
     wait "$STEP_PID"
     status=$?
+    STEP_RUNNING=0
     STEP_PID=""
+    CURRENT_STEP="the pause after $name"
     STEP_EXIT[$name]=$status
     if [ $status -eq 124 ] || [ $status -eq 137 ]; then
         STEP_NOTE[$name]="TIMED OUT after $(( SECONDS - began )) s (limit $limit s, exit $status): later rows missing"
@@ -162,11 +165,14 @@ pack() {  # tables from the rows so far, then tuning_table.py, results.tar.gz an
     mv "$OUT/summary.txt.part" "$OUT/summary.txt"
 }
 STEP_PID=""
+STEP_RUNNING=0
 CURRENT_STEP=setup
 on_signal() {  # TERM / INT: stop the running step's process group, record it, exit (the EXIT trap packs)
     STOPPED="interrupted by a signal during $CURRENT_STEP"
-    if [ -n "$STEP_PID" ]; then
-        kill -TERM -- "-$STEP_PID" 2>/dev/null
+    if [ "$STEP_RUNNING" = 1 ]; then
+        local pid=${STEP_PID:-$!}  # $!: the signal came between the step's start and the assignment
+        # timeout's own process group (timeout and the command); timeout alone if it has not made its group yet
+        kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null
         STEP_NOTE[$CURRENT_STEP]="INTERRUPTED by a signal (the step's processes were sent TERM)"
     fi
     exit 143
