@@ -1,10 +1,16 @@
 """The loss implementations a user could pick instead of ours, each as ``loss(logits, labels)`` (logits kernel)
 or ``loss(hidden, weight, labels, softcap)`` (fused linear), with the ascent sign applied outside where the
-library has none. A factory returns None when its package is not importable or cannot run on the device.
+library has none. A factory returns None when its package is not importable or cannot run on the device; why is
+in :func:`unavailable_reason` (the import error itself), and ``python bench/alternatives.py`` prints every
+alternative's package version or import error (bench/gpu_check.sh writes it to device.txt).
+
+The dictionaries are in the order the benchmarks run them: ``torch_compile`` last, since its first call compiles
+(tens of seconds with a cold inductor cache) and must not keep the others from running inside a time limit.
 """
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -41,14 +47,36 @@ def torch_compile(device: str) -> Callable:
     return _compiled_eager_logits_loss
 
 
+IMPORT_ERRORS: dict[str, str] = {}  # module -> the error its import raised
+
+
 def _cuda_only(device: str, module: str, name: str) -> Optional[Any]:
-    """module.name on CUDA when the package is importable, else None (the other libraries' kernels are CUDA only)."""
+    """module.name on CUDA when the package imports, else None (the other libraries' kernels are CUDA only); an
+    import that fails, with any exception (a version mismatch can raise more than ImportError), is recorded in
+    IMPORT_ERRORS."""
     if device != "cuda":
         return None
     try:
         return getattr(importlib.import_module(module), name)
-    except ImportError:
+    except Exception as error:  # noqa: BLE001 - the reason is reported, not hidden
+        IMPORT_ERRORS[module] = f"{type(error).__name__}: {error}"
         return None
+
+
+_MODULES = {"liger": "liger_kernel.ops", "liger_fused_linear": "liger_kernel.ops",
+            "cut_cross_entropy": "cut_cross_entropy"}  # fmt: skip
+
+
+def unavailable_reason(implementation: str, device: str) -> str:
+    """Why an implementation's factory returned None on this device (for a skip message)."""
+    if implementation == "torch_linear_cross_entropy":
+        return f"this torch ({torch.__version__}) has no torch.nn.functional.linear_cross_entropy"
+    module = _MODULES.get(implementation)
+    if device != "cuda":
+        return f"{implementation} runs on CUDA only"
+    if module in IMPORT_ERRORS:
+        return f"import {module} failed: {IMPORT_ERRORS[module]}"
+    return f"{implementation} is not available on {device}"
 
 
 def liger(device: str) -> Optional[Callable]:
@@ -65,8 +93,8 @@ LOGITS_IMPLEMENTATIONS = {
     "ours": ours,
     "ours_inplace": ours_inplace,
     "torch_eager": torch_eager,
-    "torch_compile": torch_compile,
     "liger": liger,
+    "torch_compile": torch_compile,  # last: its first call compiles
 }
 
 
@@ -126,8 +154,47 @@ def torch_linear_cross_entropy(device: str) -> Optional[Callable]:
 
 LINEAR_ALTERNATIVES = {
     "torch_eager": lambda device: eager_linear_loss,
-    "torch_compile": lambda device: _compiled_eager_linear_loss,
     "torch_linear_cross_entropy": torch_linear_cross_entropy,
     "liger_fused_linear": liger_fused_linear,
     "cut_cross_entropy": cut_cross_entropy,
+    "torch_compile": lambda device: _compiled_eager_linear_loss,  # last: its first call compiles
 }
+
+# the packages behind the alternatives and the engine benchmark, by import name
+PACKAGES = ("torch", "triton", "transformers", "accelerate", "peft", "liger_kernel", "cut_cross_entropy")
+
+
+def describe_packages() -> list[str]:
+    """One line per package: its version and where it was imported from, or the error its import raised; then
+    the entry points the benchmarks use (Liger's loss Functions and Llama patch, Cut Cross-Entropy's loss,
+    torch's linear_cross_entropy)."""
+    import importlib.metadata
+
+    lines = []
+    for name in PACKAGES:
+        try:
+            module = importlib.import_module(name)
+        except Exception as error:  # noqa: BLE001 - the reason is the report
+            lines.append(f"{name}: import failed: {type(error).__name__}: {error}")
+            continue
+        try:
+            version = importlib.metadata.version(name.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            version = getattr(module, "__version__", "unknown version")
+        lines.append(f"{name} {version} ({Path(module.__file__).parent if module.__file__ else 'namespace'})")
+    entry_points = [("liger_kernel.ops", "LigerCrossEntropyFunction"),
+                    ("liger_kernel.ops", "LigerFusedLinearCrossEntropyFunction"),
+                    ("liger_kernel.transformers", "apply_liger_kernel_to_llama"),
+                    ("cut_cross_entropy", "linear_cross_entropy"),
+                    ("torch.nn.functional", "linear_cross_entropy")]  # fmt: skip
+    for module, name in entry_points:
+        try:
+            getattr(importlib.import_module(module), name)
+            lines.append(f"{module}.{name}: importable")
+        except Exception as error:  # noqa: BLE001
+            lines.append(f"{module}.{name}: NOT importable: {type(error).__name__}: {str(error)[:300]}")
+    return lines
+
+
+if __name__ == "__main__":
+    print("\n".join(describe_packages()))

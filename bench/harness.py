@@ -116,3 +116,16 @@ def write_rows(name: str, rows: list[dict]) -> Path:
         for row in rows:
             handle.write(json.dumps(row) + "\n")
     return path
+
+
+def benchmark_order(shapes, phases, implementations, last=("torch_compile",)) -> list[tuple]:
+    """(shape, phase, implementation) in the order the benchmark runs them, so that a run cut short by its time
+    limit has what matters most: the goal's phase (phases[0]) at every shape before any other phase, the shapes in
+    their listed order (the goal's first), and in each phase the implementations in their order except those in
+    ``last`` (torch.compile, whose first call compiles for tens of seconds), which follow at every shape once the
+    others have run."""
+    order = []
+    for phase in phases:
+        for group in ([i for i in implementations if i not in last], [i for i in implementations if i in last]):
+            order += [(shape, phase, implementation) for shape in shapes for implementation in group]
+    return order

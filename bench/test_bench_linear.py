@@ -39,9 +39,9 @@ import math
 import pytest
 import torch
 
-from alternatives import LINEAR_ALTERNATIVES, SMOOTHING, materialized_logits
+from alternatives import LINEAR_ALTERNATIVES, SMOOTHING, materialized_logits, unavailable_reason
 from conftest import DEVICE, SHAPE_SET
-from harness import environment, peak_extra_bytes, synchronize, time_phase, write_rows
+from harness import benchmark_order, environment, peak_extra_bytes, synchronize, time_phase, write_rows
 from sga.kernels import linear_smoothed_ga_loss, smoothed_ga_loss
 from sga.kernels.linear import default_chunk_rows, min_chunk_rows
 
@@ -154,7 +154,7 @@ def make_phases(implementation, num_tokens, hidden_size, vocab_size, dtype_name,
 
 def _measure(benchmark, floors: dict, implementation: str, shape_name: str, shape: tuple, phase: str) -> dict:
     if implementation in LINEAR_ALTERNATIVES and LINEAR_ALTERNATIVES[implementation](DEVICE) is None:
-        pytest.skip(f"{implementation} is not installed or does not run on {DEVICE}")
+        pytest.skip(unavailable_reason(implementation, DEVICE))
     num_tokens, hidden_size, vocab_size, dtype_name, softcap, ignored = shape
     if implementation == "torch_linear_cross_entropy" and softcap is not None:
         pytest.skip("torch.nn.functional.linear_cross_entropy has no logit softcap")
@@ -230,7 +230,8 @@ def _check_memory_bounds(row: dict, shape: tuple) -> None:
         assert row["peak_extra_bytes"] <= budget, row
 
 
-CASES = [(impl, name, phase) for name in SHAPES[SHAPE_SET] for phase in PHASES for impl in IMPLEMENTATIONS]
+# forward+backward at every shape first (the goal's shape first), torch.compile after the others (harness)
+CASES = [(impl, name, phase) for name, phase, impl in benchmark_order(list(SHAPES[SHAPE_SET]), PHASES, IMPLEMENTATIONS)]
 
 
 @pytest.mark.parametrize("implementation, shape_name, phase", CASES)

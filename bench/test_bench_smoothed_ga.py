@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alternatives import LOGITS_IMPLEMENTATIONS
+from alternatives import LOGITS_IMPLEMENTATIONS, unavailable_reason
 from conftest import DEVICE, SHAPE_SET
-from harness import environment, peak_extra_bytes, synchronize, time_phase, write_rows
+from harness import benchmark_order, environment, peak_extra_bytes, synchronize, time_phase, write_rows
 
 SHAPES = {
     "cpu": [(2048, 32000, "float32"), (1024, 128256, "float32"), (2048, 32000, "bfloat16")],
@@ -56,19 +56,15 @@ def timed_phase(benchmark, phase: str, loss_fn, logits, labels) -> None:
     time_phase(benchmark, phase, forward, backward, ROUNDS)
 
 
-CASES = [
-    (impl, *shape, phase)
-    for shape in SHAPES[SHAPE_SET]
-    for phase in PHASES
-    for impl in LOGITS_IMPLEMENTATIONS
-]
+# forward+backward at every shape first (the goal's shape first), torch.compile after the others (harness)
+CASES = [(impl, *shape, phase) for shape, phase, impl in benchmark_order(SHAPES[SHAPE_SET], PHASES, LOGITS_IMPLEMENTATIONS)]
 
 
 @pytest.mark.parametrize("implementation, num_tokens, vocab_size, dtype_name, phase", CASES)
 def test_logits_loss(benchmark, floors, collect_row, implementation, num_tokens, vocab_size, dtype_name, phase):
     loss_fn = LOGITS_IMPLEMENTATIONS[implementation](DEVICE)
     if loss_fn is None:
-        pytest.skip(f"{implementation} is not installed or does not run on {DEVICE}")
+        pytest.skip(unavailable_reason(implementation, DEVICE))
     dtype = getattr(torch, dtype_name)
     benchmark.group = f"logits {phase} N={num_tokens} V={vocab_size} {dtype_name}"
     try:

@@ -10,10 +10,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Iterator
 
-# largest row kept whole in registers: 2**15 fp32 values over 32 warps is 32 registers a thread per array
+# largest row the sweep tries to keep whole in registers: 2**15 fp32 values over 32 warps is 32 registers a thread
 SINGLE_BLOCK_MAX_V = 1 << 15
-# more values a thread than this spill on sm_90 (tests/kernels/compile_kernels_for_gpu.py --report: 64 a thread at
-# 4 or 8 warps hit the 255-register cap and kilobytes of stack)
+# largest row the default keeps whole: up to 2**14 the single-block kernel spills nothing on sm_90 at 8 / 32 warps
+# (Triton 3.6 with the JIT's real specialization, `tests/kernels/compile_kernels_for_gpu.py`; docs/kernel-notes.md,
+# "Resources with the JIT's specialization"), at 2**15 it spills 64 bytes a thread at 32 warps and 88 at 16
+SINGLE_BLOCK_DEFAULT_MAX_V = 1 << 14
+# values a thread in the sweep's two-sweep variants: a budget choice, not a spill limit (64 a thread compile without
+# spills, e.g. bf16 16384-element blocks at 8 warps: 235 registers; 128 a thread spill), since 64 a thread leaves one
+# program of 4-8 warps on an SM, too few to hide the memory latency
 MAX_ELEMENTS_PER_THREAD = 32
 
 
@@ -57,13 +62,22 @@ def fits_single_block(vocab_size: int) -> bool:
 
 
 def default_config(vocab_size: int, element_size: int) -> KernelConfig:
-    """The untuned choice (bench/NOTES.md's predictions): the row in registers when it fits (each logit read from
-    HBM once), else 16 KB blocks, 16 warps, sweep 1 pipelined two deep, sweep 2 reversed, one program per SM (at
-    8 warps Triton 3.6 gives the kernel 254 registers a thread: one program fills an SM's register file anyway)."""
-    if fits_single_block(vocab_size):
+    """The untuned choice, read off the sm_90 resource table (docs/kernel-notes.md, "Resources with the JIT's
+    specialization"; Triton 3.6, the real JIT specialization: 16-byte loads and cp.async):
+
+    - rows up to 2**14: the whole row in registers (each logit read from HBM once), no spills there;
+    - longer rows: two sweeps over 32 KB blocks (16384 bf16 / 8192 fp32 elements) at 16 warps, sweep 1 pipelined two
+      deep, sweep 2 reversed, one program per SM. 123 (bf16) / 105 (fp32) registers, no spills. One program per SM
+      is chosen for L2, not registers (8-warp programs of 16 KB blocks take 128 registers, so two would fit): 132
+      rows in flight are 33 MB of bf16 V = 128256 rows, inside the H100's 50 MB L2, so sweep 2 reads from L2; two
+      per SM would be 66 MB. With one program per SM the bytes in flight come from the block: 32 KB blocks, two
+      stages deep, keep up to 64 KB an SM in flight, above Little's law's ~14 KB (H100, 3 TB/s) and ~22 KB (H200,
+      4.8 TB/s) at ~0.6 us of latency, with room for a slower one; 16 KB blocks are at the H200's figure. A
+      prediction until bench/gpu_sweep.py has timed the variants."""
+    if vocab_size <= SINGLE_BLOCK_DEFAULT_MAX_V:
         return KernelConfig(block_v=next_power_of_2(vocab_size), num_warps=32 if vocab_size > 8192 else 8,
                             programs_per_sm=1, single_block=True)
-    block = 16384 // element_size
+    block = 32768 // element_size
     return KernelConfig(block_v=block, num_warps=16, num_stages=2, programs_per_sm=1, reverse_sweep2=True)
 
 
@@ -94,8 +108,8 @@ def config_for(architecture: str, dtype_name: str, vocab_size: int, element_size
 
 
 def sweep_variants(vocab_size: int, element_size: int) -> Iterator[KernelConfig]:
-    """The variants bench/gpu_sweep.py times for one case, one knob changed at a time around the default (a full
-    grid would not fit the sweep's 4-minute budget): block size x warps, pipelining depth, programs per SM,
+    """The variants bench/gpu_sweep.py times for one case, the default first, then one knob changed at a time around
+    it (a full grid would not fit the sweep's budget): block size x warps, pipelining depth, programs per SM,
     reversed sweep 2, cache hints, ftz exp2, and the single-block path where the row fits."""
     base = replace(default_config(max(vocab_size, SINGLE_BLOCK_MAX_V + 1), element_size))
     seen = set()
@@ -105,6 +119,7 @@ def sweep_variants(vocab_size: int, element_size: int) -> Iterator[KernelConfig]
             seen.add(config)
             yield config
 
+    yield from once(base)  # the default first: a sweep cut short by its budget has measured it
     for kilobytes in (8, 16, 32):
         for warps in (4, 8, 16, 32):
             block = kilobytes * 1024 // element_size
@@ -112,8 +127,11 @@ def sweep_variants(vocab_size: int, element_size: int) -> Iterator[KernelConfig]
                 yield from once(replace(base, block_v=block, num_warps=warps))
     for stages in (1, 3, 4):
         yield from once(replace(base, num_stages=stages))
-    for programs in (2, 4):
+    for programs in (2, 4):  # at the default's registers only one program is resident: the others queue
         yield from once(replace(base, programs_per_sm=programs))
+    # two co-resident programs per SM (8 warps of 16 KB blocks take 128 registers): twice the rows in flight, the
+    # alternative to the default's one program per SM
+    yield from once(replace(base, block_v=16384 // element_size, num_warps=8, programs_per_sm=2))
     yield from once(replace(base, reverse_sweep2=False))
     yield from once(replace(base, cache_hints=True))
     yield from once(replace(base, cache_hints=True, programs_per_sm=2))

@@ -1,5 +1,7 @@
 """Compile the token-rule Triton kernel ahead of time for sm_80 and sm_90, without a GPU (run without
-TRITON_INTERPRET): every rule (a ``@triton.jit`` function passed as a constexpr) lowered to a cubin.
+TRITON_INTERPRET): every rule (a ``@triton.jit`` function passed as a constexpr) lowered to a cubin, through the
+real launcher ``token_loss_triton.rows_forward`` on meta tensors and Triton's own JIT specialization of its
+arguments (compile_kernels_for_gpu.compile_launches).
 
     python tests/kernels/compile_token_kernels_for_gpu.py
 """
@@ -7,38 +9,38 @@ from __future__ import annotations
 
 import itertools
 
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
+import torch
 
-from compile_kernels_for_gpu import POINTER_TYPES, compile_for
+from compile_kernels_for_gpu import DTYPES, NUM_ROWS, SM80, SM90, compile_launches, meta
 from sga.kernels import token_loss_triton
 from sga.kernels.token_rules import TOKEN_RULES
 
+VOCAB_SIZE = 128256
+
 
 def variants():
-    for (name, rule), (dtype, write_grad) in itertools.product(
+    for (name, rule), (dtype_name, write_grad) in itertools.product(
         TOKEN_RULES.items(), (("bfloat16", True), ("float32", False), ("float64", True))
     ):
-        acc = "*fp64" if dtype == "float64" else "*fp32"
-        signature = {
-            "logits_ptr": POINTER_TYPES[dtype], "logits_row_stride": "i64", "labels_ptr": "*i64", "weights_ptr": acc,
-            "grad_norm_ptr": acc, "grad_ptr": POINTER_TYPES[dtype], "grad_row_stride": "i64", "row_loss_ptr": acc,
-            "num_rows": "i32", "vocab_size": "i32", "param0": "fp32", "param1": "fp32", "ignore_index": "i32",
-        }
-        constexprs = {
-            "RULE": rule.triton_form, "USES_Q": rule.uses_q, "HAS_WEIGHTS": True, "WRITE_GRAD": write_grad,
-            "ACC_DTYPE": tl.float64 if dtype == "float64" else tl.float32, "BLOCK_V": 4096, "EXPLICIT_BF16_RTNE": False,
-        }
-        yield f"{name} {dtype} grad={write_grad}", signature, constexprs
+        dtype = DTYPES[dtype_name]
+        accumulation = torch.float64 if dtype == torch.float64 else torch.float32
+
+        def launch(rule=rule, dtype=dtype, accumulation=accumulation, write_grad=write_grad):
+            return token_loss_triton.rows_forward(
+                meta(NUM_ROWS, VOCAB_SIZE, dtype=dtype), meta(NUM_ROWS, dtype=torch.int64),
+                meta(NUM_ROWS, dtype=accumulation), meta(dtype=accumulation),
+                meta(NUM_ROWS, VOCAB_SIZE, dtype=dtype) if write_grad else None, rule, 0.5, 1.0, -100,
+            )  # fmt: skip
+
+        yield f"{name} {dtype_name} grad={write_grad}", launch
 
 
 def main() -> None:
-    targets = [GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)]
-    for label, signature, constexprs in variants():
-        for target in targets:
-            compiled = compile_for(token_loss_triton.token_rule_rows_kernel, signature, constexprs, target, num_warps=8)
-            assert compiled.asm.get("cubin"), f"{label}: no cubin for sm_{target.arch}"
-        print(f"ok {label}")
+    for label, launch in variants():
+        for target in (SM90, SM80):
+            for compiled in compile_launches(launch, target):
+                assert compiled.asm.get("cubin"), f"{label}: no cubin for sm_{target.arch}"
+        print(f"ok {label}", flush=True)
 
 
 if __name__ == "__main__":

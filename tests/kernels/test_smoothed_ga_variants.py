@@ -143,7 +143,8 @@ def test_single_block_config_must_hold_the_row():
 def test_tuning_table_lookup(monkeypatch):
     default = tuning.config_for("sm90", "bfloat16", 128256, 2)
     assert default == tuning.default_config(128256, 2) and not default.single_block
-    assert tuning.config_for("sm90", "bfloat16", 32000, 2).single_block
+    assert tuning.config_for("sm90", "bfloat16", 16000, 2).single_block  # the row fits without spills
+    assert not tuning.config_for("sm90", "bfloat16", 32000, 2).single_block  # it would spill: two sweeps
     measured = tuning.KernelConfig(block_v=4096, num_warps=16, num_stages=3, programs_per_sm=1)
     monkeypatch.setitem(tuning.TABLE, ("sm90", "bfloat16", 131072), measured)
     assert tuning.config_for("sm90", "bfloat16", 128256, 2) == measured

@@ -286,7 +286,8 @@ def test_linear_token_loss_float64_is_exact_and_returns_token_losses():
         linear_token_loss(hidden, weight, labels, "wga", gamma=1.0)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernel compiles and runs in the tests above")
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="on a GPU test_token_rule_kernel_on_cuda compiles and runs the kernel (bench/gpu_check.sh)")
 def test_token_kernel_compiles_for_nvidia_targets():
     """Every rule, passed to the kernel as a constexpr @triton.jit function, lowers to sm_80 / sm_90 cubins."""
     script = Path(__file__).with_name("compile_token_kernels_for_gpu.py")
@@ -332,3 +333,46 @@ def test_linear_token_loss_bfloat16(backend):
         for grad, ref in zip(grads, ref_grads):
             assert grad.dtype == torch.bfloat16
             torch.testing.assert_close(grad.double(), ref, rtol=3e-2, atol=3e-2 * ref.abs().max().item())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rule,params", RULE_PARAMS)
+def test_token_rule_kernel_on_cuda(rule, params, device="cuda", num_rows=512, vocab_size=128256):
+    """The Triton kernel compiled and run on a GPU (every other test here runs it in the interpreter or on CPU
+    tensors, so only this one reaches the GPU): bf16 logits at Llama-3's vocabulary, targets from unlikely to
+    certain, ignored rows, signed weights, a per-row grad_output; rows at the start, the middle and the end (the
+    persistent grid's first and last rows of its programs) against the float64 reference on the same bf16 values.
+    The rule of docs/design.md section 4: the kernel's error is at most the float32 torch backend's own error on
+    the same inputs (ce_u's p - q cancels, so float32 sums over 128K classes set it), plus the two bf16 roundings
+    of the gradient (its store, and the backward's scale by grad_output): 2**-7 relative."""
+    generator = torch.Generator(device=device).manual_seed(8)
+    logits = (3 * torch.randn(num_rows, vocab_size, device=device, generator=generator)).bfloat16()
+    labels = torch.randint(0, vocab_size, (num_rows,), device=device, generator=generator)
+    # targets from unlikely (random logits: p_y ~ 1/V) to certain, so that the rules weighted by p_y (satimp,
+    # wga) have gradients of float32 size and not only of float32's underflow
+    boost = torch.linspace(0.0, 16.0, num_rows, device=device)
+    logits = logits.float().scatter_add(1, labels.unsqueeze(1), boost.unsqueeze(1)).bfloat16()
+    labels[::7] = -100
+    weights = torch.randn(num_rows, device=device, generator=generator)
+    grad_output = torch.rand(num_rows, device=device, generator=generator) + 0.5
+    kwargs = dict(rule=rule, token_weights=weights, reduction="none", **params)
+    results = {}
+    for backend in ("triton", "torch"):
+        z = logits.clone().requires_grad_(True)
+        loss = token_loss(z, labels, backend=backend, **kwargs)
+        (loss * grad_output).sum().backward()
+        results[backend] = (loss.detach(), z.grad)
+    loss, grad = results["triton"]
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    for row in (0, 1, 2, num_rows // 2, num_rows - 2, num_rows - 1):
+        exact_z = logits[row : row + 1].double().requires_grad_(True)
+        exact = token_loss_reference(exact_z, labels[row : row + 1], rule=rule, token_weights=weights[row : row + 1],
+                                     reduction="none", **params)  # fmt: skip
+        (exact * grad_output[row].double()).sum().backward()
+        torch.testing.assert_close(loss[row : row + 1].double(), exact.detach(), rtol=1e-5, atol=1e-5)
+        expected = exact_z.grad[0]
+        torch_error = (results["torch"][1][row].double() - expected).abs()
+        slack = torch_error + 2.0**-7 * expected.abs() + 1e-7 * expected.abs().max() + torch.finfo(torch.float32).tiny
+        assert torch.all((grad[row].double() - expected).abs() <= slack), (rule, row)
+        if labels[row] == -100:
+            assert torch.all(grad[row] == 0)
