@@ -27,7 +27,18 @@ RESULTS_DIR = Path(os.environ.get("SGA_BENCH_RESULTS", Path(__file__).resolve().
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} CPU x{torch.get_num_threads()} threads"
+    return f"{cpu_name()} x{torch.get_num_threads()} threads"
+
+
+def cpu_name() -> str:
+    """The CPU as /proc/cpuinfo names it, with family / model / stepping and its SIMD flags (numbers from
+    different CPU families do not carry over: bench results say which one they came from)."""
+    try:
+        from sga.kernels.cpu_routes import cpu_description
+
+        return cpu_description()
+    except ImportError:
+        return f"{platform.processor() or platform.machine()} CPU"
 
 
 def environment(device: str) -> dict:
