@@ -70,7 +70,7 @@ def make_batch(vocab_size: int, num_forget: int, length: int) -> dict[str, torch
 def make_step(implementation: str, shape: tuple):
     """A closure running one training step; the model, batch and optimizer are built once."""
     from sga.config import MethodConfig
-    from sga.methods.base import build_objective
+    from sga.methods import build_objective
 
     layers, hidden_size, vocab_size, num_forget, length = shape
     model = make_model(layers, hidden_size, vocab_size)

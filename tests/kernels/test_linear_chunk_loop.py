@@ -15,7 +15,7 @@ from sga.engine.trainer import UnlearningTrainer
 from sga.kernels import linear_smoothed_ga_loss
 from sga.kernels.linear import MAX_CHUNK_ROWS, default_chunk_rows, fused_linear_rows
 from sga.kernels.smoothed_ga import SmoothedGARowKernel
-from sga.methods.base import build_objective
+from sga.methods import build_objective
 from test_linear_smoothed_ga import FP32_TOL, RecordOps, assert_matches_truth, make_case, ours, truth
 
 
@@ -268,7 +268,7 @@ def test_nonlinear_objectives_recompute_in_backward(engine, monkeypatch, name, p
 def test_logged_nll_from_the_fused_call_equals_a_separate_evaluation(engine):
     """The per-sequence NLLs read back from the weighted call's token losses (sum_t (c / n) l_t / c) equal
     l(x) computed on their own, for negative, positive and tiny coefficients."""
-    from sga.methods.base import joint_sequence_nll, weighted_sequence_loss
+    from sga.methods.sequence_nll import joint_sequence_nll, weighted_sequence_loss
 
     _, model, _, batch = engine
     with torch.no_grad():
