@@ -83,6 +83,9 @@ def _compiled_forward(logits, terms, grad_buffer, row_loss, smoothing, softcap, 
     """The compiled chunk functions over near-equal row chunks; returns the first row not done (N when all are),
     which is where the eager loop takes over if compilation fails."""
     in_place = grad_buffer.data_ptr() == logits.data_ptr()
+    # detached views of the same storage: the compiled functions write them in place, and dynamo refuses views of a
+    # tensor autograd records (logits = h @ W^T with inplace_backward) that were written in place under no_grad
+    logits, grad_buffer = logits.detach(), grad_buffer.detach()
     capped = softcap is not None
     try:
         compiled_rows.warm_up(logits.dtype, capped, in_place)  # compiles on a dummy chunk, before any real data
@@ -99,15 +102,14 @@ def _compiled_forward(logits, terms, grad_buffer, row_loss, smoothing, softcap, 
         # 0-dim tensors, not Python floats: no recompile per value
         values = (smoothing, logit_scale) if softcap is None else (smoothing, logit_scale, softcap)
         scalars = [torch.tensor(value, dtype=torch.float32) for value in values]
-    for start, stop in compiled_rows.chunk_bounds(*logits.shape):
-        rows = logits[start:stop]
-        out = rows if in_place else grad_buffer[start:stop]
-        labels, valid, coef, grad_coef = (
-            t[start:stop] for t in (terms.safe_labels, terms.valid, terms.coef, terms.grad_coef)
-        )
-        # the in-place case passes one tensor twice: the compiled kernels read and overwrite it; no_grad: one graph
-        # whether or not the caller records autograd (dynamo guards on the grad mode)
-        with torch.no_grad():
+    # no_grad: one graph whether or not the caller records autograd (dynamo guards on the grad mode)
+    with torch.no_grad():
+        for start, stop in compiled_rows.chunk_bounds(*logits.shape):
+            rows = logits[start:stop]
+            out = rows if in_place else grad_buffer[start:stop]  # in place: one tensor passed twice
+            labels, valid, coef, grad_coef = (
+                t[start:stop] for t in (terms.safe_labels, terms.valid, terms.coef, terms.grad_coef)
+            )
             if two_sweeps:
                 # no fallback past this point in place: the first function has overwritten the chunk with e
                 stats = exp_sweeps(rows, labels, scale, out)

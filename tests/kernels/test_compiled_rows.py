@@ -192,3 +192,18 @@ def test_a_compile_failure_of_the_second_function_leaves_in_place_logits_intact(
         loss = rows_forward(working, labels, None, grad)
     torch.testing.assert_close(loss, expected_loss, **FP32_TOL)
     torch.testing.assert_close(grad, expected_grad, **FP32_TOL)
+
+
+def test_in_place_on_logits_that_autograd_records(compiled_only):
+    """The fused linear benchmark's materialized path: logits = h @ W^T (recorded by autograd), then the loss with
+    inplace_backward=True; the chunk views are written in place by both compiled functions."""
+    generator = torch.Generator().manual_seed(38)
+    hidden = torch.randn(6, 8, generator=generator, requires_grad=True)
+    weight = torch.randn(4500, 8, generator=generator, requires_grad=True)
+    labels = torch.randint(0, 4500, (6,), generator=generator)
+    logits = hidden @ weight.t()
+    exact_loss, exact_grad = truth(logits.detach(), labels, smoothing=0.1)  # dL/dlogits in float64
+    loss = smoothed_ga_loss(logits, labels, smoothing=0.1, inplace_backward=True, backend="torch")
+    loss.backward()
+    torch.testing.assert_close(loss.double(), exact_loss, **FP32_TOL)
+    torch.testing.assert_close(hidden.grad.double(), exact_grad @ weight.detach().double(), **FP32_TOL)
