@@ -12,10 +12,12 @@ Cases (ratio = the alternative's time / ours; > 1: ours faster):
 - linear_bench_none / linear_bench_half: the same at bench/test_bench_linear.py's fp32 shape N=2048 D=512
   V=128256;
 - logits: ``smoothed_ga_loss`` (the CPU torch backend) forward+backward, fp32 N=2048 V=32000, against
-  torch.compile of the eager loss (bench/alternatives.py);
+  torch.compile of the eager loss and the eager loss itself (bench/alternatives.py);
 - hf: ``sga.hf.causal_lm_loss`` forward+backward on a tiny 2-layer Llama (D=256, V=128256), 12 sequences of 128
   tokens with the first half of each a prompt, against the model's own loss (``model(...).loss``).
-With --memory, the fused linear cases also report ours' peak extra memory in a fresh process after a first call
+With --routes, the fused linear cases also time ours on each fixed GEMM route (``ours_route_mm``: torch.mm for every
+chunk GEMM; ``ours_route_onednn``: oneDNN for every one, the route before the probe existed). With --memory, the
+fused linear cases also report ours' peak extra memory in a fresh process after a first call
 (RSS high-water mark beyond the inputs and the returned dH and dW; bench/harness.py), as a share of the fp32
 logits.
 
@@ -36,16 +38,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def cpu_description() -> str:
-    from sga.kernels import cpu_routes
+    try:
+        from harness import cpu_name
+    except ImportError:  # an older tree's harness: the model name alone
+        import platform
 
-    return cpu_routes.cpu_description()
+        return platform.processor() or platform.machine()
+    return cpu_name()
+
+
+def cached_routes() -> dict:
+    """This CPU's cached GEMM routes (None where this tree has no sga.kernels.cpu_routes, e.g. an older one)."""
+    try:
+        from sga.kernels import cpu_routes
+    except ImportError:
+        return None
+    return cpu_routes.describe_cache()
 
 
 def _clock(kind: str):
     return time.perf_counter if kind == "wall" else time.thread_time
 
 
-def linear_case(num_tokens, hidden_size, vocab_size, ignored):
+def with_route(run, value: str):
+    """run() with SGA_CPU_ROUTE=value (the route is read at each call)."""
+
+    def routed():
+        previous = os.environ.get("SGA_CPU_ROUTE")
+        os.environ["SGA_CPU_ROUTE"] = value
+        try:
+            run()
+        finally:
+            if previous is None:
+                del os.environ["SGA_CPU_ROUTE"]
+            else:
+                os.environ["SGA_CPU_ROUTE"] = previous
+
+    return routed
+
+
+def linear_case(num_tokens, hidden_size, vocab_size, ignored, routes=False):
     from test_bench_linear import make_phases
 
     def build(implementation):
@@ -54,7 +86,11 @@ def linear_case(num_tokens, hidden_size, vocab_size, ignored):
         )
         return lambda: backward(forward())
 
-    return {"ours": build("ours"), "materialized_kernel": build("materialized_kernel")}
+    runs = {"ours": build("ours"), "materialized_kernel": build("materialized_kernel")}
+    if routes:  # ours on each fixed route too: what the measured choice buys over either
+        runs["ours_route_mm"] = with_route(runs["ours"], "mm")
+        runs["ours_route_onednn"] = with_route(runs["ours"], "onednn")
+    return runs
 
 
 def logits_case(num_tokens=2048, vocab_size=32000):
@@ -75,7 +111,7 @@ def logits_case(num_tokens=2048, vocab_size=32000):
 
         return run
 
-    return {"ours": build("ours"), "torch_compile": build("torch_compile")}
+    return {"ours": build("ours"), "torch_compile": build("torch_compile"), "torch_eager": build("torch_eager")}
 
 
 def hf_case(layers=2, hidden_size=256, vocab_size=128256, sequences=12, length=128):
@@ -106,12 +142,12 @@ def hf_case(layers=2, hidden_size=256, vocab_size=128256, sequences=12, length=1
 
 
 CASES = {
-    "linear_none": lambda: linear_case(1024, 512, 65536, 0.0),
-    "linear_half": lambda: linear_case(1024, 512, 65536, 0.5),
-    "linear_bench_none": lambda: linear_case(2048, 512, 128256, 0.0),
-    "linear_bench_half": lambda: linear_case(2048, 512, 128256, 0.5),
-    "logits": logits_case,
-    "hf": hf_case,
+    "linear_none": lambda routes: linear_case(1024, 512, 65536, 0.0, routes),
+    "linear_half": lambda routes: linear_case(1024, 512, 65536, 0.5, routes),
+    "linear_bench_none": lambda routes: linear_case(2048, 512, 128256, 0.0, routes),
+    "linear_bench_half": lambda routes: linear_case(2048, 512, 128256, 0.5, routes),
+    "logits": lambda routes: logits_case(),
+    "hf": lambda routes: hf_case(),
 }
 LINEAR_SHAPES = {
     "linear_none": (1024, 512, 65536, 0.0),
@@ -121,11 +157,22 @@ LINEAR_SHAPES = {
 }
 
 
+def probes_run() -> int:
+    """CPU route probes run so far in this process (0 where this tree has none)."""
+    try:
+        from sga.kernels import cpu_routes
+    except ImportError:
+        return 0
+    return cpu_routes.probe_count
+
+
 def time_case(runs: dict, rounds: int, clock) -> dict[str, list[float]]:
-    """Each implementation once untimed, then `rounds` rounds of each, the order rotated every round."""
+    """Each implementation once untimed, then `rounds` rounds of each, the order rotated every round. Fails if a
+    CPU route probe runs during the timed rounds."""
     names = list(runs)
     for name in names:
         runs[name]()
+    probes = probes_run()
     times = {name: [] for name in names}
     for round_index in range(rounds):
         order = names[round_index % len(names):] + names[: round_index % len(names)]
@@ -133,6 +180,7 @@ def time_case(runs: dict, rounds: int, clock) -> dict[str, list[float]]:
             begin = clock()
             runs[name]()
             times[name].append(clock() - begin)
+    assert probes_run() == probes, "a CPU route probe ran while timing"
     return times
 
 
@@ -157,12 +205,13 @@ def main() -> None:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall clock (idle cores) or the thread's CPU time (a loaded machine, 1 thread)")
     parser.add_argument("--memory", action="store_true", help="also the fused linear cases' peak extra memory")
+    parser.add_argument("--routes", default="", help="comma-separated fused linear cases that also time ours on "
+                        "each forced GEMM route (SGA_CPU_ROUTE=mm, onednn)")
     parser.add_argument("--json", type=Path, help="append the results as one JSON line here")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
-    from sga.kernels import cpu_routes
 
     header = {
         "date": datetime.date.today().isoformat(),
@@ -177,7 +226,7 @@ def main() -> None:
     clock = _clock(args.clock)
     results = {}
     for case in args.cases.split(","):
-        runs = CASES[case]()
+        runs = CASES[case](case in args.routes.split(","))
         times = time_case(runs, args.rounds, clock)
         best = {name: min(values) for name, values in times.items()}
         ratios = {name: best[name] / best["ours"] for name in best if name != "ours"}
@@ -191,7 +240,7 @@ def main() -> None:
         print(f"{case:18} {line}  {ratio_text}{memory_text}", flush=True)
         del runs
     header["load_after"] = os.getloadavg()
-    header["routes"] = cpu_routes.describe_cache()
+    header["routes"] = cached_routes()
     print(json.dumps({"load_after": header["load_after"], "routes": header["routes"]}))
     if args.json:
         with args.json.open("a") as handle:

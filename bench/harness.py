@@ -60,7 +60,9 @@ def _status_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _cpu_peak_worker(make_case: Callable, case_args: tuple, warmup_args: tuple, queue) -> None:
+def _cpu_peak_worker(make_case: Callable, case_args: tuple, warmup_args: tuple, queue, threads: int = 0) -> None:
+    if threads:
+        torch.set_num_threads(threads)  # the parent's count: the same code paths (and CPU GEMM route) as its timing
     make_case(*warmup_args)[0]()  # first-call allocations (thread pools, lazy imports) are not the call's cost
     run, _ = make_case(*case_args)
     gc.collect()
@@ -95,7 +97,8 @@ def peak_extra_bytes(make_case: Callable, case_args: tuple, warmup_args: tuple, 
         return torch.cuda.max_memory_allocated() - before
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_cpu_peak_worker, args=(make_case, case_args, warmup_args, queue))
+    args = (make_case, case_args, warmup_args, queue, torch.get_num_threads())
+    process = context.Process(target=_cpu_peak_worker, args=args)
     process.start()
     result = queue.get(timeout=900)
     process.join()

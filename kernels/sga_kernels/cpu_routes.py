@@ -9,8 +9,10 @@ float32 accumulator's update by 15-35%. A fixed choice tuned on one CPU loses on
 - **What is timed.** Each chunk GEMM through the very functions the loop calls (``linear_gemms.logits_into``,
   ``hidden_grad``, ``accumulate_weight_grad``), on each library, at the call's chunk rows R and hidden size D and
   a vocabulary slice of ``probe_vocab`` rows (about ``PROBE_FLOPS`` per GEMM and thread: ~25-35 ms at one thread
-  on the CPUs measured), with the caller's thread count. One untimed call of each, then ``PROBE_ROUNDS`` rounds
-  with the libraries alternating; the minimum counts. Six GEMMs x 3 calls: about 0.5-0.7 s at one thread.
+  on the CPUs measured) of an [R, V] buffer (the chunk workspace's own size and row stride), with the caller's
+  thread count. One untimed call of each, then ``PROBE_ROUNDS`` rounds with the libraries alternating; the
+  minimum counts. Six GEMMs x 3 calls: about 0.6-1 s at one thread. Its memory: the [R, V] buffer (the size of
+  the call's own workspace) and two slices of about 32 MiB, freed when it returns.
 - **The decision rule** (:func:`decide`), per GEMM: oneDNN only when its time is at most ``1 - MARGIN`` (0.95) of
   torch.mm's. torch.mm is the default because it is the simpler route: one call straight into the workspace or the
   accumulator (``addmm_``), no block products (each a fresh allocation) and one parallel region instead of one or
@@ -24,8 +26,7 @@ float32 accumulator's update by 15-35%. A fixed choice tuned on one CPU loses on
 - **When.** Only for float32 CPU GEMMs of at least ``linear_gemms.ONEDNN_MIN_FLOPS`` (smaller ones, other dtypes
   and other devices always call torch.mm, and never probe), the first time a process meets a key that the cache
   file does not hold. The key: the CPU (:func:`cpu_description`: model name, family, model, stepping, SIMD
-  flags), the torch version, the dtype, the thread count and the shape class (D, R and the probe's vocabulary
-  slice). A benchmark calls :func:`route_for` (or one loss call) before it times anything, so that no probe runs in
+  flags), the torch version, the dtype, the thread count and the GEMM shape (D, R, V). A benchmark calls :func:`route_for` (or one loss call) before it times anything, so that no probe runs in
   a timed region (bench/test_bench_linear.py and bench/cpu_check.py do).
 - **The cache.** A JSON file, ``$SGA_CPU_ROUTE_CACHE``, else ``$XDG_CACHE_HOME/sga/cpu-routes.json``, else
   ``~/.cache/sga/cpu-routes.json``: ``{"format": 1, "routes": {key: record}}``, each record holding the route,
@@ -139,11 +140,10 @@ def probe_vocab(chunk_rows: int, hidden_size: int, vocab_size: int, threads: int
 
 
 def route_key(dtype: torch.dtype, hidden_size: int, vocab_size: int, chunk_rows: int, threads: int) -> str:
-    """The cache key: CPU, torch version, dtype, threads and the shape class (D, R, the probe's vocabulary rows)."""
-    vocab = probe_vocab(chunk_rows, hidden_size, vocab_size, threads)
+    """The cache key: CPU, torch version, dtype, threads and the shape (D, R, V) of the chunk GEMMs."""
     dtype_name = str(dtype).replace("torch.", "")
     return (f"{cpu_description()} | torch {torch.__version__} | {dtype_name} | threads {threads} | "
-            f"D {hidden_size} R {chunk_rows} V {vocab}")  # fmt: skip
+            f"D {hidden_size} R {chunk_rows} V {vocab_size}")  # fmt: skip
 
 
 def decide(timings: dict[str, dict[str, float]], margin: float = MARGIN) -> GemmRoute:
@@ -158,18 +158,23 @@ def decide(timings: dict[str, dict[str, float]], margin: float = MARGIN) -> Gemm
     return GemmRoute(**choices)
 
 
-def _probe_calls(chunk_rows: int, hidden_size: int, vocab: int) -> dict[str, Callable[[GemmRoute], None]]:
-    """The three chunk GEMMs of one chunk at the probe's shape, each a function of the route."""
+def _probe_calls(
+    chunk_rows: int, hidden_size: int, vocab: int, vocab_size: int
+) -> dict[str, Callable[[GemmRoute], None]]:
+    """The three chunk GEMMs of one chunk, each a function of the route, on the first `vocab` columns of an
+    [R, V] buffer: the GEMMs see the chunk workspace's real row stride (a torch.mm product into rows 256 KB apart
+    ran 10-25% slower than into rows of a 16384-column slice on an AMD EPYC), the head and accumulator slices
+    have the real layout. Z is written into the buffer and read back as G, as in the loop."""
     generator = torch.Generator().manual_seed(0)
     hidden = torch.empty(chunk_rows, hidden_size).uniform_(-1.0, 1.0, generator=generator)
-    weight = torch.empty(vocab, hidden_size).uniform_(-1.0, 1.0, generator=generator)
-    grad = torch.empty(chunk_rows, vocab).uniform_(-1.0, 1.0, generator=generator)
-    workspace = torch.empty(chunk_rows, vocab)
+    weight = torch.empty(vocab, hidden_size).uniform_(-1.0, 1.0, generator=generator) / hidden_size
+    workspace = torch.empty(chunk_rows, vocab_size)[:, :vocab]
+    workspace.uniform_(-1.0, 1.0, generator=generator)
     accumulator = torch.zeros(vocab, hidden_size)
     return {
         "logits": lambda route: linear_gemms.logits_into(workspace, hidden, weight, None, 1.0, route),
-        "hidden_grad": lambda route: linear_gemms.hidden_grad(grad, weight, route),
-        "weight_grad": lambda route: linear_gemms.accumulate_weight_grad(accumulator, grad, hidden, route),
+        "hidden_grad": lambda route: linear_gemms.hidden_grad(workspace, weight, route),
+        "weight_grad": lambda route: linear_gemms.accumulate_weight_grad(accumulator, workspace, hidden, route),
     }
 
 
@@ -190,7 +195,7 @@ def probe(dtype: torch.dtype, hidden_size: int, vocab_size: int, chunk_rows: int
     vocab = probe_vocab(chunk_rows, hidden_size, vocab_size, threads)
     libraries = ("mm", "onednn") if linear_gemms.onednn_works() else ("mm",)
     clock = probe_clock(threads)
-    calls = _probe_calls(chunk_rows, hidden_size, vocab)
+    calls = _probe_calls(chunk_rows, hidden_size, vocab, vocab_size)
     routes = {library: GemmRoute(library, library, library) for library in libraries}
     timings = {gemm: {library: float("inf") for library in libraries} for gemm in GEMMS}
     with torch.no_grad():
