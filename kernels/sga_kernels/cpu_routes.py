@@ -8,11 +8,13 @@ float32 accumulator's update by 15-35%. A fixed choice tuned on one CPU loses on
 
 - **What is timed.** Each chunk GEMM through the very functions the loop calls (``linear_gemms.logits_into``,
   ``hidden_grad``, ``accumulate_weight_grad``), on each library, at the call's chunk rows R and hidden size D and
-  a vocabulary slice of ``probe_vocab`` rows (about ``PROBE_FLOPS`` per GEMM and thread: ~25-35 ms at one thread
-  on the CPUs measured) of an [R, V] buffer (the chunk workspace's own size and row stride), with the caller's
-  thread count. One untimed call of each, then ``PROBE_ROUNDS`` rounds with the libraries alternating; the
-  minimum counts. Six GEMMs x 3 calls: about 0.6-1 s at one thread. Its memory: the [R, V] buffer (the size of
-  the call's own workspace) and two slices of about 32 MiB, freed when it returns.
+  a vocabulary slice of ``probe_vocab`` rows (about ``PROBE_FLOPS`` per GEMM: ~25-35 ms at one thread on the
+  CPUs measured) of an [R, V] buffer (the chunk workspace's own size and row stride), with the caller's thread
+  count: at one thread the thread's CPU time, else wall clock (:func:`probe_clock`). A first call of each
+  library, then ``PROBE_ROUNDS`` rounds with the libraries alternating; the minimum counts. A library whose first
+  call took over ``SLOW_FIRST_CALL`` times the other's is not called again, and the rounds stop at
+  ``PROBE_SECONDS`` in all: about 0.7-1.5 s at one thread. Its memory: the [R, V] buffer (the size of the call's
+  own workspace) and two slices of about 32 MiB, freed when it returns.
 - **The decision rule** (:func:`decide`), per GEMM: oneDNN only when its time is at most ``1 - MARGIN`` (0.95) of
   torch.mm's. torch.mm is the default because it is the simpler route: one call straight into the workspace or the
   accumulator (``addmm_``), no block products (each a fresh allocation) and one parallel region instead of one or
@@ -60,10 +62,15 @@ from .linear_gemms import GEMMS, MM_ROUTE, ONEDNN_ROUTE, GemmRoute
 ROUTE_ENVIRONMENT = "SGA_CPU_ROUTE"
 CACHE_ENVIRONMENT = "SGA_CPU_ROUTE_CACHE"
 CACHE_FORMAT = 1
-# Flops of one probed GEMM per thread: ~25-35 ms at one thread on the CPUs measured, long enough that the call
-# overheads (block allocations, parallel regions) weigh as they do at the loss's own sizes.
+# Flops of one probed GEMM: ~25-35 ms at one thread on the CPUs measured, long enough that the call overheads
+# (block allocations, parallel regions) weigh as they do at the loss's own sizes.
 PROBE_FLOPS = 1 << 31
 PROBE_ROUNDS = 2
+# Bounds on the probe's own time: a library whose first call took more than SLOW_FIRST_CALL times the fastest
+# library's is not timed again (its first call stands: on a shared machine at 2 threads oneDNN's blocks took 3.4x
+# torch.mm's time for dW, 0.8 s a call); rounds after the first stop once a GEMM has had PROBE_SECONDS / 3.
+SLOW_FIRST_CALL = 3.0
+PROBE_SECONDS = 1.5
 # oneDNN must take at most (1 - MARGIN) of torch.mm's time to be chosen: the simpler route wins ties and noise.
 MARGIN = 0.05
 # SIMD features that decide which GEMM kernels a library runs (the rest of /proc/cpuinfo's flags do not).
@@ -133,9 +140,9 @@ def forced_route() -> Optional[GemmRoute]:
         raise ValueError(f"{ROUTE_ENVIRONMENT}={os.environ[ROUTE_ENVIRONMENT]!r}: {error}") from None
 
 
-def probe_vocab(chunk_rows: int, hidden_size: int, vocab_size: int, threads: int) -> int:
-    """Vocabulary rows of the probe's head slice: about PROBE_FLOPS per thread in each GEMM, at most V."""
-    rows = (PROBE_FLOPS * threads) // (2 * chunk_rows * hidden_size)
+def probe_vocab(chunk_rows: int, hidden_size: int, vocab_size: int) -> int:
+    """Vocabulary rows of the probe's head slice: about PROBE_FLOPS in each GEMM, at most V."""
+    rows = PROBE_FLOPS // (2 * chunk_rows * hidden_size)
     return max(1, min(vocab_size, rows))
 
 
@@ -192,22 +199,36 @@ def probe(dtype: torch.dtype, hidden_size: int, vocab_size: int, chunk_rows: int
     probe_count += 1
     begin = time.perf_counter()
     threads = torch.get_num_threads()
-    vocab = probe_vocab(chunk_rows, hidden_size, vocab_size, threads)
+    vocab = probe_vocab(chunk_rows, hidden_size, vocab_size)
     libraries = ("mm", "onednn") if linear_gemms.onednn_works() else ("mm",)
     clock = probe_clock(threads)
     calls = _probe_calls(chunk_rows, hidden_size, vocab, vocab_size)
     routes = {library: GemmRoute(library, library, library) for library in libraries}
-    timings = {gemm: {library: float("inf") for library in libraries} for gemm in GEMMS}
+    timings: dict[str, dict[str, float]] = {}
+
+    def timed(call: Callable[[GemmRoute], None], library: str) -> float:
+        start = clock()
+        call(routes[library])
+        return clock() - start
+
     with torch.no_grad():
         for gemm, call in calls.items():
-            for library in libraries:
-                call(routes[library])  # untimed: packing buffers, oneDNN primitive creation, page faults
+            gemm_begin = time.perf_counter()
+            # the first call of each library (oneDNN primitive creation, packing buffers) is kept only as the time
+            # of a library that is clearly slower, which is then not called again
+            timings[gemm] = {library: timed(call, library) for library in libraries}
+            fastest = min(timings[gemm].values())
+            contenders = [lib for lib in libraries if timings[gemm][lib] <= SLOW_FIRST_CALL * fastest]
+            if len(contenders) < 2:
+                continue
+            timings[gemm] = {library: float("inf") if library in contenders else seconds
+                             for library, seconds in timings[gemm].items()}  # fmt: skip
             for round_index in range(PROBE_ROUNDS):
-                order = libraries if round_index % 2 == 0 else libraries[::-1]
+                if round_index > 0 and time.perf_counter() - gemm_begin > PROBE_SECONDS / len(GEMMS):
+                    break
+                order = contenders if round_index % 2 == 0 else contenders[::-1]
                 for library in order:
-                    start = clock()
-                    call(routes[library])
-                    timings[gemm][library] = min(timings[gemm][library], clock() - start)
+                    timings[gemm][library] = min(timings[gemm][library], timed(call, library))
     route = decide(timings)
     return {
         "route": {"logits": route.logits, "hidden_grad": route.hidden_grad, "weight_grad": route.weight_grad,
