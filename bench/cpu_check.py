@@ -16,7 +16,8 @@ Cases (ratio = the alternative's time / ours; > 1: ours faster):
 - hf: ``sga.hf.causal_lm_loss`` forward+backward on a tiny 2-layer Llama (D=256, V=128256), 12 sequences of 128
   tokens with the first half of each a prompt, against the model's own loss (``model(...).loss``).
 With --routes, the fused linear cases also time ours on each fixed GEMM route (``ours_route_mm``: torch.mm for every
-chunk GEMM; ``ours_route_onednn``: oneDNN for every one, the route before the probe existed). With --memory, the
+chunk GEMM; ``ours_route_onednn``: oneDNN for every one, the route before the probe existed), and linear_none ours
+within a budget of exactly 1/16 of the logits (``ours_sixteenth``: 64-row chunks instead of the 128-row floor). With --memory, the
 fused linear cases also report ours' peak extra memory in a fresh process after a first call
 (RSS high-water mark beyond the inputs and the returned dH and dW; bench/harness.py), as a share of the fp32
 logits.
@@ -77,7 +78,7 @@ def with_route(run, value: str):
     return routed
 
 
-def linear_case(num_tokens, hidden_size, vocab_size, ignored, routes=False):
+def linear_case(num_tokens, hidden_size, vocab_size, ignored, routes=False, sixteenth=False):
     from test_bench_linear import make_phases
 
     def build(implementation):
@@ -90,7 +91,37 @@ def linear_case(num_tokens, hidden_size, vocab_size, ignored, routes=False):
     if routes:  # ours on each fixed route too: what the measured choice buys over either
         runs["ours_route_mm"] = with_route(runs["ours"], "mm")
         runs["ours_route_onednn"] = with_route(runs["ours"], "onednn")
+    if sixteenth:  # ours within a budget of exactly 1/16 of the full fp32 logits (no 128-row floor)
+        runs["ours_sixteenth"] = sixteenth_budget(num_tokens, hidden_size, vocab_size, ignored)
     return runs
+
+
+def sixteenth_budget(num_tokens, hidden_size, vocab_size, ignored):
+    """ours with chunk_budget_bytes = 1/16 of the full fp32 logits: below 128 rows the budget's rows are used as they
+    are, so at N = 1024 that is 64-row chunks (6.25% of the logits) instead of the default's 128-row floor (12.5%)."""
+    import torch
+
+    from sga.kernels import linear_smoothed_ga_loss
+    from test_bench_linear import SMOOTHING, make_labels
+
+    torch.manual_seed(0)
+    hidden = torch.randn(num_tokens, hidden_size).requires_grad_(True)
+    weight = (torch.randn(vocab_size, hidden_size) / hidden_size**0.5).requires_grad_(True)
+    labels = make_labels(num_tokens, vocab_size, ignored, "cpu")
+    budget = num_tokens * vocab_size * 4 // 16
+    try:
+        from sga.kernels.linear import warm_up_cpu_route
+
+        warm_up_cpu_route(hidden, weight, labels, chunk_budget_bytes=budget)
+    except ImportError:
+        pass
+
+    def run():
+        hidden.grad = weight.grad = None
+        linear_smoothed_ga_loss(hidden, weight, labels, smoothing=SMOOTHING, validate=False,
+                                chunk_budget_bytes=budget).backward()  # fmt: skip
+
+    return run
 
 
 def logits_case(num_tokens=2048, vocab_size=32000):
@@ -142,7 +173,7 @@ def hf_case(layers=2, hidden_size=256, vocab_size=128256, sequences=12, length=1
 
 
 CASES = {
-    "linear_none": lambda routes: linear_case(1024, 512, 65536, 0.0, routes),
+    "linear_none": lambda routes: linear_case(1024, 512, 65536, 0.0, routes, sixteenth=routes),
     "linear_half": lambda routes: linear_case(1024, 512, 65536, 0.5, routes),
     "linear_bench_none": lambda routes: linear_case(2048, 512, 128256, 0.0, routes),
     "linear_bench_half": lambda routes: linear_case(2048, 512, 128256, 0.5, routes),

@@ -28,7 +28,7 @@ float32 accumulator's update by 15-35%. A fixed choice tuned on one CPU loses on
 - **When.** Only for float32 CPU GEMMs of at least ``linear_gemms.ONEDNN_MIN_FLOPS`` (smaller ones, other dtypes
   and other devices always call torch.mm, and never probe), the first time a process meets a key that the cache
   file does not hold. The key: the CPU (:func:`cpu_description`: model name, family, model, stepping, SIMD
-  flags), the torch version, the dtype, the thread count and the GEMM shape (D, R, V). A benchmark calls :func:`route_for` (or one loss call) before it times anything, so that no probe runs in
+  flags), the torch version, the dtype, the thread count, the GEMM shape (D, R, V) and ``PROBE_VERSION``. A benchmark calls :func:`route_for` (or one loss call) before it times anything, so that no probe runs in
   a timed region (bench/test_bench_linear.py and bench/cpu_check.py do).
 - **The cache.** A JSON file, ``$SGA_CPU_ROUTE_CACHE``, else ``$XDG_CACHE_HOME/sga/cpu-routes.json``, else
   ``~/.cache/sga/cpu-routes.json``: ``{"format": 1, "routes": {key: record}}``, each record holding the route,
@@ -62,6 +62,8 @@ from .linear_gemms import GEMMS, MM_ROUTE, ONEDNN_ROUTE, GemmRoute
 ROUTE_ENVIRONMENT = "SGA_CPU_ROUTE"
 CACHE_ENVIRONMENT = "SGA_CPU_ROUTE_CACHE"
 CACHE_FORMAT = 1
+# Part of every key: a change to what the probe measures or how it decides makes older records unused.
+PROBE_VERSION = 2
 # Flops of one probed GEMM: ~25-35 ms at one thread on the CPUs measured, long enough that the call overheads
 # (block allocations, parallel regions) weigh as they do at the loss's own sizes.
 PROBE_FLOPS = 1 << 31
@@ -147,10 +149,11 @@ def probe_vocab(chunk_rows: int, hidden_size: int, vocab_size: int) -> int:
 
 
 def route_key(dtype: torch.dtype, hidden_size: int, vocab_size: int, chunk_rows: int, threads: int) -> str:
-    """The cache key: CPU, torch version, dtype, threads and the shape (D, R, V) of the chunk GEMMs."""
+    """The cache key: CPU, torch version, dtype, threads, the shape (D, R, V) of the chunk GEMMs and the probe's
+    version."""
     dtype_name = str(dtype).replace("torch.", "")
     return (f"{cpu_description()} | torch {torch.__version__} | {dtype_name} | threads {threads} | "
-            f"D {hidden_size} R {chunk_rows} V {vocab_size}")  # fmt: skip
+            f"D {hidden_size} R {chunk_rows} V {vocab_size} | probe {PROBE_VERSION}")  # fmt: skip
 
 
 def decide(timings: dict[str, dict[str, float]], margin: float = MARGIN) -> GemmRoute:

@@ -119,7 +119,7 @@ def test_the_probe_on_real_gemms_is_short_and_records_both_libraries(monkeypatch
 def test_key_names_cpu_torch_dtype_threads_and_shape():
     key = cpu_routes.route_key(torch.float32, 512, 128256, 128, 1)
     assert key.startswith(cpu_routes.cpu_description() + " | torch " + torch.__version__ + " | float32 | threads 1")
-    assert key.endswith("D 512 R 128 V 128256")
+    assert key.endswith(f"D 512 R 128 V 128256 | probe {cpu_routes.PROBE_VERSION}")
     others = [cpu_routes.route_key(torch.float32, 512, 128256, 128, 2), cpu_routes.route_key(torch.float32, 512, 128256, 256, 1),
               cpu_routes.route_key(torch.float32, 256, 128256, 128, 1), cpu_routes.route_key(torch.float64, 512, 128256, 128, 1),
               cpu_routes.route_key(torch.float32, 512, 3000, 128, 1)]  # fmt: skip
