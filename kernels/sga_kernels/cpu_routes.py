@@ -28,8 +28,9 @@ float32 accumulator's update by 15-35%. A fixed choice tuned on one CPU loses on
 - **When.** Only for float32 CPU GEMMs of at least ``linear_gemms.ONEDNN_MIN_FLOPS`` (smaller ones, other dtypes
   and other devices always call torch.mm, and never probe), the first time a process meets a key that the cache
   file does not hold. The key: the CPU (:func:`cpu_description`: model name, family, model, stepping, SIMD
-  flags), the torch version, the dtype, the thread count, the GEMM shape (D, R, V) and ``PROBE_VERSION``. A benchmark calls :func:`route_for` (or one loss call) before it times anything, so that no probe runs in
-  a timed region (bench/test_bench_linear.py and bench/cpu_check.py do).
+  flags), the torch version, the dtype, the thread count, the GEMM shape (D, R, V) and ``PROBE_VERSION``. A
+  benchmark settles the route (``linear.warm_up_cpu_route``, or one loss call) before it times anything, so that
+  no probe runs in a timed region (bench/test_bench_linear.py and bench/cpu_check.py do, and check it).
 - **The cache.** A JSON file, ``$SGA_CPU_ROUTE_CACHE``, else ``$XDG_CACHE_HOME/sga/cpu-routes.json``, else
   ``~/.cache/sga/cpu-routes.json``: ``{"format": 1, "routes": {key: record}}``, each record holding the route,
   the probe's timings in ms per GEMM and library, its shape, the CPU, torch version, threads, date and the
