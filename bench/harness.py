@@ -27,7 +27,18 @@ RESULTS_DIR = Path(os.environ.get("SGA_BENCH_RESULTS", Path(__file__).resolve().
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} CPU x{torch.get_num_threads()} threads"
+    return f"{cpu_name()} x{torch.get_num_threads()} threads"
+
+
+def cpu_name() -> str:
+    """The CPU as /proc/cpuinfo names it, with family / model / stepping and its SIMD flags (numbers from
+    different CPU families do not carry over: bench results say which one they came from)."""
+    try:
+        from sga.kernels.cpu_routes import cpu_description
+
+        return cpu_description()
+    except ImportError:
+        return f"{platform.processor() or platform.machine()} CPU"
 
 
 def environment(device: str) -> dict:
@@ -49,7 +60,9 @@ def _status_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _cpu_peak_worker(make_case: Callable, case_args: tuple, warmup_args: tuple, queue) -> None:
+def _cpu_peak_worker(make_case: Callable, case_args: tuple, warmup_args: tuple, queue, threads: int = 0) -> None:
+    if threads:
+        torch.set_num_threads(threads)  # the parent's count: the same code paths (and CPU GEMM route) as its timing
     make_case(*warmup_args)[0]()  # first-call allocations (thread pools, lazy imports) are not the call's cost
     run, _ = make_case(*case_args)
     gc.collect()
@@ -84,7 +97,8 @@ def peak_extra_bytes(make_case: Callable, case_args: tuple, warmup_args: tuple, 
         return torch.cuda.max_memory_allocated() - before
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_cpu_peak_worker, args=(make_case, case_args, warmup_args, queue))
+    args = (make_case, case_args, warmup_args, queue, torch.get_num_threads())
+    process = context.Process(target=_cpu_peak_worker, args=args)
     process.start()
     result = queue.get(timeout=900)
     process.join()

@@ -3,13 +3,22 @@
 TRITON_INTERPRET must be set before triton.jit decorates the kernels, so it is set here, before any test
 module imports sga.kernels.
 """
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The fused linear loss caches the CPU GEMM route it measures (sga.kernels.cpu_routes) in the user's cache folder:
+# the suite (and the processes it starts, which inherit the environment) writes to a folder of its own instead.
+_ROUTE_CACHE_DIR = tempfile.mkdtemp(prefix="sga-test-routes-")
+atexit.register(shutil.rmtree, _ROUTE_CACHE_DIR, ignore_errors=True)
+os.environ["SGA_CPU_ROUTE_CACHE"] = os.path.join(_ROUTE_CACHE_DIR, "cpu-routes.json")
 
 # Tiny models are all per-op overhead, and two intra-op threads collapse when other processes share the two
 # cores (10-20x slower, measured here): one thread for the whole suite.

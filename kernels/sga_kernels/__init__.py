@@ -7,7 +7,7 @@ Importing this package needs only torch, triton and numpy. The source lives in t
 package of that name, which transformers imports.
 
 Modules, bottom up (each imports only from the ones before it): ``checks``, ``tuning``, ``bounds``;
-``compiled_rows``, ``linear_gemms``, ``triton_launch``, ``token_rules``; the backends ``smoothed_ga_torch``,
+``compiled_rows``, ``linear_gemms``; ``cpu_routes`` (the measured CPU GEMM route); ``triton_launch``, ``token_rules``; the backends ``smoothed_ga_torch``,
 ``smoothed_ga_triton``, ``token_loss_torch``, ``token_loss_triton``; ``ops`` (the custom ops); ``row_loss``;
 ``linear`` (the chunk loop of the fused linear losses); the losses ``smoothed_ga`` and ``token_loss``; the float64
 references ``smoothed_ga_reference`` and ``token_loss_reference``. The import-linter contract "kernels: one

@@ -66,7 +66,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import linear_gemms, ops
+from . import cpu_routes, linear_gemms, ops
 from .checks import (
     IGNORE_INDEX,
     accumulation_dtype,
@@ -146,6 +146,43 @@ def default_chunk_rows(
     return max(1, min(num_rows, rows))
 
 
+def cpu_route(
+    compute_dtype: torch.dtype, device: torch.device, hidden_size: int, vocab_size: int, chunk_rows: int
+) -> linear_gemms.GemmRoute:
+    """The GEMM route of a call's chunks (R = chunk_rows, the rows of its workspace): on the CPU the measured one
+    (``cpu_routes.route_for``: the cache, or a probe the first time this machine meets the shape class); torch.mm
+    elsewhere (other devices never look at it)."""
+    if device.type != "cpu" or chunk_rows < 1:
+        return linear_gemms.MM_ROUTE
+    return cpu_routes.route_for(compute_dtype, hidden_size, vocab_size, chunk_rows)
+
+
+def warm_up_cpu_route(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    skip_ignored: bool = True,
+    chunk_size: Optional[int] = None,
+    chunk_budget_bytes: Optional[int] = None,
+    num_buffers: int = 1,
+) -> linear_gemms.GemmRoute:
+    """Settle the CPU GEMM route that a fused linear call with these arguments will use (probing now if this
+    machine has not measured its shape class yet), so that no probe runs inside a timed call: benchmarks call
+    it before they time. num_buffers: the [R, V] chunk buffers of the call (1; 2 for a softcap with a row kernel
+    that cannot cap the logits itself, which the smoothed-GA one can). No autocast; the route is torch.mm off the
+    CPU and for dtypes other than float32."""
+    vocab_size, hidden_size = weight.shape
+    num_rows = math.prod(labels.shape)
+    num_kept = int((labels != ignore_index).sum()) if skip_ignored else num_rows
+    row_bytes = vocab_size * weight.element_size()
+    rows = chunk_size or default_chunk_rows(
+        num_kept, num_buffers, row_bytes, chunk_budget_bytes, min_chunk_rows(weight.dtype, hidden.device)
+    )
+    return cpu_route(weight.dtype, hidden.device, hidden_size, vocab_size, min(rows, num_kept))
+
+
 @dataclass(frozen=True)
 class FusedLinearConfig:
     """The options of one fused linear call, built once by :func:`fused_linear_rows` and carried as one object
@@ -207,6 +244,7 @@ def _chunked_pass(
     # pays its first-touch page faults every time on the CPU (a 63 MiB one is mmapped and unmapped by glibc:
     # ~60 ms a chunk, bench/NOTES.md "v4"); CUDA's caching allocator would hand back the same block anyway
     chunk_shape = (min(config.chunk_rows, num_kept), vocab_size)
+    route = cpu_route(compute_dtype, device, hidden_size, vocab_size, chunk_shape[0])
     workspace = torch.empty(chunk_shape, dtype=compute_dtype, device=device)
     capped = None if config.softcap is None else torch.empty(chunk_shape, dtype=compute_dtype, device=device)
     for start in range(0, num_kept, config.chunk_rows):
@@ -222,7 +260,7 @@ def _chunked_pass(
             labels_chunk = labels.index_select(0, index)
             weights_chunk = None if row_weights is None else row_weights.index_select(0, index)
         logits = workspace[: stop - start]
-        linear_gemms.logits_into(logits, hidden_chunk, weight_c, bias_c, config.logit_scale)  # Z = a (H_c W^T + b)
+        linear_gemms.logits_into(logits, hidden_chunk, weight_c, bias_c, config.logit_scale, route)  # Z = a (H_c W^T + b)
         tanh = None
         if capped is not None:
             tanh = logits.div_(config.softcap).tanh_()  # t = tanh(Z / c), kept for the chain rule
@@ -239,13 +277,13 @@ def _chunked_pass(
         if tanh is not None:
             grad.mul_(tanh.square_().neg_().add_(1.0))  # dL/dZ = dL/dZc * (1 - t^2); the factor a comes later
         if dh is not None:
-            hidden_grad = linear_gemms.hidden_grad(grad, weight_c)  # dH_c = G W
+            hidden_grad = linear_gemms.hidden_grad(grad, weight_c, route)  # dH_c = G W
             if index is not None:
                 dh.index_copy_(0, index, hidden_grad.to(dh.dtype))  # scattered to the kept rows' places
             else:
                 dh[start:stop] = hidden_grad  # cast back to the hidden dtype
         if dw is not None:
-            linear_gemms.accumulate_weight_grad(dw, grad, hidden_chunk)  # dW += G^T H_c
+            linear_gemms.accumulate_weight_grad(dw, grad, hidden_chunk, route)  # dW += G^T H_c
         if db is not None:
             db.add_(grad.sum(dim=0, dtype=acc_dtype))  # db += sum_r G_r
     return row_loss, (dh, dw, db)

@@ -1,22 +1,24 @@
-"""The three GEMMs of one chunk of the fused linear losses (the chunk loop of ``linear``), each on the fastest
-kernel at hand:
+"""The three GEMMs of one chunk of the fused linear losses (the chunk loop of ``linear``), each on the library a
+:class:`GemmRoute` names:
 
     Z    = a (H_c W^T + b)    into the caller's [R, V] workspace                 (:func:`logits_into`)
     dH_c = G W                                                                  (:func:`hidden_grad`)
     dW  += G^T H_c             into the float32 (or same-dtype) accumulator      (:func:`accumulate_weight_grad`)
 
-CPU float32 runs on oneDNN: ``torch.mm`` of float32 CPU tensors calls MKL's sgemm, which on the CPU measured in
-bench/NOTES.md ("v4") reaches ~90 GF/s a core, while oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``,
-X W^T: the kernel inductor calls for CPU linear layers) reaches 150-190 GF/s on the same shapes. oneDNN returns
-a fresh product, so products go through it in vocabulary blocks of about ``ONEDNN_BLOCK_BYTES`` (cache
-resident) that are copied (Z) or added (dW) into the caller's buffers: no [R, V] or [V, D] temporary and no
-first-touch page faults per chunk. It is used for GEMMs of at least ``ONEDNN_MIN_FLOPS`` when the op exists
-and matches ``torch.mm`` on a probe (once per process); ``SGA_ONEDNN_GEMM=0`` turns it off. Everything else
-(other dtypes: bfloat16 / float16 CPU mm is oneDNN already; CUDA: cuBLAS; small GEMMs) calls torch.mm with out=.
+Two libraries run float32 CPU GEMMs, and which is faster depends on the CPU (docs/kernel-notes.md, "v4" and
+"v6"): ``torch.mm`` calls MKL's sgemm, oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``, X W^T: the kernel
+inductor calls for CPU linear layers) is the other. On an AMD EPYC (Zen 5) oneDNN ran 1.6-2x faster on every chunk
+GEMM; on an Intel Xeon with AMX the two were within 6%; on an AMD EPYC (Zen 3) oneDNN won the Z GEMM and lost dH
+and dW. So the route is measured per machine (``cpu_routes``) and passed in here. oneDNN returns a fresh product,
+so products go through it in vocabulary blocks of about ``GemmRoute.block_bytes`` (cache resident) that are copied
+(Z) or added (dW) into the caller's buffers: no [R, V] or [V, D] temporary and no first-touch page faults per
+chunk. It is used for GEMMs of at least ``ONEDNN_MIN_FLOPS`` when the op exists and matches ``torch.mm`` on a
+probe (once per process). Everything else (other dtypes: bfloat16 / float16 CPU mm is oneDNN already; CUDA:
+cuBLAS; small GEMMs) calls torch.mm with out=.
 """
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -36,7 +38,35 @@ PRODUCT_BLOCK_BYTES = 8 << 20
 ONEDNN_BLOCK_BYTES = 4 << 20
 # Below this many flops (2 M N K) a GEMM runs on torch.mm: the blocks' per-call overhead is not worth it.
 ONEDNN_MIN_FLOPS = 1 << 26
-ENABLED_BY_ENVIRONMENT = os.environ.get("SGA_ONEDNN_GEMM", "1") != "0"
+LIBRARIES = ("mm", "onednn")
+GEMMS = ("logits", "hidden_grad", "weight_grad")
+
+
+@dataclass(frozen=True)
+class GemmRoute:
+    """The library of each chunk GEMM of a float32 CPU call: "mm" (``torch.mm`` / ``addmm_``: MKL's sgemm in torch's
+    x86 builds, the float32 accumulator updated in place by the GEMM) or "onednn" (oneDNN's matmul in vocabulary
+    blocks of at most block_bytes, each product copied into the workspace or added into the accumulator).
+
+    logits: Z = H_c W^T; hidden_grad: dH_c = G W; weight_grad: the accumulator's update dW += G^T H_c.
+    Other dtypes and devices ignore it (they always call torch.mm).
+    """
+
+    logits: str = "mm"
+    hidden_grad: str = "mm"
+    weight_grad: str = "mm"
+    block_bytes: int = ONEDNN_BLOCK_BYTES
+
+    def __post_init__(self):
+        for gemm in GEMMS:
+            if getattr(self, gemm) not in LIBRARIES:
+                raise ValueError(f"GemmRoute.{gemm} must be one of {LIBRARIES}, got {getattr(self, gemm)!r}")
+        if not isinstance(self.block_bytes, int) or self.block_bytes < 1:
+            raise ValueError(f"GemmRoute.block_bytes must be a positive int, got {self.block_bytes!r}")
+
+
+MM_ROUTE = GemmRoute()
+ONEDNN_ROUTE = GemmRoute("onednn", "onednn", "onednn")
 
 _ONEDNN_WORKS: Optional[bool] = None
 
@@ -51,7 +81,7 @@ def onednn_works() -> bool:
     global _ONEDNN_WORKS
     if _ONEDNN_WORKS is None:
         works = False
-        if ENABLED_BY_ENVIRONMENT and torch.backends.mkldnn.is_available():
+        if torch.backends.mkldnn.is_available():
             try:
                 x = torch.arange(6.0).reshape(2, 3)
                 weight = torch.arange(12.0).reshape(4, 3) / 7
@@ -62,10 +92,12 @@ def onednn_works() -> bool:
     return _ONEDNN_WORKS
 
 
-def use_onednn(a: torch.Tensor, rows: int, columns: int, inner: int) -> bool:
-    """Whether a [rows, inner] x [inner, columns] product of float32 CPU tensors like a goes through oneDNN."""
+def use_onednn(library: str, a: torch.Tensor, rows: int, columns: int, inner: int) -> bool:
+    """Whether a [rows, inner] x [inner, columns] product of float32 CPU tensors like a goes through oneDNN: the
+    route's library for it is "onednn", the product is large enough and oneDNN works here."""
     return (
-        a.device.type == "cpu"
+        library == "onednn"
+        and a.device.type == "cpu"
         and a.dtype == torch.float32
         and 2 * rows * columns * inner >= ONEDNN_MIN_FLOPS
         and onednn_works()
@@ -88,12 +120,17 @@ def even_blocks(total: int, most: int) -> list[tuple[int, int]]:
 
 
 def logits_into(
-    out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: float
+    out: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    scale: float,
+    route: GemmRoute = MM_ROUTE,
 ) -> None:
     """out[R, V] = scale * (hidden[R, D] @ weight[V, D]^T + bias), written into out (contiguous)."""
     num_rows, vocab_size = out.shape
-    if use_onednn(out, num_rows, vocab_size, hidden.shape[1]):
-        step = _block(num_rows * out.element_size(), ONEDNN_BLOCK_BYTES)  # vocabulary columns per block
+    if use_onednn(route.logits, out, num_rows, vocab_size, hidden.shape[1]):
+        step = _block(num_rows * out.element_size(), route.block_bytes)  # vocabulary columns per block
         for start, stop in even_blocks(vocab_size, step):
             product = onednn_linear(hidden, weight[start:stop], None if bias is None else bias[start:stop])
             if scale != 1.0:
@@ -110,9 +147,9 @@ def logits_into(
         torch.addmm(bias, hidden, weight.t(), beta=scale, alpha=scale, out=out)  # Z = a (H_c W^T + b)
 
 
-def hidden_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def hidden_grad(grad: torch.Tensor, weight: torch.Tensor, route: GemmRoute = MM_ROUTE) -> torch.Tensor:
     """dH_c = G[R, V] @ W[V, D], a fresh [R, D] tensor in the compute dtype."""
-    if use_onednn(grad, grad.shape[0], weight.shape[1], grad.shape[1]):
+    if use_onednn(route.hidden_grad, grad, grad.shape[0], weight.shape[1], grad.shape[1]):
         return onednn_linear(grad, weight.t())
     return torch.mm(grad, weight)
 
@@ -137,7 +174,9 @@ def _addmm_out_dtype_works(device: torch.device) -> bool:
     return _ADDMM_OUT_DTYPE[device]
 
 
-def accumulate_weight_grad(dw: torch.Tensor, grad: torch.Tensor, hidden: torch.Tensor) -> None:
+def accumulate_weight_grad(
+    dw: torch.Tensor, grad: torch.Tensor, hidden: torch.Tensor, route: GemmRoute = MM_ROUTE
+) -> None:
     """dW[V, D] += G[R, V]^T @ H_c[R, D] into the accumulator dw.
 
     - same dtype as the GEMMs, torch.mm: one ``addmm_`` straight into dw (for a low-precision dw that is one
@@ -145,10 +184,11 @@ def accumulate_weight_grad(dw: torch.Tensor, grad: torch.Tensor, hidden: torch.T
     - a wider dw: one GEMM with dw's output dtype where the device has it (CUDA), else the rounded products of
       vocabulary blocks (at most PRODUCT_BLOCK_BYTES and at most a chunk buffer's elements), each added into dw
       (the CPU: its torch has no float32-output bf16 GEMM);
-    - float32 on oneDNN: the float32 products of blocks of at most ONEDNN_BLOCK_BYTES, each added into dw.
+    - float32 on oneDNN (the route's weight_grad): the float32 products of blocks of at most the route's
+      block_bytes, each added into dw.
     """
     vocab_size, hidden_size = dw.shape
-    onednn = use_onednn(grad, vocab_size, hidden_size, grad.shape[0])
+    onednn = use_onednn(route.weight_grad, grad, vocab_size, hidden_size, grad.shape[0])
     if dw.dtype == grad.dtype and not onednn:
         dw.addmm_(grad.t(), hidden)
         return
@@ -156,9 +196,9 @@ def accumulate_weight_grad(dw: torch.Tensor, grad: torch.Tensor, hidden: torch.T
         torch.addmm(dw, grad.t(), hidden, out_dtype=dw.dtype, out=dw)
         return
     hidden_t = hidden.t().contiguous() if onednn else None  # oneDNN's "weight" operand H_c^T [D, R], small
-    # vocabulary rows per block: a product of at most ONEDNN_BLOCK_BYTES (oneDNN) or PRODUCT_BLOCK_BYTES, and of
-    # at most the chunk's R V elements
-    block_bytes = ONEDNN_BLOCK_BYTES if onednn else PRODUCT_BLOCK_BYTES
+    # vocabulary rows per block: a product of at most the route's block_bytes (oneDNN) or PRODUCT_BLOCK_BYTES, and
+    # of at most the chunk's R V elements
+    block_bytes = route.block_bytes if onednn else PRODUCT_BLOCK_BYTES
     step = min(_block(hidden_size * grad.element_size(), block_bytes), max(1, grad.numel() // hidden_size))
     for start, stop in even_blocks(vocab_size, step):
         block_grad = grad[:, start:stop].t()

@@ -80,24 +80,46 @@ def rows_forward(
 
 
 def _compiled_forward(logits, terms, grad_buffer, row_loss, smoothing, softcap, logit_scale) -> int:
-    """The compiled chunk function over near-equal row chunks; returns the first row not done (N when all are),
+    """The compiled chunk functions over near-equal row chunks; returns the first row not done (N when all are),
     which is where the eager loop takes over if compilation fails."""
     in_place = grad_buffer.data_ptr() == logits.data_ptr()
-    function = compiled_rows.compiled_chunk_function(softcap is not None)
-    # 0-dim tensors, not Python floats: no recompile per value
-    values = (smoothing, logit_scale) if softcap is None else (smoothing, logit_scale, softcap)
-    scalars = [torch.tensor(value, dtype=torch.float32) for value in values]
-    for start, stop in compiled_rows.chunk_bounds(*logits.shape):
-        rows = logits[start:stop]
-        chunk = [t[start:stop] for t in (terms.safe_labels, terms.valid, terms.coef, terms.grad_coef)]
-        try:
-            # the in-place case passes one tensor twice: the compiled kernel reads and overwrites it in one sweep;
-            # no_grad: one graph whether or not the caller records autograd (dynamo guards on the grad mode)
-            with torch.no_grad():
-                row_loss[start:stop] = function(rows, *chunk, *scalars, rows if in_place else grad_buffer[start:stop])
-        except Exception as error:  # no C++ compiler, dynamo unsupported here, ...: eager from this chunk on
-            compiled_rows.disable(f"{type(error).__name__}: {error}".splitlines()[0])
-            return start
+    # detached views of the same storage: the compiled functions write them in place, and dynamo refuses views of a
+    # tensor autograd records (logits = h @ W^T with inplace_backward) that were written in place under no_grad
+    logits, grad_buffer = logits.detach(), grad_buffer.detach()
+    capped = softcap is not None
+    try:
+        compiled_rows.warm_up(logits.dtype, capped, in_place)  # compiles on a dummy chunk, before any real data
+    except Exception as error:  # no C++ compiler, dynamo unsupported here, ...: eager for everything
+        compiled_rows.disable(f"{type(error).__name__}: {error}".splitlines()[0])
+        return 0
+    two_sweeps = compiled_rows.uses_two_sweeps(logits, grad_buffer, capped)
+    if two_sweeps:
+        exp_sweeps, grad_sweep = compiled_rows.compiled_two_sweeps()
+        scale = torch.tensor(logit_scale, dtype=torch.float32)
+        eps = torch.tensor(smoothing, dtype=torch.float32)
+    else:
+        function = compiled_rows.compiled_chunk_function(capped)
+        # 0-dim tensors, not Python floats: no recompile per value
+        values = (smoothing, logit_scale) if softcap is None else (smoothing, logit_scale, softcap)
+        scalars = [torch.tensor(value, dtype=torch.float32) for value in values]
+    # no_grad: one graph whether or not the caller records autograd (dynamo guards on the grad mode)
+    with torch.no_grad():
+        for start, stop in compiled_rows.chunk_bounds(*logits.shape):
+            rows = logits[start:stop]
+            out = rows if in_place else grad_buffer[start:stop]  # in place: one tensor passed twice
+            labels, valid, coef, grad_coef = (
+                t[start:stop] for t in (terms.safe_labels, terms.valid, terms.coef, terms.grad_coef)
+            )
+            if two_sweeps:
+                # no fallback past this point in place: the first function has overwritten the chunk with e
+                stats = exp_sweeps(rows, labels, scale, out)
+                row_loss[start:stop] = grad_sweep(out, labels, valid, coef, grad_coef, eps, *stats)
+                continue
+            try:
+                row_loss[start:stop] = function(rows, labels, valid, coef, grad_coef, *scalars, out)
+            except Exception as error:  # eager from this chunk on (the failed call wrote nothing)
+                compiled_rows.disable(f"{type(error).__name__}: {error}".splitlines()[0])
+                return start
     return logits.shape[0]
 
 

@@ -148,3 +148,62 @@ def test_compiled_path_inside_an_outer_torch_compile(compiled_only):
     torch.testing.assert_close(loss.double(), exact_loss, **FP32_TOL)
     torch.testing.assert_close(grad.double(), exact_grad * 1.5, **FP32_TOL)
 
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_float32_without_softcap_takes_the_two_function_form(compiled_only, monkeypatch, in_place):
+    """float32 logits and buffer, no softcap: e = exp(z - m) written by the first function, turned into the gradient
+    by the second (one exp per element); the single-function form is not called."""
+    def single_function_must_not_run(capped):
+        raise AssertionError("the single-function form ran")
+
+    monkeypatch.setattr(compiled_rows, "compiled_chunk_function", single_function_must_not_run)
+    logits, labels = make_inputs((11,), 4500, seed=36)
+    labels[3] = -100
+    exact_loss, exact_grad = truth(logits, labels, smoothing=0.1, reduction="sum")
+    working = logits.clone()
+    grad = working if in_place else torch.empty_like(logits)
+    row_loss = rows_forward(working, labels, None, grad, grad_norm=1.0)
+    torch.testing.assert_close(row_loss.sum().double(), exact_loss, atol=1e-4, rtol=2e-5)
+    torch.testing.assert_close(grad.double(), exact_grad, **FP32_TOL)
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_a_compile_failure_of_the_second_function_leaves_in_place_logits_intact(monkeypatch, in_place):
+    """The two-function form compiles both functions on a dummy chunk first: when the second one fails, the first
+    has overwritten only the dummy, and the eager loop computes the real chunk from the untouched logits."""
+    monkeypatch.setattr(compiled_rows, "COMPILE_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(compiled_rows, "_failure", None)
+    monkeypatch.setattr(compiled_rows, "_WARMED_UP", set())
+    logits, labels = make_inputs((9,), 4500, seed=37)
+    monkeypatch.setattr(compiled_rows, "ENABLED_BY_ENVIRONMENT", False)
+    expected_grad = torch.empty_like(logits)
+    expected_loss = rows_forward(logits, labels, None, expected_grad)
+    monkeypatch.setattr(compiled_rows, "ENABLED_BY_ENVIRONMENT", True)
+    first, _ = compiled_rows.compiled_two_sweeps()
+
+    def second(*args):
+        raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+
+    monkeypatch.setattr(compiled_rows, "compiled_two_sweeps", lambda: (first, second))
+    working = logits.clone()
+    grad = working if in_place else torch.empty_like(logits)
+    with pytest.warns(RuntimeWarning, match=r"no working C\+\+ compiler found\); the torch backend runs eager"):
+        loss = rows_forward(working, labels, None, grad)
+    torch.testing.assert_close(loss, expected_loss, **FP32_TOL)
+    torch.testing.assert_close(grad, expected_grad, **FP32_TOL)
+
+
+def test_in_place_on_logits_that_autograd_records(compiled_only):
+    """The fused linear benchmark's materialized path: logits = h @ W^T (recorded by autograd), then the loss with
+    inplace_backward=True; the chunk views are written in place by both compiled functions."""
+    generator = torch.Generator().manual_seed(38)
+    hidden = torch.randn(6, 8, generator=generator, requires_grad=True)
+    weight = torch.randn(4500, 8, generator=generator, requires_grad=True)
+    labels = torch.randint(0, 4500, (6,), generator=generator)
+    logits = hidden @ weight.t()
+    exact_loss, exact_grad = truth(logits.detach(), labels, smoothing=0.1)  # dL/dlogits in float64
+    loss = smoothed_ga_loss(logits, labels, smoothing=0.1, inplace_backward=True, backend="torch")
+    loss.backward()
+    torch.testing.assert_close(loss.double(), exact_loss, **FP32_TOL)
+    torch.testing.assert_close(hidden.grad.double(), exact_grad @ weight.detach().double(), **FP32_TOL)

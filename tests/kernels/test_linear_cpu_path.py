@@ -1,13 +1,14 @@
 """The CPU path of the fused linear loss: its chunk GEMMs (kernels/sga_kernels/linear_gemms.py: the oneDNN float32 path in
 vocabulary blocks and its fallback), the reused chunk workspace and the 16-bit chunk-row floor.
 
-The oneDNN path runs only for GEMMs of at least ONEDNN_MIN_FLOPS; the tests lower that threshold and the block
-size so that small cases take it with several blocks, a partial last one included.
+The oneDNN path runs only for GEMMs of at least ONEDNN_MIN_FLOPS and where the route says so; the tests lower that
+threshold and force a oneDNN route with tiny blocks, so that small cases take it with several blocks, a partial last
+one included. The route's measurement and cache: test_cpu_routes.py.
 """
 import pytest
 import torch
 
-from sga.kernels import linear_gemms, linear_smoothed_ga_loss
+from sga.kernels import cpu_routes, linear_gemms, linear_smoothed_ga_loss
 from sga.kernels.bounds import near_equal_bounds
 from sga.kernels.linear import MIN_CHUNK_ROWS, MIN_CHUNK_ROWS_CPU_16BIT, min_chunk_rows
 from test_linear_smoothed_ga import FP32_TOL, RecordOps, assert_matches_truth, make_case, ours, truth
@@ -15,11 +16,14 @@ from test_linear_smoothed_ga import FP32_TOL, RecordOps, assert_matches_truth, m
 needs_onednn = pytest.mark.skipif(not linear_gemms.onednn_works(), reason="oneDNN float32 linear unavailable")
 
 
+TINY_BLOCKS = linear_gemms.GemmRoute("onednn", "onednn", "onednn", block_bytes=160)
+
+
 @pytest.fixture
 def onednn_calls(monkeypatch):
     """Every GEMM on oneDNN, in blocks of 40 float32 elements; returns the list of oneDNN product shapes."""
     monkeypatch.setattr(linear_gemms, "ONEDNN_MIN_FLOPS", 0)
-    monkeypatch.setattr(linear_gemms, "ONEDNN_BLOCK_BYTES", 160)
+    monkeypatch.setattr(cpu_routes, "forced_route", lambda: TINY_BLOCKS)
     calls = []
     original = linear_gemms.onednn_linear
 
@@ -74,12 +78,12 @@ def test_onednn_gemms_equal_torch_mm(onednn_calls):
     hidden, weight = torch.randn(6, 7, generator=generator), torch.randn(53, 7, generator=generator)
     bias, grad = torch.randn(53, generator=generator), torch.randn(6, 53, generator=generator)
     logits = torch.empty(6, 53)
-    linear_gemms.logits_into(logits, hidden, weight, bias, 0.3)
+    linear_gemms.logits_into(logits, hidden, weight, bias, 0.3, TINY_BLOCKS)
     torch.testing.assert_close(logits, 0.3 * (hidden @ weight.t() + bias), **FP32_TOL)
-    torch.testing.assert_close(linear_gemms.hidden_grad(grad, weight), grad @ weight, **FP32_TOL)
+    torch.testing.assert_close(linear_gemms.hidden_grad(grad, weight, TINY_BLOCKS), grad @ weight, **FP32_TOL)
     accumulator = torch.randn(53, 7, generator=generator)
     expected = accumulator + grad.t() @ hidden
-    linear_gemms.accumulate_weight_grad(accumulator, grad, hidden)
+    linear_gemms.accumulate_weight_grad(accumulator, grad, hidden, TINY_BLOCKS)
     torch.testing.assert_close(accumulator, expected, **FP32_TOL)
     assert onednn_calls
 
@@ -92,6 +96,7 @@ def test_a_failing_probe_falls_back_to_torch_mm(monkeypatch):
     monkeypatch.setattr(linear_gemms, "onednn_linear", broken)
     monkeypatch.setattr(linear_gemms, "_ONEDNN_WORKS", None)
     monkeypatch.setattr(linear_gemms, "ONEDNN_MIN_FLOPS", 0)
+    monkeypatch.setattr(cpu_routes, "forced_route", lambda: TINY_BLOCKS)  # a route that asks for oneDNN
     assert not linear_gemms.onednn_works()
     hidden, weight, bias, labels = make_case(21, 6, 40, seed=53)
     assert_matches_truth(ours(hidden, weight, bias, labels, chunk_size=8, backend="torch", smoothing=0.1),
