@@ -4,7 +4,7 @@
 - matmul throughput: a square matrix product, 2 * n**3 flops per product, per dtype (bf16 and fp32 GEMMs
   differ by 4x or more, on the CPU too where AMX runs bf16), on the fastest GEMM at hand: for float32 on the
   CPU also oneDNN's, which the fused linear loss uses there and which runs at about twice MKL's sgemm (what
-  torch.mm calls) on AMD CPUs (bench/NOTES.md, fused linear "v4"); with torch.mm alone ours ran "faster than
+  torch.mm calls) on AMD CPUs (docs/kernel-notes.md, fused linear "v4"); with torch.mm alone ours ran "faster than
   the floor".
 """
 from __future__ import annotations

@@ -48,7 +48,7 @@ A float32 accumulator of low-precision GEMMs is updated by one GEMM with float32
 device), else by GEMMs over vocabulary blocks whose rounded products are added (at most 8 MiB and a chunk
 buffer each; the CPU path: its torch has no float32-output bf16 GEMM). The GEMMs themselves are
 ``linear_gemms``'s: on the CPU in float32 they run on oneDNN, which is about 2x MKL's sgemm on the CPU
-measured in bench/NOTES.md ("v4").
+measured in docs/kernel-notes.md ("v4").
 
 Like the logits kernel, the gradient is computed in the forward pass when the loss is reduced to a scalar
 and backward only scales it by grad_output, in place (skipped on CPU tensors when grad_output is exactly 1).
@@ -92,7 +92,7 @@ MIN_CHUNK_ROWS = 128
 # 16-bit GEMMs on the CPU: at least twice that. Each GEMM call's fixed work (packing W, the dW blocks' float32
 # adds) is amortized over R rows, and a bf16 GEMM's flops run ~2.4x faster than float32 ones there; measured
 # (bf16, V = 64128, D = 2048, 1 thread): the three GEMMs take 1.2x longer per row at R = 128 than at R = 256
-# (bench/NOTES.md, fused linear "v4"). Not applied on GPUs (not measured there).
+# (docs/kernel-notes.md, fused linear "v4"). Not applied on GPUs (not measured there).
 MIN_CHUNK_ROWS_CPU_16BIT = 2 * MIN_CHUNK_ROWS
 ROW_MULTIPLE = 128
 MAX_CHUNK_ROWS = 1024
@@ -242,7 +242,7 @@ def _chunked_pass(
     bias_c = None if bias is None else bias.to(compute_dtype)
     # the [R, V] chunk buffers, allocated once per call and reused by every chunk (out=): a fresh buffer per chunk
     # pays its first-touch page faults every time on the CPU (a 63 MiB one is mmapped and unmapped by glibc:
-    # ~60 ms a chunk, bench/NOTES.md "v4"); CUDA's caching allocator would hand back the same block anyway
+    # ~60 ms a chunk, docs/kernel-notes.md "v4"); CUDA's caching allocator would hand back the same block anyway
     chunk_shape = (min(config.chunk_rows, num_kept), vocab_size)
     route = cpu_route(compute_dtype, device, hidden_size, vocab_size, chunk_shape[0])
     workspace = torch.empty(chunk_shape, dtype=compute_dtype, device=device)

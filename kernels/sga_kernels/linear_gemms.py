@@ -31,7 +31,7 @@ from .bounds import near_equal_bounds
 # largest good size, since every block is two parallel regions (see ONEDNN_BLOCK_BYTES).
 PRODUCT_BLOCK_BYTES = 8 << 20
 # Bytes of one oneDNN float32 block product: measured at V = 128256, D = 512, R = 128, 1 thread: 4-16 MiB within
-# 5% (4 MiB: 5.50 s CPU time for forward+backward, 16 MiB: 5.85 s, bench/NOTES.md "v5"). The smallest of those:
+# 5% (4 MiB: 5.50 s CPU time for forward+backward, 16 MiB: 5.85 s, docs/kernel-notes.md "v5"). The smallest of those:
 # each product is a fresh allocation (oneDNN has no out=), and with 16 MiB ones the call's peak resident memory
 # varied from 7% to 12% of the float32 logits between identical runs (heap fragmentation and oneDNN's per-shape
 # scratch), against 6.6-8.2% with 4 MiB ones.
@@ -115,7 +115,7 @@ def even_blocks(total: int, most: int) -> list[tuple[int, int]]:
     Equal sizes matter on the CPU: every block product is a fresh allocation, freed before the next one, and
     glibc hands a freed chunk back to a request of the same size; blocks of two sizes (a short last block)
     leave the heap fragmented, which showed as 2-10% of the logits of extra resident memory, varying from
-    run to run (bench/NOTES.md, fused linear "v5")."""
+    run to run (docs/kernel-notes.md, fused linear "v5")."""
     return near_equal_bounds(total, -(-total // most))
 
 

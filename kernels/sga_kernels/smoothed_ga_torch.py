@@ -18,7 +18,7 @@ from . import compiled_rows
 from .checks import accumulation_dtype
 
 # 512K elements: 2 MB of float32 temporaries per chunk. Measured on the CPU (N = 2048, V = 32000 and N = 1024,
-# V = 128256; bench/NOTES.md, "CPU v2"): chunks of 256K to 4M elements all run within 10% of each other, 64K ones
+# V = 128256; docs/kernel-notes.md, "CPU v2"): chunks of 256K to 4M elements all run within 10% of each other, 64K ones
 # 20% slower.
 CHUNK_ELEMENTS = 1 << 19
 

@@ -89,7 +89,7 @@ def interpreter_config(vocab_size: int) -> KernelConfig:
 
 
 # (architecture "sm90", dtype name, largest V of the range) -> the measured winner of bench/gpu_sweep.py.
-# Empty: no GPU run has measured the variants yet (bench/NOTES.md); default_config applies everywhere.
+# Empty: no GPU run has measured the variants yet (docs/kernel-notes.md); default_config applies everywhere.
 TABLE: dict[tuple[str, str, int], KernelConfig] = {}
 
 
