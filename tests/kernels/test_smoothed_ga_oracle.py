@@ -89,12 +89,16 @@ def test_the_kernel_with_a_halved_gradient_fails_the_oracle_suite():
 
 
 def test_the_sweep_refuses_a_variant_that_disagrees():
-    """bench/gpu_sweep.py never picks a wrong variant: its check fails a halved, an all-zero or a NaN gradient."""
+    """bench/gpu_sweep.py never picks a wrong variant: its check fails a halved, an all-zero or an unwritten (NaN)
+    gradient, and a loss off by 0.1% or not finite."""
     sys.path.insert(0, str(ROOT / "bench"))
-    from gpu_sweep import agrees
+    from gpu_sweep import verdict
 
+    rows = torch.arange(8)
     loss, grad = torch.randn(8).double(), torch.randn(8, 50) * 1e-6
-    assert agrees(loss, grad, loss, grad)[0]
+    assert verdict(loss, grad, rows, loss, grad)[0]
     for wrong in (grad * 0.5, torch.zeros_like(grad), torch.full_like(grad, float("nan"))):
-        assert not agrees(loss, wrong, loss, grad)[0]
-    assert not agrees(loss * 1.001, grad, loss, grad)[0]
+        correct, _, reason = verdict(loss, wrong, rows, loss, grad)
+        assert not correct and reason
+    assert not verdict(loss * 1.001, grad, rows, loss, grad)[0]
+    assert not verdict(loss.clone().fill_(float("inf")), grad, rows, loss, grad)[0]
