@@ -20,6 +20,16 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from sga.attacks import (
+    AttackData,
+    AttackRunner,
+    AttackSuite,
+    RelearnSettings,
+    attack_models,
+    parse_attacks,
+    write_attack_logs,
+)
+from sga.attacks.suite import ATTACKS, QUANTIZE_WITH
 from sga.benchmarks.harry_potter import evaluate_harry_potter
 from sga.benchmarks.mia import ATTACKS as MIA_ATTACKS
 from sga.benchmarks.mia import DEFAULT_ATTACKS as DEFAULT_MIA_ATTACKS
@@ -28,8 +38,9 @@ from sga.benchmarks.openunlearning_log import (
     load_retain_reference,
     write_openunlearning_logs,
 )
+from sga.benchmarks.prompts import resolve_chat_template
 from sga.benchmarks.report import format_results, save_results
-from sga.benchmarks.tofu import evaluate_tofu
+from sga.benchmarks.tofu import evaluate_tofu, load_tofu_split
 from sga.config import (
     SECTIONS,
     TOFU_FORGET_SPLITS,
@@ -125,6 +136,26 @@ def _add_config_flags(parser: argparse.ArgumentParser, only: Optional[dict[str, 
                 )
 
 
+def _add_attack_options(evaluate: argparse.ArgumentParser) -> None:
+    """``sga eval``'s attack options (``sga.attacks``): durability of the forgetting, tofu only."""
+    group = evaluate.add_argument_group(
+        "attacks (tofu): relearning, quantization and prompt probes on the forget set, each measured before and after "
+        "and scored (R against the retain model's relearning, Q otherwise); results under 'attacks' in --output, "
+        "open-unlearning logs per attack in --openunlearning-dir"
+    )
+    group.add_argument("--attacks", metavar="NAMES", help=f"comma-separated attacks, or all: {', '.join(ATTACKS)}")
+    group.add_argument("--retain-model", help="model folder of the retain model (never trained on the forget set): the "
+                       "reference of relearning and of forget quality (required with --attacks)")
+    group.add_argument("--relearn-epochs", type=int, default=1, help="relearning epochs (default: 1)")
+    group.add_argument("--relearn-lr", type=float, default=2e-5, help="relearning learning rate (default: 2e-5)")
+    group.add_argument("--relearn-batch-size", type=int, default=32, help="relearning effective batch, capped at the set's size (default: 32)")
+    group.add_argument("--relearn-seed", type=int, default=0, help="relearning seed, also of relearn_split's halves (default: 0)")
+    group.add_argument("--related-records", type=int, default=20, help="relearn_related / probe_retain_context: the first N "
+                       "records of retain_perturbed (default: 20)")
+    group.add_argument("--quantize-with", default="load", choices=QUANTIZE_WITH, help="load: reload the folder through "
+                       "bitsandbytes (default); weights: round the linear weights with its functional API, fp32 compute")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of all subcommands."""
     parser = _Parser(prog="sga", description="LLM unlearning by Smoothed Gradient Ascent.")
@@ -180,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--gguf-file", help="GGUF file inside the model folder")
     evaluate.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
     evaluate.add_argument("--output", help="write the results as JSON to this file")
+    _add_attack_options(evaluate)
     demo = commands.add_parser(
         "demo",
         help="offline demo: fine-tune, unlearn with GA / SGA / baselines, compare",
@@ -320,6 +352,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.data_dir and not Path(args.data_dir).is_dir():
         raise ConfigError(f"--data-dir: no such folder: {args.data_dir}")
     attacks = _mia_attacks(args)
+    attack_setup = _attack_setup(args)  # checked before any model loads
     reference = None
     if args.retain_reference and args.benchmark == "muse":
 
@@ -353,7 +386,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
         max_pairs = args.max_samples if args.max_samples is not None else 100
         results = evaluate_harry_potter(model, tokenizer, args.book, args.heldout, max_pairs=max_pairs, batch_size=args.batch_size)
-    shown = {key: value for key, value in results.items() if key != "per_item"}
+    if attack_setup is not None:
+        results["attacks"] = _run_attacks(args, attack_setup, model, tokenizer)
+    shown = {key: value for key, value in results.items() if key not in ("per_item", "attacks")}
     print(format_results(shown, title=f"{args.benchmark}: {args.model}"))
     if args.output:
         save_results(results, args.output)
@@ -362,6 +397,43 @@ def _evaluate(args: argparse.Namespace) -> int:
         for path in write_openunlearning_logs(results, args.openunlearning_dir):
             print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def _attack_setup(args: argparse.Namespace) -> Optional[tuple[AttackSuite, AttackData]]:
+    """The attack suite and data of ``sga eval --attacks`` (None without it), every check done before a model loads."""
+    if not args.attacks:
+        return None
+    if args.benchmark != "tofu":
+        raise ConfigError("--attacks runs on the TOFU forget set: use --benchmark tofu")
+    if not args.retain_model or not Path(args.retain_model).is_dir():
+        raise ConfigError(f"--attacks needs --retain-model, a model folder (got {args.retain_model!r})")
+    if args.quantize_with == "load" and (args.gguf_file or (Path(args.model) / "adapter_config.json").is_file()):
+        raise ConfigError("--quantize-with load reloads a model folder of full weights: for a GGUF file or a LoRA adapter use --quantize-with weights")
+    if args.related_records < 1:
+        raise ConfigError(f"--related-records must be >= 1, got {args.related_records}")
+    relearn = RelearnSettings(epochs=args.relearn_epochs, lr=args.relearn_lr, batch_size=args.relearn_batch_size, seed=args.relearn_seed)
+    suite = AttackSuite(parse_attacks(args.attacks), relearn, args.quantize_with, args.max_new_tokens, args.batch_size)
+    forget = load_tofu_split(f"{args.tofu_split}_perturbed", args.data_dir)[: args.max_samples]
+    related = load_tofu_split("retain_perturbed", args.data_dir)[: args.related_records]
+    data = AttackData(forget, related, related)
+    return suite.validate(data), data
+
+
+def _run_attacks(args: argparse.Namespace, setup: tuple[AttackSuite, AttackData], model, tokenizer) -> list[dict[str, Any]]:
+    """Every attack of ``--attacks`` on the model and the retain model; prints a line per attack, writes the
+    open-unlearning logs when asked, returns the results as dicts."""
+    suite, data = setup
+    retain, _ = load_model(args.retain_model, trust_remote_code=args.trust_remote_code)
+    retain.to(next(model.parameters()).device)
+    runner = AttackRunner(suite, data, tokenizer, use_chat_template=resolve_chat_template(tokenizer, None))
+    found, measurements = attack_models(runner, model, retain, model_dir=args.model, retain_dir=args.retain_model)
+    for result in found:
+        shown = ", ".join(f"{key} {result.before[key]:.3f} -> {result.after[key]:.3f} ({result.score} {result.scores[key]:.3f})"
+                          for key in ("forget_prob", "forget_rouge") if result.scores[key] is not None)
+        print(f"{result.attack}: {shown}")
+        if args.openunlearning_dir:
+            write_attack_logs(result, measurements[result.attack], Path(args.openunlearning_dir) / "attacks")
+    return [result.to_dict() for result in found]
 
 
 def _demo(args: argparse.Namespace) -> int:

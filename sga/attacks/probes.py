@@ -8,8 +8,9 @@
   Thaker et al. (arXiv 2410.02879) pair forget and retain queries: forget question i is asked with retain record
   j = i mod m of the m given, "Question: q_ret q_i\\nAnswer: a_ret a_i".
 
-Each probe scores the same answers as the standard prompt (``sga.attacks.measure``), so its change from the
-standard measurement is scored like a quantization: Q of ``sga.attacks.scores``.
+Each probe scores the same answers as the standard prompt (``sga.attacks.measure``): their probability and the ROUGE-L
+of the greedy answer (what a probe extracts; no truth ratio, whose paraphrased and perturbed answers would take 7x the
+scoring), and its change from the standard measurement is scored like a quantization: Q of ``sga.attacks.scores``.
 """
 from __future__ import annotations
 

@@ -127,11 +127,13 @@ class AttackRunner:
             return relearn_plan(self.relearn_settings(name), self.data.forget, self.data.related)[1]
         return list(range(len(self.data.forget)))
 
-    def measure(self, model, style: PromptStyle = STANDARD, indices: Optional[Sequence[int]] = None) -> Measurement:
+    def measure(
+        self, model, style: PromptStyle = STANDARD, indices: Optional[Sequence[int]] = None, *, truth_ratio: bool = True,
+    ) -> Measurement:
         """The measurement of ``model`` on the forget questions ``indices`` (all when None) under ``style``."""
         records = self.data.forget if indices is None else [self.data.forget[i] for i in indices]
         return measure(
-            model, self.tokenizer, records, style=style, max_new_tokens=self.suite.max_new_tokens,
+            model, self.tokenizer, records, style=style, truth_ratio=truth_ratio, max_new_tokens=self.suite.max_new_tokens,
             batch_size=self.suite.batch_size, use_chat_template=self.use_chat_template,
         )
 
@@ -153,8 +155,8 @@ class AttackRunner:
                 quantized = self._quantized(model, name.removeprefix("quantize_"), model_dir)
                 yield name, self.measure(quantized)
                 del quantized
-            else:
-                yield name, self.measure(model, probe_style(name.removeprefix("probe_"), self.data.context))
+            else:  # a probe scores the answers it extracts (probability, ROUGE-L): no truth ratio, 1/7 of the scoring
+                yield name, self.measure(model, probe_style(name.removeprefix("probe_"), self.data.context), truth_ratio=False)
             gc.collect()
 
     def _quantized(self, model, quantization: str, model_dir: Optional[os.PathLike]):
