@@ -53,6 +53,7 @@ from sga.data import BatchSchedule, build_unlearning_data, load_records
 from sga.engine import build_trainer, check_run_config, make_accelerator
 from sga.engine.checkpoint import check_output_dir
 from sga.experiments.demo import DemoOptions, run_demo
+from sga.experiments.ranking import load_study, rank_studies, write_ranking
 from sga.experiments.study import (
     DEFAULT_CACHE_DIR,
     TOFU_DIR_VARIABLE,
@@ -242,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "summary.md) to run, for every seed, before the rest; only the order changes, not the study")
     study.add_argument("--report", action="store_true", help="only write summary.md / summary.json and the plots of "
                        "the evaluations in --out so far (no training; safe while the study runs there)")
+    study.add_argument("--rank", metavar="FOLDERS", help="comma-separated study folders of one protocol (e.g. the default "
+                       "study and its grid extension): only rank their settings on forget quality, utility, privleak and "
+                       "durability, SGA among the baselines, into --out/ranking.md and ranking.json (read-only on them)")
     return parser
 
 
@@ -403,6 +407,7 @@ def _attack_setup(args: argparse.Namespace) -> Optional[tuple[AttackSuite, Attac
     """The attack suite and data of ``sga eval --attacks`` (None without it), every check done before a model loads."""
     if not args.attacks:
         return None
+    names = parse_attacks(args.attacks)
     if args.benchmark != "tofu":
         raise ConfigError("--attacks runs on the TOFU forget set: use --benchmark tofu")
     if not args.retain_model or not Path(args.retain_model).is_dir():
@@ -412,7 +417,7 @@ def _attack_setup(args: argparse.Namespace) -> Optional[tuple[AttackSuite, Attac
     if args.related_records < 1:
         raise ConfigError(f"--related-records must be >= 1, got {args.related_records}")
     relearn = RelearnSettings(epochs=args.relearn_epochs, lr=args.relearn_lr, batch_size=args.relearn_batch_size, seed=args.relearn_seed)
-    suite = AttackSuite(parse_attacks(args.attacks), relearn, args.quantize_with, args.max_new_tokens, args.batch_size)
+    suite = AttackSuite(names, relearn, args.quantize_with, args.max_new_tokens, args.batch_size)
     forget = load_tofu_split(f"{args.tofu_split}_perturbed", args.data_dir)[: args.max_samples]
     related = load_tofu_split("retain_perturbed", args.data_dir)[: args.related_records]
     data = AttackData(forget, related, related)
@@ -450,6 +455,11 @@ def _study(args: argparse.Namespace) -> int:
 
     if args.quick and args.config:
         raise ConfigError("--quick runs its own config (sga/experiments/configs/study_quick.yaml); drop --config or --quick")
+    if args.rank:
+        studies = [load_study(Path(folder)) for folder in args.rank.split(",") if folder]
+        for path in write_ranking(rank_studies(studies), Path(args.out)):
+            print(f"wrote {path}", file=sys.stderr)
+        return 0
     config = load_study_config(QUICK_CONFIG if args.quick else args.config)
     if args.report:
         report_study(Path(args.out), config)

@@ -28,7 +28,7 @@ def _aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {f: {key: mean_std([row[f].get(key) for row in rows]) for key in FORGET_METRICS} for f in FIELDS}
 
 
-def _resolved(rows: list[dict], trajectory_rows: list[dict], run: str, point: str, config: StudyConfig,
+def resolved_rows(rows: list[dict], trajectory_rows: list[dict], run: str, point: str, config: StudyConfig,
               target_rows: dict[str, dict]) -> tuple[dict[str, dict], str]:
     """The rows (by attack) standing for ``run`` at ``point`` and their source: the point's own rows, the final
     model's (the selection rule picked the last step) or the target's (it picked step 0)."""
@@ -53,7 +53,7 @@ def summarize_robustness(rows: list[dict[str, Any]], trajectory_rows: list[dict[
             chosen: dict[str, list[dict]] = {a: [] for a in attacks}
             sources: dict[str, int] = {}
             for run in runs:
-                found, source = _resolved(rows, trajectory_rows, run, point, config, target_rows)
+                found, source = resolved_rows(rows, trajectory_rows, run, point, config, target_rows)
                 if not all(a in found for a in attacks):
                     continue  # a run whose attacks are not all recorded yet
                 sources[source] = sources.get(source, 0) + 1
