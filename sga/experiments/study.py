@@ -14,8 +14,11 @@ Steps:
 3. Every grid point and seed unlearns from the target, evaluated every 1/evals_per_epoch epoch: one row
    of ``results.jsonl`` per evaluation (the metrics, the run's settings, the config and the versions).
    The target's own evaluation is epoch 0 of every trajectory.
-4. ``summary.md`` / ``summary.json`` (mean and std over seeds at the selection rule and at the final
-   epoch) and the plots (``sga.experiments.study_plots``).
+4. With a ``robustness`` section: after each run of a setting it names, the attacks of ``sga.attacks`` on the
+   run's final and rule-selected models (the run replayed from the target), and once on the target and the retain
+   model (``sga.experiments.robustness``; ``robustness.jsonl``, resumable the same way).
+5. ``summary.md`` / ``summary.json`` (mean and std over seeds at the selection rule and at the final
+   epoch), the plots (``sga.experiments.study_plots``) and ``robustness_summary.md`` / ``.json``.
 
 Metrics per evaluation: forget quality (KS-test p-value of the forget truth ratios against the retain
 model's), model utility, forget answer probability / ROUGE-L / truth ratio, the other TOFU statistics,
