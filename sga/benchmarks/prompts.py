@@ -89,22 +89,27 @@ def encode_qa(
     *,
     few_shot: Sequence[tuple[str, str]] = (),
     use_chat_template: bool | None = None,
+    answer_prefix: str = "",
 ) -> EncodedExample:
     """Encode a question and its answer; only the answer tokens are labelled.
 
     ``few_shot`` holds in-context (question, answer) examples placed before the question: earlier turns
     of the conversation with a chat template, "Question: q\\nAnswer: a\\n\\n" blocks without one.
+    ``answer_prefix`` opens the answer turn and belongs to the prompt (unscored, and what a generation
+    continues): "Question: q\\nAnswer: <prefix> a" (a space joins a prefix and the answer).
     """
     if not answer.strip():
         raise ValueError(f"empty answer for question {question!r}")
+    lead = f"{answer_prefix} " if answer_prefix and not answer_prefix.endswith(" ") else answer_prefix
     if resolve_chat_template(tokenizer, use_chat_template):
         messages = []
         for shot_q, shot_a in few_shot:
             messages += [{"role": "user", "content": shot_q}, {"role": "assistant", "content": shot_a}]
         messages.append({"role": "user", "content": question})
         prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt_text += lead
         full_text = tokenizer.apply_chat_template(
-            messages + [{"role": "assistant", "content": answer}], tokenize=False
+            messages + [{"role": "assistant", "content": lead + answer}], tokenize=False
         )
         if not full_text.startswith(prompt_text):
             raise ValueError(
@@ -113,7 +118,7 @@ def encode_qa(
             )
         return _split_at(tokenizer, prompt_text, full_text, add_special_tokens=False, append_eos=False)
     shots = "".join(f"{QUESTION_PREFIX}{q}{ANSWER_PREFIX}{a}{FEW_SHOT_SEPARATOR}" for q, a in few_shot)
-    prompt_text = f"{shots}{QUESTION_PREFIX}{question}{ANSWER_PREFIX}"
+    prompt_text = f"{shots}{QUESTION_PREFIX}{question}{ANSWER_PREFIX}{lead}"
     return _split_at(tokenizer, prompt_text, prompt_text + answer, add_special_tokens=True, append_eos=True)
 
 

@@ -14,8 +14,11 @@ Steps:
 3. Every grid point and seed unlearns from the target, evaluated every 1/evals_per_epoch epoch: one row
    of ``results.jsonl`` per evaluation (the metrics, the run's settings, the config and the versions).
    The target's own evaluation is epoch 0 of every trajectory.
-4. ``summary.md`` / ``summary.json`` (mean and std over seeds at the selection rule and at the final
-   epoch) and the plots (``sga.experiments.study_plots``).
+4. With a ``robustness`` section: after each run of a setting it names, the attacks of ``sga.attacks`` on the
+   run's final and rule-selected models (the run replayed from the target), and once on the target and the retain
+   model (``sga.experiments.robustness``; ``robustness.jsonl``, resumable the same way).
+5. ``summary.md`` / ``summary.json`` (mean and std over seeds at the selection rule and at the final
+   epoch), the plots (``sga.experiments.study_plots``) and ``robustness_summary.md`` / ``.json``.
 
 Metrics per evaluation: forget quality (KS-test p-value of the forget truth ratios against the retain
 model's), model utility, forget answer probability / ROUGE-L / truth ratio, the other TOFU statistics,
@@ -63,6 +66,17 @@ from sga.experiments.common import (
     evaluating_trainer,
     torch_threads,
 )
+from sga.experiments.robustness import (
+    ROBUSTNESS_DIR,
+    ROBUSTNESS_ROWS,
+    Robustness,
+    attack_points,
+    check_robustness_folder,
+)
+from sga.experiments.robustness_summary import (
+    summarize_robustness,
+    write_robustness_summary,
+)
 from sga.experiments.study_config import (
     RATE_ADAPTIVE,
     RATE_ESTIMATE,
@@ -77,6 +91,8 @@ from sga.models import SMOLLM2_GGUF, load_model, load_model_choice
 RESULTS_FILE = "results.jsonl"
 SUMMARY_MD = "summary.md"
 SUMMARY_JSON = "summary.json"
+ROBUSTNESS_SUMMARY_MD = "robustness_summary.md"
+ROBUSTNESS_SUMMARY_JSON = "robustness_summary.json"
 STUDY_FILE = "study.json"
 TIMINGS_FILE = "timings.json"
 RATES_FILE = "rates.json"
@@ -406,6 +422,7 @@ class StudyOptions:
         study = self.out / STUDY_FILE
         if study.is_file() and json.loads(study.read_text(encoding="utf-8")).get("config_hash") != self.config.digest():
             raise ConfigError(f"--out: {self.out} holds a study with another config; use a new --out folder to run this one")
+        check_robustness_folder(self.out, self.config)
         return self
 
 
@@ -461,6 +478,7 @@ class _Study:
             paths[kind] = finetuned_model(base, kind, file, self.config, self.options.cache_dir, self.out / "work")
             self.time(f"fine-tune {kind} (or cached)", time.monotonic() - start)
         self.tokenizer = load_tokenizer(paths["target"])
+        self.paths = paths
         reference_file = paths["retain"].parent / f"evaluation-{_hash(self._eval_key())}.json"
         if reference_file.is_file():
             reference = load_results(reference_file)
@@ -512,6 +530,20 @@ class _Study:
             del model
         return float(rates[key]["rate"])
 
+    def run_config(self, target: Path, setting: RunSetting, seed: int, run_dir: Path) -> tuple[UnlearnConfig, dict[str, Any]]:
+        """The training config of one run (from the target, into ``run_dir``) and what its rows add (the r* used)."""
+        method = dict(setting.method)
+        extra: dict[str, Any] = {}
+        if setting.rate_mode == RATE_ESTIMATE:
+            method["rate"] = extra["rate_estimate"] = self.estimated_rate(target, setting)
+        u = self.config.unlearn
+        cfg = _train_config(str(target), None, MethodConfig(**method), self.data.forget_file, self.data.retain_file, run_dir,
+                            epochs=u.epochs, lr=u.lr, batch_size=u.batch_size, seed=seed, max_length=self.config.data.max_length,
+                            pairing_cache=self.out / "work" / "pairing-cache")
+        if setting.rate_mode == RATE_ADAPTIVE:
+            cfg.method.rate_batches = u.rate_batches
+        return cfg, extra
+
     def run(self, target: Path, reference: dict, setting: RunSetting, seed: int) -> None:
         """Unlearn with one setting and seed, evaluating at ``self.steps`` (recorded evaluations skipped)."""
 
@@ -519,17 +551,8 @@ class _Study:
         todo = [s for s in self.steps if self.results.done(run, s) is None]
         if not todo:
             return
-        method = dict(setting.method)
-        extra: dict[str, Any] = {}
-        if setting.rate_mode == RATE_ESTIMATE:
-            method["rate"] = extra["rate_estimate"] = self.estimated_rate(target, setting)
-        u = self.config.unlearn
         run_dir = self.out / "runs" / setting.label.replace("*", "star") / f"seed{seed}"
-        cfg = _train_config(str(target), None, MethodConfig(**method), self.data.forget_file, self.data.retain_file, run_dir,
-                            epochs=u.epochs, lr=u.lr, batch_size=u.batch_size, seed=seed, max_length=self.config.data.max_length,
-                            pairing_cache=self.out / "work" / "pairing-cache")
-        if setting.rate_mode == RATE_ADAPTIVE:
-            cfg.method.rate_batches = u.rate_batches
+        cfg, extra = self.run_config(target, setting, seed, run_dir)
         start = time.monotonic()
         model, _ = load_model(target, dtype=torch.float32)
         self.time("load model", time.monotonic() - start)
@@ -551,6 +574,48 @@ class _Study:
         _train(evaluating_trainer(model, self.tokenizer, cfg, on_step))
         shutil.rmtree(run_dir / "final", ignore_errors=True)  # 0.5 GB per run for SmolLM2: the rows are what is kept
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+
+    # ---------------------------------------------------------------- robustness
+
+    def robustness_references(self, target: Path) -> None:
+        """The retain model's attacks (cached) and the target's, before any run is attacked."""
+        self.robustness = Robustness(
+            self.config, self.out, self.data.eval_dir, self.data.retain, self.tokenizer, Results(self.out / ROBUSTNESS_ROWS),
+            versions=self.versions, say=_say, time=self.time,
+        )
+        self.robustness.reference(self.paths["retain"])
+        if self.robustness.todo(TARGET_RUN, TARGET_RUN):
+            model, _ = load_model(target, dtype=torch.float32, device=_device())
+            self.robustness.attack(model, TARGET_RUN, TARGET_RUN, 0, None, None, model_dir=target)
+            del model
+
+    def attack_run(self, target: Path, setting: RunSetting, seed: int) -> None:
+        """The attacks of the robustness section on the models of one run (``sga.experiments.robustness``), the run
+        replayed from the target when some are missing."""
+        run = f"{setting.label}/seed{seed}"
+        points = {point: step for point, step in attack_points(self.results.rows, run, self.config).items()
+                  if self.robustness.todo(run, point)}
+        if not points:
+            return
+        run_dir = self.out / ROBUSTNESS_DIR / "replay" / setting.label.replace("*", "star") / f"seed{seed}"
+        shutil.rmtree(run_dir, ignore_errors=True)  # a replay never resumes: it is short, and the attacks restart anyway
+        cfg, _ = self.run_config(target, setting, seed, run_dir)
+        model, _ = load_model(target, dtype=torch.float32)
+        snapshots: dict[int, dict[str, torch.Tensor]] = {}
+
+        def on_step(step: int, objective) -> None:
+            if step in points.values() and step != self.steps[-1]:
+                snapshots[step] = {key: value.detach().clone() for key, value in model.state_dict().items()}
+
+        start = time.monotonic()
+        _train(evaluating_trainer(model, self.tokenizer, cfg, on_step))
+        self.time("robustness: replay", time.monotonic() - start)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        model.eval()
+        for point, step in sorted(points.items(), key=lambda item: -item[1]):  # the final model first, as trained
+            if step in snapshots:
+                model.load_state_dict(snapshots.pop(step))
+            self.robustness.attack(model, run, point, step, setting, seed)
 
 
 def schedule(settings: list[RunSetting], seeds: list[int], first: tuple[str, ...] = ()) -> list[tuple[RunSetting, int]]:
@@ -592,12 +657,15 @@ def report_study(out: Path, config: StudyConfig) -> dict[str, Any]:
 
 
 def write_summary_and_plots(out: Path, rows: list[dict[str, Any]], config: StudyConfig, title: str, **extra: Any) -> dict[str, Any]:
-    """summary.md / summary.json (the summary of rows, with extra's keys added) and the plots in out; returns
-    the summary. Shared by the end of a study and ``--report``."""
+    """summary.md / summary.json (the summary of rows, with extra's keys added), the plots and, with a robustness
+    section, robustness_summary.md / .json in out; returns the summary. Shared by the end of a study and ``--report``."""
 
     summary = {**summarize(rows, config), **extra}
     write_summary(summary, out / SUMMARY_MD, out / SUMMARY_JSON)
     plot_study(rows, out, title=title)
+    if config.robustness is not None and (out / ROBUSTNESS_ROWS).is_file():
+        attacks, _ = read_results(out / ROBUSTNESS_ROWS)
+        write_robustness_summary(summarize_robustness(attacks, rows, config), out / ROBUSTNESS_SUMMARY_MD, out / ROBUSTNESS_SUMMARY_JSON)
     return summary
 
 
@@ -615,8 +683,13 @@ def run_study(options: StudyOptions) -> dict[str, Any]:
             _say(f"{len(study.settings)} settings x {len(options.config.seeds)} seeds, evaluated at steps {study.steps}; data: {study.data.source}")
             try:
                 target, reference = study.references()
+                attacked = set(options.config.robustness.settings) if options.config.robustness else set()
+                if attacked:
+                    study.robustness_references(target)
                 for setting, seed in schedule(study.settings, options.config.seeds, options.first):
                     study.run(target, reference, setting, seed)
+                    if setting.label in attacked:
+                        study.attack_run(target, setting, seed)
             finally:
                 study.bar.close()
             summary = write_summary_and_plots(options.out, study.results.rows, options.config,

@@ -11,12 +11,16 @@ Layout of the file (every key is a field of the dataclass of its section; unknow
     selection: {utility_fraction: 0.9}
     seeds: [0, 1, 2]
     grid: [{method: ga}, {method: sga, num_classes: [2, 3], rate: [0.2, 0.5]}, ...]
+    robustness: {...}                # RobustnessSection (optional): attacks on the runs' models
 
 A grid entry holds ``method`` and any other ``sga.config.MethodConfig`` field; a list value is a
 dimension of the grid (the entry expands to the product of its lists). ``rate`` also takes
 ``estimate`` (r* of ``sga.methods.rate`` at the target model, once per K) or ``adaptive`` (r* re-estimated every
 ``adaptive_rate_every`` steps during the run). ``validate`` raises ``ConfigError`` with one line naming
 the key, the value and the fix, before any model is loaded.
+
+The ``robustness`` section has a digest of its own (:meth:`StudyConfig.robustness_digest`); the study's digest
+covers everything else, so adding or changing the section keeps a folder's trajectories valid.
 """
 from __future__ import annotations
 
@@ -30,12 +34,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from sga.attacks.relearn import RelearnSettings
+from sga.attacks.suite import ATTACKS, AttackSuite
 from sga.config import ConfigError, MethodConfig, read_yaml
 from sga.methods import METHODS
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "study_default.yaml"
 QUICK_CONFIG = CONFIG_DIR / "study_quick.yaml"
+BASELINES_CONFIG = CONFIG_DIR / "study_baselines.yaml"  # the default protocol with open-unlearning's methods
 MODEL_CHOICES = ("smollm2", "tiny")
 RATE_ESTIMATE = "estimate"
 RATE_ADAPTIVE = "adaptive"
@@ -95,6 +102,35 @@ class SelectionSection:
     utility_fraction: float = 0.9
 
 
+ROBUSTNESS_POINTS = ("final", "selected")
+
+
+@dataclass
+class RobustnessSection:
+    """The attacks of ``sga.attacks`` on the runs of the grid settings labelled in ``settings``: every attack of
+    ``attacks`` on each run's model at each point of ``points`` (``final``: the last step; ``selected``: the model
+    the selection rule picks, where that is neither the untouched target nor the final model), on the target and
+    on the retain model (the reference of relearning). Relearning: ``relearn_epochs`` at ``relearn_lr``, effective
+    batch ``relearn_batch_size``, seed ``relearn_seed``; ``related_records``: the first N records of the study's
+    retain set, relearned by relearn_related and paired with the forget questions by probe_retain_context.
+    ``quantize_with``: load (bitsandbytes' layers) or weights (the weights' rounding alone)."""
+
+    settings: list[str] = field(default_factory=list)
+    points: list[str] = field(default_factory=lambda: list(ROBUSTNESS_POINTS))
+    attacks: list[str] = field(default_factory=lambda: list(ATTACKS))
+    relearn_epochs: int = 1
+    relearn_lr: float = 2e-5
+    relearn_batch_size: int = 32
+    relearn_seed: int = 0
+    related_records: int = 20
+    quantize_with: str = "load"
+
+    def suite(self, max_new_tokens: int, batch_size: int) -> AttackSuite:
+        """The attack suite of this section, measuring with the study's generation budget and batch size."""
+        relearn = RelearnSettings(epochs=self.relearn_epochs, lr=self.relearn_lr, batch_size=self.relearn_batch_size, seed=self.relearn_seed)
+        return AttackSuite(tuple(self.attacks), relearn, self.quantize_with, max_new_tokens, batch_size)
+
+
 @dataclass(frozen=True)
 class RunSetting:
     """One point of the grid: a label, the method's settings and how its rate is set."""
@@ -116,13 +152,28 @@ class StudyConfig:
     selection: SelectionSection = field(default_factory=SelectionSection)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     grid: list[dict[str, Any]] = field(default_factory=lambda: [{"method": "ga"}])
+    robustness: Optional[RobustnessSection] = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The trajectory protocol: every section but ``robustness`` (see :meth:`robustness_dict`)."""
+        protocol = dataclasses.asdict(self)
+        protocol.pop("robustness")
+        return protocol
 
     def digest(self) -> str:
-        """A hash of the whole config: a study folder holds the results of one config only."""
+        """A hash of the protocol (:meth:`to_dict`): a study folder holds the trajectories of one protocol only."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def robustness_dict(self) -> Optional[dict[str, Any]]:
+        """The robustness section as a dict (None without one)."""
+        return None if self.robustness is None else dataclasses.asdict(self.robustness)
+
+    def robustness_digest(self) -> Optional[str]:
+        """A hash of the protocol's digest and the robustness section: the attacks recorded in a folder belong to one."""
+        if self.robustness is None:
+            return None
+        value = {"config_hash": self.digest(), "robustness": self.robustness_dict()}
+        return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
     def validate(self) -> "StudyConfig":
         """Raise ConfigError on the first bad value; returns self."""
@@ -162,6 +213,9 @@ class StudyConfig:
         duplicated = sorted({label for label in labels if labels.count(label) > 1})
         if duplicated:
             raise ConfigError(f"grid: the settings {duplicated} appear twice; remove the duplicates")
+        if self.robustness is not None:
+            _check_robustness(self.robustness, labels, d.retain_records)
+            self.robustness.suite(self.evaluation.max_new_tokens, self.evaluation.batch_size).validate()
         return self
 
     def settings(self) -> list[RunSetting]:
@@ -210,7 +264,7 @@ def _setting(where: str, values: dict[str, Any]) -> RunSetting:
         unlearning = ", ".join(m for m in METHODS if m != "sft")
         raise ConfigError(f"{where}: method must be one of {unlearning}; got {method['name']!r}")
     rate = method.get("rate")
-    mode = "none" if method["name"] in ("ga", "grad_diff", "npo", "simnpo") else "fixed"
+    mode = "fixed" if method["name"] in (*RATE_METHODS, "sga_token") else "none"  # the others have no smoothing rate
     if rate in (RATE_ESTIMATE, RATE_ADAPTIVE):
         if method["name"] not in RATE_METHODS:
             raise ConfigError(f"{where}: rate: {rate} applies to {' and '.join(RATE_METHODS)}, not {method['name']}")
@@ -281,11 +335,43 @@ def _section(name: str, cls: type, values: Any) -> Any:
     return cls(**typed)
 
 
+def _check_robustness(section: RobustnessSection, labels: list[str], retain_records: int) -> None:
+    r = section
+    unknown = [label for label in r.settings if label not in labels]
+    if not r.settings or unknown:
+        raise ConfigError(f"robustness.settings: {'unknown settings ' + ', '.join(unknown) if unknown else 'empty'}; the grid's settings are {', '.join(labels)}")
+    bad = [p for p in r.points if p not in ROBUSTNESS_POINTS]
+    if not r.points or bad:
+        raise ConfigError(f"robustness.points must be a non-empty list of {', '.join(ROBUSTNESS_POINTS)}; got {r.points!r}")
+    bad = [a for a in r.attacks if a not in ATTACKS]
+    if not r.attacks or bad:
+        raise ConfigError(f"robustness.attacks: {'unknown ' + ', '.join(map(str, bad)) if bad else 'empty'}; choose from {', '.join(ATTACKS)}")
+    if not 1 <= r.related_records <= retain_records:
+        raise ConfigError(f"robustness.related_records must be in [1, data.retain_records = {retain_records}], got {r.related_records}")
+
+
+def _robustness_section(values: Any) -> RobustnessSection:
+    """The robustness section from YAML: lists of strings for settings / points / attacks ("all": every attack)."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section 'robustness' must be a mapping, got {values!r}")
+    lists = {"settings", "points", "attacks"}
+    scalars = {k: v for k, v in values.items() if k not in lists}
+    section = _section("robustness", RobustnessSection, scalars)
+    for key in lists & set(values):
+        value = values[key]
+        if key == "attacks" and value == "all":
+            value = list(ATTACKS)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"robustness.{key} must be a list of names, got {value!r}")
+        setattr(section, key, list(value))
+    return section
+
+
 def config_from_dict(data: Any) -> StudyConfig:
     """A StudyConfig from nested mappings (as read from YAML); not yet validated."""
     if not isinstance(data, dict):
         raise ConfigError(f"a study config must be a mapping, got {type(data).__name__}")
-    known = {"model", "seeds", "grid", *_SECTIONS}
+    known = {"model", "seeds", "grid", "robustness", *_SECTIONS}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown study config key(s) {unknown}; expected {', '.join(sorted(known))}")
@@ -297,6 +383,8 @@ def config_from_dict(data: Any) -> StudyConfig:
         config.seeds = data["seeds"] if isinstance(data["seeds"], list) else [data["seeds"]]
     if "grid" in data:
         config.grid = data["grid"]
+    if data.get("robustness") is not None:
+        config.robustness = _robustness_section(data["robustness"])
     return config
 
 

@@ -53,7 +53,8 @@ def selected(trajectory: list[dict], target_utility: float, fraction: float) -> 
     return keep[-1] if keep else trajectory[0]
 
 
-def _stats(values: list[Optional[float]]) -> dict[str, Optional[float]]:
+def mean_std(values: list[Optional[float]]) -> dict[str, Optional[float]]:
+    """Mean and sample standard deviation (ddof 1; 0 for one value) of the values that are not None."""
     present = [v for v in values if v is not None]
     if not present:
         return {"mean": None, "std": None}
@@ -79,10 +80,10 @@ def summarize(rows: list[dict[str, Any]], config: StudyConfig) -> dict[str, Any]
                 by_step.setdefault(row["step"], []).append(row)
         settings[label] = {
             "seeds": sorted(complete),
-            "rate": _stats([t[-1].get("rate") for t in complete.values()]),
-            **{point: {key: _stats([row.get(key) for row in chosen]) for key, _ in SUMMARY_COLUMNS} for point, chosen in points.items()},
+            "rate": mean_std([t[-1].get("rate") for t in complete.values()]),
+            **{point: {key: mean_std([row.get(key) for row in chosen]) for key, _ in SUMMARY_COLUMNS} for point, chosen in points.items()},
             # the mean trajectory over the complete seeds: step -> metric -> mean / std (JSON keys: the steps)
-            "trajectory": {str(step): {key: _stats([row.get(key) for row in at_step]) for key, _ in TRAJECTORY_COLUMNS}
+            "trajectory": {str(step): {key: mean_std([row.get(key) for row in at_step]) for key, _ in TRAJECTORY_COLUMNS}
                            for step, at_step in sorted(by_step.items())},
         }
     return {

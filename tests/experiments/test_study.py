@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sga.cli import main
-from sga.experiments import study
+from sga.experiments import robustness, study
 from sga.experiments.study_config import (
     DEFAULT_CONFIG,
     QUICK_CONFIG,
@@ -288,3 +288,30 @@ def test_schedule_runs_the_first_settings_for_every_seed_then_the_rest_by_cost()
 def test_config_from_dict_expands_lists():
     config = config_from_dict({"grid": [{"method": "sga", "num_classes": [2, 3], "rate": [0.1, 0.9]}], "seeds": [3]})
     assert [s.label for s in config.settings()] == ["sga_K2_r0.1", "sga_K2_r0.9", "sga_K3_r0.1", "sga_K3_r0.9"]
+
+
+def test_robustness_of_the_resumed_study(resumed_study):
+    """The quick config's robustness section: after the three sessions, every attack on the target and on each
+    attacked run's models is recorded exactly once, the retain model's reference is complete, with a summary."""
+    out = resumed_study["out"]
+    config = load_study_config(QUICK_CONFIG)
+    attacks = config.robustness.attacks
+    rows = [json.loads(line) for line in (out / "robustness.jsonl").read_text().splitlines()]
+    keys = [(r["run"], r["point"], r["attack"]) for r in rows]
+    assert len(keys) == len(set(keys))  # nothing attacked twice across the sessions
+    trajectories = _rows(out)
+    expected = {("target", "target")} | {
+        (f"{label}/seed{seed}", point) for label in config.robustness.settings for seed in config.seeds
+        for point in robustness.attack_points(trajectories, f"{label}/seed{seed}", config)
+    }
+    assert {(run, point) for run, point, _ in keys} == expected
+    assert all(sorted(a for r, p, a in keys if (r, p) == model) == sorted(attacks) for model in expected)
+    for row in rows:
+        assert row["config_hash"] == config.digest() and row["robustness_hash"] == config.robustness_digest()
+        assert all(s is None or 0.0 <= s <= 1.0 for s in row["scores"].values()) and row["retain_after"] is not None
+    reference = json.loads((out / "robustness/reference.json").read_text())
+    assert sorted(reference["attacks"]) == sorted(attacks) and reference["robustness_hash"] == config.robustness_digest()
+    summary = json.loads((out / "robustness_summary.json").read_text())
+    assert set(summary["settings"]) == set(config.robustness.settings) and summary["attacks"] == attacks
+    assert all(entry["final"]["seeds"] == config.seeds for entry in summary["settings"].values())
+    assert "### relearn_forget, final models" in (out / "robustness_summary.md").read_text()
