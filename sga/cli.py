@@ -402,6 +402,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.data_dir and not Path(args.data_dir).is_dir():
         raise ConfigError(f"--data-dir: no such folder: {args.data_dir}")
     attacks = _mia_attacks(args)
+    if args.attacks and args.benchmark != "tofu":
+        raise ConfigError("--attacks runs on the TOFU forget set: use --benchmark tofu")
     _check_benchmark_files(args)
     attack_setup = _attack_setup(args)  # checked before any model loads
     if not (Path(args.model) / "adapter_config.json").is_file():  # an adapter folder is read by peft
@@ -452,8 +454,6 @@ def _attack_setup(args: argparse.Namespace) -> Optional[tuple[AttackSuite, Attac
     if not args.attacks:
         return None
     names = parse_attacks(args.attacks)
-    if args.benchmark != "tofu":
-        raise ConfigError("--attacks runs on the TOFU forget set: use --benchmark tofu")
     if not args.retain_model or not Path(args.retain_model).is_dir():
         raise ConfigError(f"--attacks needs --retain-model, a model folder (got {args.retain_model!r})")
     if args.quantize_with == "load" and (args.gguf_file or (Path(args.model) / "adapter_config.json").is_file()):

@@ -58,7 +58,7 @@ def test_eval_with_attacks_end_to_end(assets, tmp_path, capsys):
 def test_bad_attack_options_stop_before_any_model_loads(assets, capsys, extra, message):
     root, _ = assets
     extra = [str(root / "retain") if e == "RETAIN" else e for e in extra]
-    with mock.patch.object(cli, "load_model", side_effect=AssertionError("a model was loaded")):
+    with mock.patch("sga.models.load_model", side_effect=AssertionError("a model was loaded")):
         assert cli.main(_eval(assets, *extra)) == cli.EXIT_BAD_INPUT
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
@@ -68,6 +68,6 @@ def test_attacks_need_the_tofu_benchmark(assets, capsys):
     root, data_dir = assets
     argv = ["eval", "--model", str(root / "model"), "--benchmark", "muse", "--data-dir", str(data_dir), "--attacks", "all",
             "--retain-model", str(root / "retain")]
-    with mock.patch.object(cli, "load_model", side_effect=AssertionError("a model was loaded")):
+    with mock.patch("sga.models.load_model", side_effect=AssertionError("a model was loaded")):
         assert cli.main(argv) == cli.EXIT_BAD_INPUT
     assert "--attacks runs on the TOFU forget set: use --benchmark tofu" in capsys.readouterr().err
