@@ -486,7 +486,6 @@ def _run_attacks(args: argparse.Namespace, setup: tuple[AttackSuite, AttackData]
 
 
 def _demo(args: argparse.Namespace) -> int:
-
     options = DemoOptions(
         out=Path(args.out), model=args.model, data=Path(args.data) if args.data else None, quick=args.quick,
         seed=args.seed, threads=args.threads, keep_models=args.keep_models,
@@ -496,7 +495,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _study(args: argparse.Namespace) -> int:
-
     if args.quick and args.config:
         raise ConfigError("--quick runs its own config (sga/experiments/configs/study_quick.yaml); drop --config or --quick")
     if args.rank:

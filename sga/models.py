@@ -316,13 +316,11 @@ def _hub_reachable() -> bool:
 
 
 def _load_tiny(seed: int) -> LoadedModel:
-
     tokenizer = tiny_tokenizer()
     return LoadedModel(tiny_random_model("llama", tokenizer, seed=seed), tokenizer, "tiny", "tiny random Llama (2 layers, width 32)")
 
 
 def _load_hub() -> LoadedModel:
-
     snapshot = _hub_snapshot()
     if snapshot is not None:  # read from the cache: no network at all
         model, tokenizer = load_model(snapshot, dtype=torch.float32)

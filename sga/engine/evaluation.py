@@ -221,7 +221,6 @@ def _check_reference(config: UnlearnConfig, data_dir: Optional[str]):
         if reference.forget_split not in (None, split):
             raise ConfigError(f"evaluation.retain_reference: {e.retain_reference} is of {reference.forget_split}, the evaluation of {split}")
         if data_dir is not None:
-
             questions = len(read_json_records(Path(data_dir) / f"{split}_perturbed.json")[: e.max_samples])
             if questions != len(reference.truth_ratios):
                 raise ConfigError(
@@ -285,7 +284,6 @@ def benchmark_evaluator(config: UnlearnConfig) -> Evaluator:
         split = evaluation_tofu_split(config)
 
         def tofu(model, tokenizer, step: int) -> Mapping[str, Any]:
-
             return evaluate_tofu(
                 model, tokenizer, data_dir, split, max_samples=e.max_samples, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
                 use_chat_template=chat, retain_reference=e.retain_reference, membership_inference=e.mia,
@@ -297,7 +295,6 @@ def benchmark_evaluator(config: UnlearnConfig) -> Evaluator:
     muse_metrics = ("verbmem_f", "knowmem_f", "knowmem_r", "memorization") + (("privleak",) if e.mia else ())
 
     def muse(model, tokenizer, step: int) -> Mapping[str, Any]:
-
         return evaluate_muse(
             model, tokenizer, data_dir, metrics_to_run=muse_metrics, retain_auc=retain_auc, max_samples=e.max_samples,
             batch_size=e.batch_size, verbmem_max_new_tokens=e.max_new_tokens, use_chat_template=chat,

