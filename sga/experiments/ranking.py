@@ -29,7 +29,7 @@ from sga.experiments.robustness import ROBUSTNESS_FILE, ROBUSTNESS_ROWS
 from sga.experiments.robustness_summary import resolved_rows
 from sga.experiments.study import RESULTS_FILE, STUDY_FILE, read_results
 from sga.experiments.study_config import StudyConfig, config_from_dict
-from sga.experiments.study_summary import TARGET_RUN, mean_std, selected, trajectories
+from sga.experiments.study_summary import TARGET_RUN, format_mean_std, mean_std, selected, trajectories
 
 SGA_METHODS = ("sga", "sga_gls", "sga_token")
 DURABILITY_METRICS = ("forget_prob", "forget_rouge")
@@ -148,16 +148,6 @@ def _ranks(means: dict[str, Optional[float]], better: str) -> dict[str, int]:
     return {label: order.index(value) + 1 for label, value in present.items()}
 
 
-def _cell(stat: dict[str, Optional[float]], key: str) -> str:
-    if stat["mean"] is None:
-        return "n/a"
-    if key == "privleak":
-        return f"{stat['mean']:.1f} ± {stat['std']:.1f}"
-    if key == "forget_quality":
-        return f"{stat['mean']:.3g} ± {stat['std']:.2g}"
-    return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
-
-
 def format_ranking(ranking: dict[str, Any]) -> str:
     """Markdown: per point, every setting's values with its overall rank, and each SGA setting's rank among the
     baselines."""
@@ -171,7 +161,7 @@ def format_ranking(ranking: dict[str, Any]) -> str:
         order = sorted(ranking["settings"], key=lambda label: overall["durability"].get(label, 10**6))
         for label in order:
             entry = ranking["settings"][label]
-            cells = [f"{_cell(entry[point][key], key)} ({overall[key].get(label, '-')})" for key, _, _ in RANKED]
+            cells = [f"{format_mean_std(entry[point][key], key)} ({overall[key].get(label, '-')})" for key, _, _ in RANKED]
             lines.append(f"| {label} | {entry['seeds']} | " + " | ".join(cells) + " |")
         among = ranking["ranks"][point]["sga_among_baselines"]
         total = len(ranking["baselines"]) + 1

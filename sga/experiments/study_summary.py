@@ -94,7 +94,8 @@ def summarize(rows: list[dict[str, Any]], config: StudyConfig) -> dict[str, Any]
     }
 
 
-def _cell(stat: dict[str, Optional[float]], key: str) -> str:
+def format_mean_std(stat: dict[str, Optional[float]], key: str) -> str:
+    """'mean ± std' of one metric at the precision its scale needs ('n/a' without values)."""
     if stat["mean"] is None:
         return "n/a"
     if key == "forget_quality":
@@ -118,7 +119,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         header = ["setting", "seeds"] + [t for _, t in SUMMARY_COLUMNS]
         lines += ["", f"### {title} (mean ± std over seeds)", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for label, s in summary["settings"].items():
-            cells = [label, str(len(s["seeds"]))] + [_cell(s[point][key], key) for key, _ in SUMMARY_COLUMNS]
+            cells = [label, str(len(s["seeds"]))] + [format_mean_std(s[point][key], key) for key, _ in SUMMARY_COLUMNS]
             lines.append("| " + " | ".join(cells) + " |")
     steps = sorted({int(step) for s in summary["settings"].values() for step in s.get("trajectory", {})})
     for key, title in TRAJECTORY_COLUMNS:
@@ -127,7 +128,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         for label, s in summary["settings"].items():
             trajectory = s.get("trajectory", {})
             cells = [label, str(len(s["seeds"]))]
-            cells += [_cell(trajectory[str(step)][key], key) if str(step) in trajectory else "n/a" for step in steps]
+            cells += [format_mean_std(trajectory[str(step)][key], key) if str(step) in trajectory else "n/a" for step in steps]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
