@@ -52,14 +52,16 @@ def summarize_robustness(rows: list[dict[str, Any]], trajectory_rows: list[dict[
         for point in config.robustness.points:
             chosen: dict[str, list[dict]] = {a: [] for a in attacks}
             sources: dict[str, int] = {}
+            seeds = []
             for run in runs:
                 found, source = resolved_rows(rows, trajectory_rows, run, point, config, target_rows)
-                if not all(a in found for a in attacks):
+                if not attacks or not all(a in found for a in attacks):
                     continue  # a run whose attacks are not all recorded yet
                 sources[source] = sources.get(source, 0) + 1
+                seeds.append(next(row["seed"] for row in trajectory_rows if row["run"] == run))
                 for a in attacks:
                     chosen[a].append(found[a])
-            seeds = sorted(r["seed"] for r in chosen[attacks[0]] if r["seed"] is not None) if attacks else []
+            seeds.sort()
             entry[point] = {"seeds": seeds, "sources": sources, "attacks": {a: _aggregate(chosen[a]) for a in attacks if chosen[a]}}
         settings[label] = entry
     return {
@@ -81,10 +83,18 @@ def _value(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def _seeds_cell(entry: dict[str, Any], point: str) -> str:
+    """How many seeds a row averages, and how many of them borrow the final model's or the target's rows."""
+    borrowed = [f"{count} = {source}" for source, count in entry["sources"].items() if source != point]
+    return f"{len(entry['seeds'])}" + (f" ({', '.join(borrowed)})" if borrowed else "")
+
+
 def format_robustness(summary: dict[str, Any]) -> str:
     """Markdown: per attack, one table per point, a row per setting (and the target and retain models)."""
     lines = ["Durability scores: R for relearning (1: the forget metrics move as the retain model's do when it relearns),",
-             "Q otherwise (1: unchanged). Mean ± std over seeds; before -> after of each metric.", ""]
+             "Q otherwise (1: unchanged). Mean ± std over seeds; before -> after of each metric. 'seeds' counts the runs",
+             "whose attacks are all recorded; '(n = target)' / '(n = final)': n of them had the untouched target or their",
+             "final model as the selected model, whose rows stand in.", ""]
     for attack in summary["attacks"]:
         score = "R" if attack.startswith("relearn_") else "Q"
         for point in summary["points"]:
@@ -103,7 +113,7 @@ def format_robustness(summary: dict[str, Any]) -> str:
                 if at is None:
                     continue
                 cells = [f"{_cell(at['before'][k])} -> {_cell(at['after'][k])} ({_cell(at['scores'][k])})" for k, _ in TABLE_METRICS]
-                lines.append(f"| {label} | {len(entry[point]['seeds'])} | " + " | ".join(cells) + " |")
+                lines.append(f"| {label} | {_seeds_cell(entry[point], point)} | " + " | ".join(cells) + " |")
             lines.append("")
     return "\n".join(lines)
 

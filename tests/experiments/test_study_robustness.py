@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sga.experiments import robustness, study
+from sga.experiments import robustness, robustness_summary, study
 from sga.experiments.study_config import (
     BASELINES_CONFIG,
     DEFAULT_CONFIG,
@@ -113,3 +113,33 @@ def test_grid_extension_shares_the_default_protocol():
     labels = [s.label for s in extension.settings()]
     assert labels == ["idk_dpo", "wga", "satimp", "ce_u", "ihl", "undial", "rmu", "pdu"]
     assert not set(labels) & {s.label for s in default.settings()}  # the two grids rank together, no label twice
+
+
+def test_summary_counts_the_runs_whose_selected_model_is_the_target(monkeypatch):
+    """Two seeds of ga: seed 0's rule picks its last step (its final rows stand in), seed 1's the untouched target
+    (the target's rows stand in); a seed with an attack missing is left out. The Markdown says which borrowed."""
+    data = yaml.safe_load(QUICK_CONFIG.read_text())
+    data.update(grid=[{"method": "ga"}], seeds=[0, 1, 2])
+    data["robustness"].update(settings=["ga"], points=["final", "selected"], attacks=["quantize_nf4"])
+    config = config_from_dict(data).validate()
+    last = config.eval_steps(config.data.forget_questions)[-1]
+    monkeypatch.setattr(robustness_summary, "selected_step", lambda rows, run, cfg: {"ga/seed0": last, "ga/seed1": 0}.get(run))
+    trajectory = [{"run": f"ga/seed{seed}", "label": "ga", "seed": seed, "step": last} for seed in (0, 1, 2)]
+
+    def metrics(prob):
+        return {"forget_prob": prob, "forget_rouge": 0.5, "forget_truth_ratio": 0.5, "forget_quality": 0.5}
+
+    def row(run, seed, point, prob):
+        return {"run": run, "label": "ga", "seed": seed, "point": point, "attack": "quantize_nf4",
+                "before": metrics(prob), "after": metrics(prob / 2), "deltas": metrics(-prob / 2), "scores": metrics(1 / 3),
+                "retain_before": metrics(0.2), "retain_after": metrics(0.1)}
+
+    rows = [row("target", None, "target", 0.6), row("ga/seed0", 0, "final", 0.1), row("ga/seed1", 1, "final", 0.3)]
+    summary = robustness_summary.summarize_robustness(rows, trajectory, config)
+    final, selected = summary["settings"]["ga"]["final"], summary["settings"]["ga"]["selected"]
+    assert final["seeds"] == [0, 1] and final["sources"] == {"final": 2}
+    assert final["attacks"]["quantize_nf4"]["before"]["forget_prob"]["mean"] == pytest.approx(0.2)
+    assert selected["seeds"] == [0, 1] and selected["sources"] == {"final": 1, "target": 1}
+    assert selected["attacks"]["quantize_nf4"]["before"]["forget_prob"]["mean"] == pytest.approx(0.35)  # 0.1 and 0.6
+    table = robustness_summary.format_robustness(summary)
+    assert "| ga | 2 | 0.200" in table and "| ga | 2 (1 = final, 1 = target) | 0.350" in table
