@@ -125,6 +125,8 @@ def rank_studies(studies: list[StudyRecords]) -> dict[str, Any]:
         for setting in study.config.settings():
             values = _setting_points(study, setting.label, attacks)
             settings[setting.label] = {point: {key: mean_std(v) for key, v in values[point].items()} for point in POINTS}
+            for point in POINTS:  # a partial robustness run attacks fewer seeds than the trajectories have
+                settings[setting.label][point]["durability"]["seeds"] = sum(v is not None for v in values[point]["durability"])
             settings[setting.label]["seeds"] = len(values["final"]["model_utility"])
             methods[setting.label] = setting.method["name"]
     baselines = [label for label, method in methods.items() if method not in SGA_METHODS]
@@ -162,6 +164,9 @@ def format_ranking(ranking: dict[str, Any]) -> str:
         for label in order:
             entry = ranking["settings"][label]
             cells = [f"{format_mean_std(entry[point][key], key)} ({overall[key].get(label, '-')})" for key, _, _ in RANKED]
+            attacked = entry[point]["durability"]["seeds"]
+            if 0 < attacked < entry["seeds"]:
+                cells[-1] += f" [{attacked} of {entry['seeds']} seeds]"
             lines.append(f"| {label} | {entry['seeds']} | " + " | ".join(cells) + " |")
         among = ranking["ranks"][point]["sga_among_baselines"]
         total = len(ranking["baselines"]) + 1

@@ -80,3 +80,13 @@ def test_studies_of_another_protocol_or_target_do_not_rank_together():
 def test_load_study_of_an_empty_folder(tmp_path):
     with pytest.raises(ConfigError, match="holds no study results"):
         load_study(tmp_path)
+
+
+def test_durability_of_fewer_seeds_than_the_trajectories_is_marked():
+    """A robustness run stopped after seed 0: the durability mean is of 1 seed of 2, and the table says so."""
+    config = _config([{"method": "ga"}])
+    rows = _rows(config, "ga", "ga", [(0.1, 0.0, 100.0), (0.3, 0.0, 120.0)])
+    ranking = rank_studies([StudyRecords(Path("a"), config, rows, _attacks("ga", [{"relearn_forget": 0.4, "quantize_nf4": 0.6}]))])
+    durability = ranking["settings"]["ga"]["final"]["durability"]
+    assert durability["mean"] == pytest.approx(0.5) and durability["seeds"] == 1 and ranking["settings"]["ga"]["seeds"] == 2
+    assert "0.500 ± 0.000 (1) [1 of 2 seeds]" in format_ranking(ranking)
