@@ -47,18 +47,18 @@ def summarize_robustness(rows: list[dict[str, Any]], trajectory_rows: list[dict[
     attacks = [a for a in config.robustness.attacks if any(row["attack"] == a for row in rows)]
     settings: dict[str, Any] = {}
     for label in config.robustness.settings:
-        runs = sorted({row["run"] for row in trajectory_rows if row.get("label") == label})
+        seed_of = {row["run"]: row["seed"] for row in trajectory_rows if row.get("label") == label}
         entry: dict[str, Any] = {}
         for point in config.robustness.points:
             chosen: dict[str, list[dict]] = {a: [] for a in attacks}
             sources: dict[str, int] = {}
             seeds = []
-            for run in runs:
+            for run in sorted(seed_of):
                 found, source = resolved_rows(rows, trajectory_rows, run, point, config, target_rows)
                 if not attacks or not all(a in found for a in attacks):
                     continue  # a run whose attacks are not all recorded yet
                 sources[source] = sources.get(source, 0) + 1
-                seeds.append(next(row["seed"] for row in trajectory_rows if row["run"] == run))
+                seeds.append(seed_of[run])
                 for a in attacks:
                     chosen[a].append(found[a])
             seeds.sort()
