@@ -12,7 +12,9 @@ rule, as in ``sga.experiments.study_summary``): the mean and standard deviation 
 
 Ranks are 1 for the best; an SGA setting's rank is its place among the baselines (every setting whose method is not
 an SGA reading) and itself. Studies are ranked together only when their protocols (every config section but the
-grid and the robustness section) and their target models' evaluations are the same.
+grid and the robustness section) and their target models' evaluations are the same: the target's truth ratios within
+a relative 1e-3 (``TARGET_TOLERANCE``), since one model's float32 evaluation moves by ~1e-4 between CPUs and library
+versions, while a different target model moves them by far more.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ RANKED = (
     ("durability", "durability", "high"),
 )
 POINTS = ("final", "selected")
+TARGET_TOLERANCE = 1e-3  # relative: studies whose target's truth ratios differ by more evaluated different models
 
 
 @dataclass
@@ -73,6 +76,11 @@ def _protocol(config: StudyConfig) -> dict[str, Any]:
     return {key: value for key, value in config.to_dict().items() if key not in ("grid", "seeds")}
 
 
+def _same_evaluation(ours: list[float], theirs: list[float]) -> bool:
+    """Whether two evaluations of the target agree: |a - b| <= TARGET_TOLERANCE * |b| per truth ratio."""
+    return len(ours) == len(theirs) and bool(np.allclose(ours, theirs, rtol=TARGET_TOLERANCE, atol=0.0))
+
+
 def check_same_protocol(studies: list[StudyRecords]) -> None:
     """ConfigError (one line) unless the studies share the protocol and the target's evaluation."""
     first = studies[0]
@@ -81,7 +89,7 @@ def check_same_protocol(studies: list[StudyRecords]) -> None:
         if _protocol(other.config) != _protocol(first.config):
             raise ConfigError(f"--rank: {other.folder} and {first.folder} ran different protocols; only studies of one protocol rank together")
         theirs = next((r for r in other.rows if r["run"] == TARGET_RUN), None)
-        if target is None or theirs is None or theirs["forget_truth_ratios"] != target["forget_truth_ratios"]:
+        if target is None or theirs is None or not _same_evaluation(theirs["forget_truth_ratios"], target["forget_truth_ratios"]):
             raise ConfigError(f"--rank: {other.folder} and {first.folder} evaluated different target models")
 
 

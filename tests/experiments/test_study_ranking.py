@@ -75,6 +75,20 @@ def test_studies_of_another_protocol_or_target_do_not_rank_together():
     moved = [dict(r, forget_truth_ratios=[0.3, 0.3]) if r["run"] == "target" else r for r in rows]
     with pytest.raises(ConfigError, match="evaluated different target models"):
         rank_studies([StudyRecords(Path("a"), config, rows, []), StudyRecords(Path("b"), config, moved, [])])
+    shorter = [dict(r, forget_truth_ratios=r["forget_truth_ratios"][:1]) if r["run"] == "target" else r for r in rows]
+    with pytest.raises(ConfigError, match="evaluated different target models"):
+        rank_studies([StudyRecords(Path("a"), config, rows, []), StudyRecords(Path("b"), config, shorter, [])])
+
+
+def test_one_target_evaluated_on_another_cpu_ranks_together():
+    """The same target's float32 evaluation moves by ~1e-4 between machines: that is not a different model."""
+    config = _config([{"method": "ga"}])
+    rows = _rows(config, "ga", "ga", [(0.1, 0.1, 1.0)])
+    target = next(r for r in rows if r["run"] == "target")
+    noisy = [dict(r, forget_truth_ratios=[t * (1 + 1e-4) for t in target["forget_truth_ratios"]]) if r["run"] == "target" else r
+             for r in rows]
+    ranking = rank_studies([StudyRecords(Path("a"), config, rows, []), StudyRecords(Path("b"), config, noisy, [])])
+    assert "ga" in ranking["settings"]
 
 
 def test_load_study_of_an_empty_folder(tmp_path):
