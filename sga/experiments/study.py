@@ -693,7 +693,7 @@ def run_study(options: StudyOptions) -> dict[str, Any]:
                 study.bar.close()
             summary = write_summary_and_plots(options.out, study.results.rows, options.config,
                                               f"sga study: {options.config.model}, {study.data.source}",
-                                              wall_s_this_session=round(time.monotonic() - began, 1))
+                                              wall_s_this_invocation=round(time.monotonic() - began, 1))
     finally:
         if previous_tqdm is None:
             os.environ.pop("TQDM_DISABLE")
