@@ -145,11 +145,13 @@ def test_summary_counts_the_runs_whose_selected_model_is_the_target(monkeypatch)
     assert "| ga | 2 | 0.200" in table and "| ga | 2 (1 = final, 1 = target) | 0.350" in table
 
 
-def test_committed_attacks_are_of_the_default_protocol_and_their_summary_is_current():
-    """bench/study_default's attack rows carry the default config's digests, and robustness_summary.md is what the
-    summary code writes from them (the docs quote it)."""
-    config = load_study_config(DEFAULT_CONFIG)
-    folder = REPO / "bench/study_default"
+@pytest.mark.parametrize("folder, config_file", [("bench/study_default", DEFAULT_CONFIG),
+                                                 ("bench/study_baselines", BASELINES_CONFIG)])
+def test_committed_attacks_are_of_their_protocol_and_their_summary_is_current(folder, config_file):
+    """Each committed study's attack rows carry its config's digests, and robustness_summary.md is what the summary
+    code writes from them (the docs quote it)."""
+    config = load_study_config(config_file)
+    folder = REPO / folder
     attacks = [json.loads(line) for line in (folder / robustness.ROBUSTNESS_ROWS).read_text().splitlines()]
     assert attacks and {(r["config_hash"], r["robustness_hash"]) for r in attacks} == {(config.digest(), config.robustness_digest())}
     trajectories = [json.loads(line) for line in (folder / study.RESULTS_FILE).read_text().splitlines()]
